@@ -1,0 +1,1 @@
+"""Generated kvgen artefacts: cubins and manifest (package data)."""

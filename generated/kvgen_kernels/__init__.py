@@ -1,0 +1,1 @@
+"""Generated CuteDSL kernel modules (build inputs, kept for review)."""

@@ -1,0 +1,113 @@
+"""python -m kvgen generate | build | list | demo"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import BUILD_MATRIX, ConfigError, DequantGatherConfig, build_matrix
+
+
+def _configs(args) -> list[DequantGatherConfig]:
+    """The build matrix, or the named kernels (--kernel NAME, repeatable)."""
+    configs = list(build_matrix())
+    if not args.kernel:
+        return configs
+    by_name = {c.name: c for c in configs}
+    unknown = [n for n in args.kernel if n not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown kernel name(s): {', '.join(unknown)} (see `python -m kvgen list`)")
+    return [by_name[n] for n in args.kernel]
+
+
+def _check_arch(args) -> None:
+    from .config import ARCHS
+
+    if args.arch and args.arch not in ARCHS:
+        raise ConfigError(f"unknown arch {args.arch!r}; known: {', '.join(sorted(ARCHS))}")
+
+
+def cmd_generate(args) -> int:
+    from .build import generate
+
+    changed = generate(_configs(args))
+    print(f"kvgen generate: {len(changed)} file(s) changed")
+    for path in changed:
+        print(f"  {path}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .build import build
+
+    _check_arch(args)
+    configs = [c for c in _configs(args) if not args.arch or c.arch == args.arch]
+    result = build(configs, jobs=args.jobs, progress=not args.quiet, force=args.force)
+    print(f"kvgen build: {result['built']} built, {result['skipped']} unchanged")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .loader import registry
+
+    _check_arch(args)
+    entries = [e for e in registry().entries if not args.arch or e.arch == args.arch]
+    print(f"{'kernel':<52} {'arch':<7} {'block':>5} {'regs':>4} {'spill':>5} {'smem':>6}")
+    for e in entries:
+        print(f"{e.name:<52} {e.arch:<7} {e.block[0]:>5} {e.registers:>4} {e.spill_bytes:>5} {e.smem_bytes:>6}")
+    print(f"{len(entries)} kernel(s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import kvgen
+    from .reference import dequantize_and_gather_torch
+    from .testing import make_case, mismatches
+
+    cmd_list(argparse.Namespace(arch=None))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    case = make_case(seq_lens=[300, 77, 1024], gather_lens=[300, 40, 512], block_size=64, offset=5, seed=1)
+    expected = case.out.clone()
+    dequantize_and_gather_torch(*case.args(out=expected))
+    out = case.out.to(device)
+    kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    bad = mismatches(out, expected)
+    print(f"demo on {name}: backend={kvgen.last_backend()}, {out.shape[0]} requests, "
+          f"{int(case.gather_lens.sum())} tokens gathered: "
+          f"{'bit-exact against the torch reference' if bad == 0 else f'{bad} MISMATCHED values'}")
+    return 0 if bad == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvgen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    axes = ", ".join(f"{k}={list(v)}" for k, v in BUILD_MATRIX.items())
+    p = add("generate", cmd_generate, "Render the config matrix into generated/kvgen_kernels/ (deterministic).")
+    p.add_argument("--kernel", action="append", help="only this kernel name (repeatable)")
+    p = add("build", cmd_build, f"Compile and link the matrix into cubins and generated/manifest.json. Matrix: {axes}")
+    p.add_argument("--kernel", action="append", help="only this kernel name (repeatable)")
+    p.add_argument("--arch", help="only kernels for this arch (e.g. sm_90a)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel build processes (default: cores)")
+    p.add_argument("--force", action="store_true", help="rebuild even where inputs are unchanged")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = add("list", cmd_list, "List the kernels in the manifest.")
+    p.add_argument("--arch", help="only kernels for this arch")
+    add("demo", cmd_demo, "List the kernels and check one gather against the torch reference on this machine's device.")
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"kvgen: error: {err}", file=sys.stderr)
+        return 2

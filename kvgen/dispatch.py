@@ -1,0 +1,97 @@
+"""Which backend, and which cubin, serves a call: a filter over manifest rows.
+
+Everything here is decided from host-known quantities (dtypes, shapes,
+strides, the device's compute capability): no device synchronisation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from .config import ARCHS
+from .manifest import KernelEntry
+from .paths import generated_dir
+
+BACKENDS = ("cubin", "triton", "torch")
+BACKEND_ENV = "KVGEN_BACKEND"
+
+# Without a tuned dispatch table, prefer the rows closest to the seed design.
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided"}
+
+# Launch shape: the whole grid is held near this many CTAs; past that, extra
+# CTAs only add tail cost (a request's CTAs grid-stride over its tokens).
+TARGET_CTAS = 8192
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class CallKey:
+    """What a kernel must match: the call's host-known properties."""
+
+    layout: str
+    block_size: int
+    gather_lens: bool
+    capability: tuple[int, int] | None  # None: not a CUDA device
+
+
+def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
+    """Rows that can serve the call: same layout, block size and gather mode, and
+    an arch whose cubins run on this exact compute capability."""
+    return [
+        e for e in entries
+        if e.config["layout"] == key.layout
+        and e.config["block_size"] == key.block_size
+        and e.config["gather_lens"] == key.gather_lens
+        and e.arch in ARCHS and key.capability == ARCHS[e.arch].compute_capability
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_rules() -> tuple[dict, ...]:
+    """Rules of generated/dispatch.json (written by `kvgen tune`), if present:
+    [{"match": {CallKey field: value}, "prefer": {config field: value}}, ...]."""
+    path = generated_dir() / "dispatch.json"
+    if not path.exists():
+        return ()
+    return tuple(json.loads(path.read_text()).get("rules", []))
+
+
+def preference_for(key: CallKey) -> dict | None:
+    """The first tuned rule matching the call, else None (DEFAULT_PREFERENCE)."""
+    for rule in _tuned_rules():
+        if all(getattr(key, k) == v for k, v in rule.get("match", {}).items()):
+            return rule.get("prefer")
+    return None
+
+
+def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> KernelEntry | None:
+    """The row matching the most preferred fields; ties broken by name (stable)."""
+    if not rows:
+        return None
+    preference = preference if preference is not None else DEFAULT_PREFERENCE
+
+    def score(e: KernelEntry):
+        return (-sum(e.config.get(k) == v for k, v in preference.items()), e.name)
+
+    return min(rows, key=score)
+
+
+def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int) -> tuple[int, int, int]:
+    """grid = (requests, workers): enough warps for the longest possible gather
+    (max_rows bounds every gather length), the whole grid held near TARGET_CTAS."""
+    warps = entry.config["num_warps"]
+    workers = min(-(-max_rows // warps), -(-TARGET_CTAS // num_reqs), MAX_GRID_Y)
+    return (num_reqs, max(1, workers), 1)
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
+    return value

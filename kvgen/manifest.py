@@ -1,0 +1,77 @@
+"""Stage 4: the manifest -- what was built, as rows of data.
+
+`generated/manifest.json` = {"format": 1, "kernels": [entry, ...]}; each entry
+names one cubin: its config, arch, symbol, ABI, launch shape, resources,
+hashes and toolchain. The runtime reads it with nothing but the standard
+library, so this module imports no build tooling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    name: str
+    config: dict[str, Any]
+    arch: str
+    symbol: str
+    params: tuple[tuple[str, str], ...]  # (name, C type), in ABI order
+    block: tuple[int, int, int]
+    smem_bytes: int
+    registers: int
+    spill_bytes: int
+    cubin: str  # path relative to the manifest
+    cubin_sha256: str
+    source: str
+    source_sha256: str
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> "KernelEntry":
+        try:
+            return cls(
+                name=row["name"], config=dict(row["config"]), arch=row["arch"], symbol=row["symbol"],
+                params=tuple((p["name"], p["ctype"]) for p in row["params"]),
+                block=tuple(row["block"]), smem_bytes=int(row["smem_bytes"]),
+                registers=int(row["registers"]), spill_bytes=int(row["spill_bytes"]),
+                cubin=row["cubin"], cubin_sha256=row["cubin_sha256"],
+                source=row["source"], source_sha256=row["source_sha256"],
+            )
+        except (KeyError, TypeError) as err:
+            raise ManifestError(f"malformed manifest entry {row.get('name', '?')!r}: {err!r}") from err
+
+
+class ManifestError(RuntimeError):
+    pass
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"kvgen manifest not found: {path} (run `make build`)") from None
+    if data.get("format") != FORMAT or not isinstance(data.get("kernels"), list):
+        raise ManifestError(f"{path}: not a kvgen manifest of format {FORMAT}")
+    return data
+
+
+def load_entries(path: Path) -> list[KernelEntry]:
+    return [KernelEntry.from_json(row) for row in read_manifest(path)["kernels"]]
+
+
+def write_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
+    data = {"format": FORMAT, "kernels": sorted(entries, key=lambda e: e["name"])}
+    text = json.dumps(data, indent=1, sort_keys=False) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,142 @@
+"""Inputs for tests, the golden corpus, the demo and the benchmark.
+
+One place builds paged caches (written by a reference UE8M0 quantizer, or raw
+random bytes), block tables (random physical page permutations, unused
+entries poisoned) and poisoned outputs; one place compares outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import HEAD_DIM, LAYOUTS, Layout
+
+POISON_BF16 = 0x7FBF  # a NaN with a payload no backend produces: "never written"
+POISON_PAGE = -0x55555556  # 0xAAAAAAAA as int32: an unused block-table entry
+
+
+def quantize_ue8m0(k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 [n, 512] -> (data rows uint8 [n, data_bytes], scale rows uint8 [n, scale_bytes]).
+
+    The reference UE8M0 quantizer: per group amax clamped at 1e-4,
+    scale = 2^ceil(log2(amax / 448)), values clamped to +-448, cast to e4m3.
+    """
+    n = k.shape[0]
+    fp8_dim, group = layout.fp8_dim, layout.scale_group
+    x = k[:, :fp8_dim].float().reshape(n, fp8_dim // group, group)
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
+    exponent = torch.ceil(torch.log2(amax / 448.0))
+    q = (x / torch.exp2(exponent)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    data = torch.empty((n, layout.data_bytes(fp8_dim)), dtype=torch.uint8)
+    data[:, :fp8_dim] = q.reshape(n, fp8_dim).view(torch.uint8)
+    data[:, fp8_dim:] = k[:, fp8_dim:].contiguous().view(torch.uint8).reshape(n, -1)
+    codes = torch.zeros((n, layout.scale_bytes), dtype=torch.uint8)
+    codes[:, : fp8_dim // group] = (exponent.squeeze(-1) + 127).clamp(0, 255).to(torch.uint8)
+    return data, codes
+
+
+def write_pages(num_blocks: int, block_size: int, layout: Layout, data: torch.Tensor,
+                codes: torch.Tensor, page_pad: int = 0) -> torch.Tensor:
+    """Pack per-token rows (num_blocks*block_size of them) into a paged uint8 cache
+    [num_blocks, block_size, record_bytes] whose page stride is padded by `page_pad` bytes."""
+    record = layout.record_bytes
+    page_bytes = block_size * record + page_pad
+    assert page_pad % 16 == 0
+    storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8)  # padding is junk
+    pages = storage.view(num_blocks, page_bytes)
+    data_bytes = layout.data_bytes(layout.fp8_dim)
+    pages[:, : block_size * data_bytes] = data.reshape(num_blocks, block_size * data_bytes)
+    pages[:, block_size * data_bytes: block_size * record] = codes.reshape(num_blocks, -1)
+    return storage.as_strided((num_blocks, block_size, record), (page_bytes, record, 1))
+
+
+@dataclass
+class Case:
+    """One call's arguments, on the CPU."""
+
+    out: torch.Tensor
+    k_cache: torch.Tensor
+    seq_lens: torch.Tensor
+    gather_lens: torch.Tensor | None
+    block_table: torch.Tensor
+    block_size: int
+    offset: int
+    meta: dict = field(default_factory=dict)
+
+    def args(self, device: str | torch.device = "cpu", out: torch.Tensor | None = None):
+        move = lambda t: None if t is None else _to(t, device)  # noqa: E731
+        return (out if out is not None else move(self.out), move(self.k_cache), move(self.seq_lens),
+                move(self.gather_lens), move(self.block_table), self.block_size, self.offset)
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """Move keeping strides (padded pages, strided block tables) intact."""
+    if t.device == torch.device(device):
+        return t
+    # Copy the whole underlying span so that as_strided views survive the move.
+    span = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+    moved = span.to(device)
+    return moved.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_584",
+              gather_lens: list[int] | None = None, offset: int = 0, max_tokens: int | None = None,
+              raw_bytes: bool = False, page_pad: int = 0, block_table_pad: int = 0,
+              extra_pages: int = 3, seed: int = 0, value_scale: float = 1.0) -> Case:
+    """A random call: pages in a random physical order, unused block-table
+    entries poisoned, padded page stride and strided block table on request."""
+    g = torch.Generator().manual_seed(seed)
+    lay = LAYOUTS[layout]
+    num_reqs = len(seq_lens)
+    pages_per_req = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(pages_per_req) + extra_pages
+    n = num_blocks * block_size
+    if raw_bytes:
+        data = torch.randint(0, 256, (n, lay.data_bytes(lay.fp8_dim)), dtype=torch.uint8, generator=g)
+        codes = torch.randint(0, 256, (n, lay.scale_bytes), dtype=torch.uint8, generator=g)
+    else:
+        k = (torch.randn((n, HEAD_DIM), generator=g) * value_scale).to(torch.bfloat16)
+        data, codes = quantize_ue8m0(k, lay)
+    k_cache = write_pages(num_blocks, block_size, lay, data, codes, page_pad)
+
+    width = max([1, *pages_per_req]) + 1
+    storage = torch.full((num_reqs, width + block_table_pad), POISON_PAGE, dtype=torch.int32)
+    block_table = storage[:, :width]  # stride(0) = width + pad
+    perm = torch.randperm(num_blocks, generator=g)
+    used = 0
+    for r, p in enumerate(pages_per_req):
+        block_table[r, :p] = perm[used: used + p].to(torch.int32)
+        used += p
+
+    rows = max([0, *(gather_lens if gather_lens is not None else seq_lens)])
+    max_tokens = max_tokens if max_tokens is not None else offset + rows
+    out = poisoned_out(num_reqs, max_tokens)
+    return Case(
+        out=out, k_cache=k_cache, seq_lens=torch.tensor(seq_lens, dtype=torch.int32).reshape(num_reqs),
+        gather_lens=None if gather_lens is None else torch.tensor(gather_lens, dtype=torch.int32).reshape(num_reqs),
+        block_table=block_table, block_size=block_size, offset=offset,
+    )
+
+
+def poisoned_out(num_reqs: int, max_tokens: int, device="cpu") -> torch.Tensor:
+    out = torch.empty((num_reqs, max_tokens, HEAD_DIM), dtype=torch.bfloat16, device=device)
+    out.view(torch.int16).fill_(POISON_BF16)
+    return out
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """kvgen's comparison rule: NaN matches any NaN; everything else bit for bit."""
+    return mismatches(a, b) == 0
+
+
+def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"cannot compare {a.dtype}{list(a.shape)} with {b.dtype}{list(b.shape)}")
+    both_nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    same_bits = a.view(torch.int16) == b.view(torch.int16)
+    # The poison is a NaN too: it must match bit for bit (it marks unwritten rows).
+    poison = (a.view(torch.int16) == POISON_BF16) | (b.view(torch.int16) == POISON_BF16)
+    return int((~(same_bits | (both_nan & ~poison))).sum())

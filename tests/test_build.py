@@ -1,0 +1,83 @@
+"""The build half: generated sources, PTX, cubins and manifest (CPU; needs the build extras)."""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from kvgen.config import KERNEL_PARAMS, SEED, build_matrix
+from kvgen.manifest import load_entries, read_manifest
+from kvgen.paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
+
+pytest.importorskip("jinja2")
+pytest.importorskip("cutlass")
+
+COMMITTED = generated_dir()
+
+
+def test_rendering_is_deterministic(tmp_path):
+    from kvgen.build import generate
+    from kvgen.render import render_kernel
+
+    assert render_kernel(SEED) == render_kernel(SEED)
+    generate(out_dir=tmp_path)
+    assert generate(out_dir=tmp_path) == []
+
+
+def test_committed_sources_are_what_generate_writes(tmp_path):
+    from kvgen.build import generate
+
+    generate(out_dir=tmp_path)
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
+    committed = sorted(p.relative_to(COMMITTED) for p in COMMITTED.rglob("*.py") if "__pycache__" not in p.parts)
+    assert fresh == committed
+    for rel in fresh:
+        assert (tmp_path / rel).read_text() == (COMMITTED / rel).read_text(), f"{rel}: run `make generate`"
+
+
+def test_every_module_compiles_and_reproduces_the_committed_cubins(tmp_path):
+    """A full rebuild from the committed sources gives the committed cubins, bit for bit."""
+    from kvgen.build import build
+
+    shutil.copytree(COMMITTED / KERNELS_PACKAGE, tmp_path / KERNELS_PACKAGE)
+    result = build(out_dir=tmp_path, progress=False, jobs=2)
+    assert result["built"] == len(list(build_matrix()))
+    fresh = {row["name"]: row for row in read_manifest(tmp_path / MANIFEST_NAME)["kernels"]}
+    committed = {row["name"]: row for row in read_manifest(COMMITTED / MANIFEST_NAME)["kernels"]}
+    assert fresh.keys() == committed.keys()
+    for name, row in committed.items():
+        for key in ("cubin_sha256", "source_sha256", "symbol", "registers", "spill_bytes", "smem_bytes", "build_key"):
+            assert fresh[name][key] == row[key], (name, key)
+    # Unchanged inputs: nothing is rebuilt.
+    assert build(out_dir=tmp_path, progress=False)["built"] == 0
+
+
+def test_manifest_matches_the_files():
+    entries = load_entries(COMMITTED / MANIFEST_NAME)
+    rows = read_manifest(COMMITTED / MANIFEST_NAME)["kernels"]
+    assert len([e for e in entries if e.arch == "sm_90a"]) >= 20
+    assert {e.name for e in entries} == {c.name for c in build_matrix()}
+    for entry, row in zip(entries, rows):
+        cubin = (COMMITTED / entry.cubin).read_bytes()
+        assert hashlib.sha256(cubin).hexdigest() == entry.cubin_sha256, entry.name
+        assert hashlib.sha256((COMMITTED / entry.source).read_bytes()).hexdigest() == entry.source_sha256
+        assert entry.cubin == f"cubins/{entry.arch}/{entry.name}.cubin"
+        assert entry.symbol.startswith(entry.name) and entry.symbol.encode() in cubin
+        assert list(entry.params) == [(p.name, p.ctype) for p in KERNEL_PARAMS]
+        assert entry.block == (32 * entry.config["num_warps"], 1, 1)
+        assert entry.spill_bytes == 0 and row["stack_bytes"] == 0, entry.name
+        assert set(row["toolchain"]) >= {"nvidia-cutlass-dsl", "cuda-core", "nvidia-nvjitlink"}
+        assert set(entry.config) == {f.name for f in dataclasses.fields(SEED)}
+
+
+def test_seed_ptx_has_the_seed_design():
+    from kvgen.compile import compile_module
+
+    ptx = compile_module(COMMITTED, SEED.name, SEED.arch).ptx
+    assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
+    assert "cvt.rn.f16x2.e4m3x2" in ptx and "mul.rn.bf16x2" in ptx
+    assert "st.global.v4.b32" in ptx  # 16-byte global stores
+    assert ".local" not in ptx and "ld.local" not in ptx and "st.local" not in ptx
+    assert ".reqntid 128, 1, 1" in ptx

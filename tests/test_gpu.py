@@ -1,0 +1,156 @@
+"""GPU tests (marker `gpu`; skipped without CUDA). Run on the device machine:
+`python -m pytest -m gpu`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kvgen
+from kvgen.reference import dequantize_and_gather_torch
+from kvgen.testing import make_case, mismatches, poisoned_out
+
+pytestmark = pytest.mark.gpu
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def run(backend, case, monkeypatch, device="cuda"):
+    monkeypatch.setenv("KVGEN_BACKEND", backend)
+    out = case.out.to(device)
+    kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
+    torch.cuda.synchronize()
+    assert kvgen.last_backend() == backend
+    return out.cpu()
+
+
+def reference(case):
+    expected = case.out.clone()
+    dequantize_and_gather_torch(*case.args(out=expected))
+    return expected
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("with_gather_lens", [False, True])
+def test_backends_bit_exact(block_size, with_gather_lens, monkeypatch):
+    for seed in range(3):
+        g = torch.Generator().manual_seed(1000 * block_size + seed)
+        num_reqs = int(torch.randint(1, 9, (1,), generator=g))
+        seq = torch.randint(0, 700, (num_reqs,), generator=g).tolist()
+        gl = [int(torch.randint(0, s + 1, (1,), generator=g)) for s in seq] if with_gather_lens else None
+        case = make_case(seq_lens=seq, gather_lens=gl, block_size=block_size, offset=seed * 3,
+                         raw_bytes=seed == 2, page_pad=16 * seed, block_table_pad=seed, seed=seed)
+        expected = reference(case)
+        for backend in ("cubin", "triton", "torch"):
+            assert mismatches(run(backend, case, monkeypatch), expected) == 0, (backend, seq, gl)
+
+
+def test_default_dispatch_serves_cubin_on_hopper():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("cubins are sm_90a")
+    case = make_case(seq_lens=[100], block_size=64)
+    assert kvgen.select_backend(*case.args("cuda")) == "cubin"
+
+
+def test_cuda_graph_capture_and_replay(monkeypatch):
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    case = make_case(seq_lens=[300, 20, 129], gather_lens=[200, 20, 1], block_size=32, offset=4)
+    args = list(case.args("cuda"))
+    out = args[0]
+    kvgen.dequantize_and_gather_k_cache(*args)  # load outside the capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out.view(torch.int16).fill_(0x7FBF)
+        with torch.cuda.graph(graph, stream=stream):
+            kvgen.dequantize_and_gather_k_cache(*args)
+    out.view(torch.int16).fill_(0x7FBF)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert mismatches(out.cpu(), reference(case)) == 0
+    # Replay sees new inputs written in place.
+    args[2].copy_(torch.tensor([250, 20, 129], dtype=torch.int32))
+    case.seq_lens = torch.tensor([250, 20, 129], dtype=torch.int32)
+    out.view(torch.int16).fill_(0x7FBF)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert mismatches(out.cpu(), reference(case)) == 0
+
+
+def test_torch_compile_graph(monkeypatch):
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    case = make_case(seq_lens=[64, 65], block_size=16)
+
+    @torch.compile(fullgraph=True)
+    def step(out, k_cache, seq_lens, block_table):
+        kvgen.dequantize_and_gather_k_cache(out, k_cache, seq_lens, None, block_table, 16, 0)
+        return out.float().sum(dim=-1)
+
+    args = case.args("cuda")
+    step(args[0], args[1], args[2], args[4])
+    torch.cuda.synchronize()
+    assert mismatches(args[0].cpu(), reference(case)) == 0
+
+
+def test_cache_larger_than_4gib(monkeypatch):
+    free, _ = torch.cuda.mem_get_info()
+    block_size, record = 64, 584
+    page = block_size * record
+    num_blocks = (5 << 30) // page  # ~5 GiB of pages
+    if free < num_blocks * page * 1.5:
+        pytest.skip("not enough GPU memory")
+    small = make_case(seq_lens=[300, 70], gather_lens=[280, 70], block_size=block_size, seed=7, extra_pages=0)
+    k_cache = torch.empty((num_blocks, block_size, record), dtype=torch.uint8, device="cuda")
+    # Put the case's pages at the very end of the cache: byte offsets past 4 GiB.
+    base = num_blocks - small.k_cache.shape[0]
+    k_cache[base:] = small.k_cache.cuda()
+    block_table = (small.block_table + base).to(torch.int32)
+    block_table[small.block_table < 0] = -1
+    for backend in ("cubin", "triton"):
+        monkeypatch.setenv("KVGEN_BACKEND", backend)
+        out = poisoned_out(2, small.out.shape[1], device="cuda")
+        kvgen.dequantize_and_gather_k_cache(out, k_cache, small.seq_lens.cuda(), small.gather_lens.cuda(),
+                                            block_table.cuda(), block_size, 0)
+        torch.cuda.synchronize()
+        assert mismatches(out.cpu(), reference(small)) == 0, backend
+    assert (base * page) > (1 << 32)
+
+
+def test_first_use_from_eight_threads():
+    # A fresh process, so that the first load really happens under contention.
+    script = textwrap.dedent("""
+        import threading, torch, kvgen
+        from kvgen.testing import make_case, mismatches
+        from kvgen.reference import dequantize_and_gather_torch
+        case = make_case(seq_lens=[500, 3, 64], gather_lens=[400, 3, 10], block_size=64, seed=3)
+        expected = case.out.clone()
+        dequantize_and_gather_torch(*case.args(out=expected))
+        barrier = threading.Barrier(8)
+        results = []
+        def worker():
+            out = case.out.cuda()
+            args = case.args("cuda", out=out)
+            barrier.wait()
+            kvgen.dequantize_and_gather_k_cache(*args)
+            torch.cuda.synchronize()
+            results.append((kvgen.last_backend(), mismatches(out.cpu(), expected)))
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        assert len(results) == 8 and all(r == ("cubin", 0) for r in results), results
+        print("ok", results)
+    """)
+    env = dict(os.environ, KVGEN_BACKEND="cubin")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_second_device_if_present(monkeypatch):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one GPU")
+    case = make_case(seq_lens=[100, 7], block_size=64)
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    out = run("cubin", case, monkeypatch, device="cuda:1")
+    assert mismatches(out, reference(case)) == 0

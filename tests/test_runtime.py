@@ -1,0 +1,275 @@
+"""The runtime half on the CPU: validation, dispatch (capability mocked), fallbacks, imports."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvgen
+from kvgen import ops
+from kvgen.dispatch import CallKey, candidate_rows, choose_row, launch_grid
+from kvgen.loader import KvgenLoadError, Registry, registry, reset_registry
+from kvgen.paths import generated_dir
+from kvgen.reference import dequantize_and_gather_torch
+from kvgen.testing import make_case, mismatches, poisoned_out
+
+
+def good_args():
+    case = make_case(seq_lens=[40, 17], gather_lens=[30, 17], block_size=16, offset=1, seed=3)
+    return list(case.args())
+
+
+def _replace(i, value):
+    def change(args):
+        args[i] = value(args) if callable(value) else value
+        return args
+    return change
+
+
+# Each rule of the issue: (mutation, exception, text naming the argument).
+VALIDATION = {
+    "out dtype": (_replace(0, lambda a: a[0].float()), TypeError, "out: expected dtype"),
+    "out rank": (_replace(0, lambda a: a[0][0]), ValueError, "out: expected 3 dimensions"),
+    "out last dim": (_replace(0, lambda a: torch.zeros(2, 5, 256, dtype=torch.bfloat16)), ValueError, "out: last dimension"),
+    "out innermost stride": (_replace(0, lambda a: torch.zeros(2, 5, 1024, dtype=torch.bfloat16)[..., ::2]), ValueError, "out: innermost stride"),
+    "out not a tensor": (_replace(0, None), TypeError, "out: expected a torch.Tensor"),
+    "cache dtype": (_replace(1, lambda a: a[1].to(torch.int8)), TypeError, "k_cache: expected dtype"),
+    "cache rank": (_replace(1, lambda a: a[1][0]), ValueError, "k_cache: expected 3"),
+    "cache record size": (_replace(1, lambda a: torch.zeros(4, 16, 576, dtype=torch.uint8)), ValueError, "k_cache: last dimension"),
+    "cache page stride not /16": (_replace(1, lambda a: torch.zeros(4 * (16 * 584 + 8), dtype=torch.uint8).as_strided((4, 16, 584), (16 * 584 + 8, 584, 1))), ValueError, "multiple of 16"),
+    "cache page stride too small": (_replace(1, lambda a: torch.zeros(8 * 16 * 584, dtype=torch.uint8).as_strided((4, 16, 584), (16 * 584 - 16, 584, 1))), ValueError, "smaller than a page"),
+    "cache rows not contiguous": (_replace(1, lambda a: torch.zeros(4, 16, 600, dtype=torch.uint8)[..., :584]), ValueError, "contiguous"),
+    "cache misaligned": (_replace(1, lambda a: torch.zeros(4 * 16 * 584 + 1, dtype=torch.uint8)[1:].view(4, 16, 584)), ValueError, "16-byte aligned"),
+    "seq_lens dtype": (_replace(2, lambda a: a[2].long()), TypeError, "seq_lens: expected dtype"),
+    "seq_lens rank": (_replace(2, lambda a: a[2][None]), ValueError, "seq_lens: expected 1"),
+    "gather_lens dtype": (_replace(3, lambda a: a[3].long()), TypeError, "gather_lens: expected dtype"),
+    "gather_lens shape": (_replace(3, lambda a: a[3][:1]), ValueError, "gather_lens: shape"),
+    "block_table dtype": (_replace(4, lambda a: a[4].long()), TypeError, "block_table: expected dtype"),
+    "block_table rank": (_replace(4, lambda a: a[4][0]), ValueError, "block_table: expected 2"),
+    "block_table rows": (_replace(4, lambda a: a[4][:1]), ValueError, "block_table: shape\\[0\\]"),
+    "block_table inner stride": (_replace(4, lambda a: a[4].t().contiguous().t()), ValueError, "block_table: innermost"),
+    "out rows": (_replace(0, lambda a: a[0][:1]), ValueError, "out: shape\\[0\\]"),
+    "block_size mismatch": (_replace(5, 32), ValueError, "block_size: must equal"),
+    "block_size type": (_replace(5, 16.0), TypeError, "block_size: expected an int"),
+    "offset negative": (_replace(6, -1), ValueError, "offset: must be >= 0"),
+    "offset past out": (_replace(6, 10_000), ValueError, "offset: must be <="),
+    "offset type": (_replace(6, True), TypeError, "offset: expected an int"),
+    "devices differ": (_replace(2, lambda a: a[2].to("meta")), ValueError, "one device"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(VALIDATION))
+def test_validation(rule):
+    mutate, error, message = VALIDATION[rule]
+    args = mutate(good_args())
+    with pytest.raises(error, match=message):
+        kvgen.dequantize_and_gather_k_cache(*args)
+
+
+def test_valid_call_and_empty_batches():
+    args = good_args()
+    kvgen.dequantize_and_gather_k_cache(*args)
+    assert kvgen.last_backend() == "torch"
+    empty = make_case(seq_lens=[], block_size=16)
+    kvgen.dequantize_and_gather_k_cache(*empty.args())
+    assert kvgen.last_backend() is None  # nothing launched
+    args = good_args()
+    before = args[0].clone()
+    args[6] = args[0].shape[1]  # offset == out.shape[1]: no room, nothing written
+    kvgen.dequantize_and_gather_k_cache(*args)
+    assert mismatches(args[0], before) == 0
+
+
+def test_torch_path_rejects_out_of_range_values():
+    args = good_args()
+    args[3] = torch.tensor([50, 17], dtype=torch.int32)  # gather_len > seq_len
+    with pytest.raises(ValueError, match="gather_lens"):
+        kvgen.dequantize_and_gather_k_cache(*args)
+
+
+# ------------------------------------------------------------------ dispatch
+def key(**kw):
+    base = dict(layout="dsv4_584", block_size=64, gather_lens=True, capability=(9, 0))
+    return CallKey(**{**base, **kw})
+
+
+def test_rows_filter_on_exact_capability_and_shape():
+    entries = registry().entries
+    assert candidate_rows(entries, key())
+    for other in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0), None]:
+        assert candidate_rows(entries, key(capability=other)) == [], other
+    assert candidate_rows(entries, key(block_size=8)) == []
+    assert all(e.config["gather_lens"] is False for e in candidate_rows(entries, key(gather_lens=False)))
+    chosen = choose_row(candidate_rows(entries, key()))
+    assert chosen.config["num_stages"] == 4 and chosen.config["num_warps"] == 4
+
+
+def test_launch_grid_is_bounded_by_host_quantities():
+    entry = choose_row(candidate_rows(registry().entries, key()))
+    assert launch_grid(entry, 1, 262144) == (1, 8192, 1)
+    assert launch_grid(entry, 32, 128) == (32, 32, 1)
+    assert launch_grid(entry, 256, 256) == (256, 32, 1)
+    assert launch_grid(entry, 4, 1) == (4, 1, 1)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend the CPU tensors live on a GPU of the given compute capability."""
+    def set_capability(capability):
+        monkeypatch.setattr(ops, "device_info", lambda device: ("cuda", capability))
+    return set_capability
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "cubin"), ((8, 0), "triton"), ((8, 9), "triton"),
+                                                  ((10, 0), "triton"), ((12, 0), "triton"), ((7, 5), "triton")])
+def test_dispatch_by_capability(fake_gpu, capability, expected):
+    fake_gpu(capability)
+    assert kvgen.select_backend(*good_args()) == expected
+
+
+def test_dispatch_without_a_cubin_for_the_shape(fake_gpu):
+    fake_gpu((9, 0))
+    case = make_case(seq_lens=[20], block_size=8)
+    decision = ops.decide(*case.args())
+    assert decision.backend == "triton" and "no shipped cubin" in decision.reason
+
+
+def test_dispatch_misaligned_out_avoids_the_cubin(fake_gpu):
+    fake_gpu((9, 0))
+    args = good_args()
+    args[0] = torch.zeros(2 * 31 * 512 + 1, dtype=torch.bfloat16)[1:].view(2, 31, 512)
+    assert kvgen.select_backend(*args) == "triton"
+
+
+def test_dispatch_without_triton_goes_to_torch(fake_gpu, monkeypatch):
+    fake_gpu((8, 0))
+    monkeypatch.setattr(ops, "_available", lambda m: m != "triton")
+    assert kvgen.select_backend(*good_args()) == "torch"
+
+
+def test_cpu_tensors_go_to_torch():
+    assert kvgen.select_backend(*good_args()) == "torch"
+
+
+def test_forced_backends(fake_gpu, monkeypatch):
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    with pytest.raises(kvgen.BackendUnavailable, match="not a CUDA device"):
+        kvgen.dequantize_and_gather_k_cache(*good_args())
+    fake_gpu((8, 0))
+    with pytest.raises(kvgen.BackendUnavailable, match="no shipped cubin"):
+        kvgen.select_backend(*good_args())
+    monkeypatch.setenv("KVGEN_BACKEND", "torch")
+    assert kvgen.select_backend(*good_args()) == "torch"
+    monkeypatch.setenv("KVGEN_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops, "device_info", lambda device: ("cpu", None))
+    with pytest.raises(kvgen.BackendUnavailable, match="Triton cannot run"):
+        kvgen.select_backend(*good_args())
+    monkeypatch.setenv("KVGEN_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="KVGEN_BACKEND"):
+        kvgen.select_backend(*good_args())
+
+
+# ------------------------------------------------------------------- loader
+@pytest.fixture
+def corrupt_tree(tmp_path):
+    shutil.copytree(generated_dir(), tmp_path / "generated")
+    root = tmp_path / "generated"
+    reg = reset_registry(root)
+    yield root, reg
+    reset_registry()
+
+
+def test_corrupt_or_missing_cubin_is_never_loaded(corrupt_tree):
+    root, reg = corrupt_tree
+    entry = reg.entries[0]
+    cubin = root / entry.cubin
+    image = bytearray(cubin.read_bytes())
+    image[len(image) // 2] ^= 0xFF  # one flipped byte
+    cubin.write_bytes(bytes(image))
+    with pytest.raises(KvgenLoadError, match="sha256"):
+        reg.get(entry)
+    cubin.unlink()
+    with pytest.raises(KvgenLoadError, match="cannot read"):
+        reg.get(entry)
+
+
+def test_load_failure_falls_back_with_a_warning(corrupt_tree, fake_gpu, monkeypatch):
+    root, reg = corrupt_tree
+    for entry in reg.entries:
+        (root / entry.cubin).write_bytes(b"not a cubin")
+    fake_gpu((9, 0))
+    args = good_args()
+    expected = args[0].clone()
+    dequantize_and_gather_torch(*(expected, *args[1:]))
+    with pytest.warns(RuntimeWarning, match="falling back from cubin"):
+        kvgen.dequantize_and_gather_k_cache(*args)
+    assert kvgen.last_backend() in ("triton", "torch")
+    assert mismatches(args[0], expected) == 0
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")  # forced: an error, not a switch
+    with pytest.raises(KvgenLoadError):
+        kvgen.dequantize_and_gather_k_cache(*good_args())
+
+
+# ---------------------------------------------------------- triton fallback
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_interpreter_matches_torch_on_random_calls(seed, monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(seed)
+    bs = [16, 32, 64, 128, 256][seed % 5]
+    seq = torch.randint(0, 300, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+    gl = [int(torch.randint(0, s + 1, (1,), generator=g)) for s in seq] if seed % 2 else None
+    case = make_case(seq_lens=seq, gather_lens=gl, block_size=bs, offset=seed, raw_bytes=seed >= 2,
+                     page_pad=16 * seed, block_table_pad=seed, seed=seed)
+    expected = case.out.clone()
+    dequantize_and_gather_torch(*case.args(out=expected))
+    monkeypatch.setenv("KVGEN_BACKEND", "triton")
+    out = case.out.clone()
+    kvgen.dequantize_and_gather_k_cache(*case.args(out=out))
+    assert kvgen.last_backend() == "triton"
+    assert mismatches(out, expected) == 0
+
+
+# ------------------------------------------------------------------ imports
+def test_runtime_imports_no_build_tooling():
+    script = (
+        "import sys, kvgen\n"
+        "from kvgen.testing import make_case\n"
+        "c = make_case(seq_lens=[20], block_size=16)\n"
+        "kvgen.dequantize_and_gather_k_cache(*c.args())\n"
+        "import kvgen.loader; kvgen.loader.registry().entries\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('cutlass', 'jinja2', 'cuda.core')]\n"
+        "assert not bad, bad\n"
+        "print('clean')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "KVGEN_BACKEND"})
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr
+
+
+def test_custom_op_is_registered_with_a_fake():
+    op = torch.ops.kvgen.dequantize_and_gather_k_cache
+    args = good_args()
+    expected = args[0].clone()
+    dequantize_and_gather_torch(*(expected, *args[1:]))
+    op(*args)
+    assert mismatches(args[0], expected) == 0
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in good_args()]
+        op(*fake)  # the fake implementation: no data touched, no error
+
+
+def test_cli_errors_are_one_line_with_status_2():
+    for argv in (["build", "--arch", "sm_80"], ["build", "--kernel", "nope"], ["list", "--arch", "sm_1"]):
+        done = subprocess.run([sys.executable, "-m", "kvgen", *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, argv
+        assert len(done.stderr.strip().splitlines()) == 1 and "kvgen: error:" in done.stderr
+    for sub in ("generate", "build", "list", "demo"):
+        done = subprocess.run([sys.executable, "-m", "kvgen", sub, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage" in done.stdout
