@@ -1,4 +1,4 @@
-"""python -m kvgen generate | build | list | demo"""
+"""python -m kvgen generate | build | list | demo | bench"""
 
 from __future__ import annotations
 
@@ -83,6 +83,29 @@ def cmd_demo(args) -> int:
     return 0 if bad == 0 else 1
 
 
+def cmd_bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from . import bench
+
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("kvgen: error: bench needs a CUDA device", file=sys.stderr)
+            return 2
+        shapes = [s for s in bench.SHAPES if not args.shape or s.label in args.shape]
+        report = bench.run(Path(args.out), shapes, sweep=args.sweep)
+    print(bench.markdown(report))
+    if args.plot:
+        bench.plot(report, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = add("list", cmd_list, "List the kernels in the manifest.")
     p.add_argument("--arch", help="only kernels for this arch")
+    p = add("bench", cmd_bench, "Benchmark every backend on the issue's shapes (GPU), or render a saved report.")
+    p.add_argument("--out", default="benchmarks/results", help="folder for <device>.json")
+    p.add_argument("--shape", action="append", help="only this shape label (repeatable)")
+    p.add_argument("--sweep", action="store_true", help="also time every shipped variant for each shape")
+    p.add_argument("--report", help="render this saved JSON report instead of measuring")
+    p.add_argument("--plot", help="write a PNG plot here")
     add("demo", cmd_demo, "List the kernels and check one gather against the torch reference on this machine's device.")
 
     args = parser.parse_args(argv)

@@ -22,9 +22,11 @@ BACKEND_ENV = "KVGEN_BACKEND"
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided"}
 
-# Launch shape: the whole grid is held near this many CTAs; past that, extra
-# CTAs only add tail cost (a request's CTAs grid-stride over its tokens).
-TARGET_CTAS = 8192
+# Launch shape: the whole grid is held near this many CTAs (a request's CTAs
+# grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
+# 2048..65536): 8192 starved one long request among short ones
+# ([131072,100,2000,7]: 0.80 of roofline); 32768 gave 0.86 there and no loss elsewhere.
+TARGET_CTAS = 32768
 MAX_GRID_Y = 65535
 
 
@@ -80,11 +82,12 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
     return min(rows, key=score)
 
 
-def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int) -> tuple[int, int, int]:
+def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int,
+                target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """grid = (requests, workers): enough warps for the longest possible gather
-    (max_rows bounds every gather length), the whole grid held near TARGET_CTAS."""
+    (max_rows bounds every gather length), the whole grid held near target_ctas."""
     warps = entry.config["num_warps"]
-    workers = min(-(-max_rows // warps), -(-TARGET_CTAS // num_reqs), MAX_GRID_Y)
+    workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)
 
 

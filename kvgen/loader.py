@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +44,28 @@ def _check(result, what: str):
     return values[0] if len(values) == 1 else values
 
 
-# Per ABI C type: how a value is stored in its 8-byte launch slot.
-_SLOT_MASK = {"int32_t": 0xFFFFFFFF, "int64_t": 0xFFFFFFFFFFFFFFFF}
+# Each argument is copied by the driver from an 8-byte slot. Integers are
+# packed little-endian as int64: an int32 parameter reads the low 4 bytes.
+_SLOT = "q"
+
+
+def _libcuda():
+    """The driver library through ctypes, for the per-call launch: cuda-python's
+    wrapper costs ~4 us more per call on a slow host. None where not on Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    fn = lib.cuLaunchKernel
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_launch_fn = None
+_launch_fn_lock = threading.Lock()
 
 
 @dataclass
@@ -53,18 +75,31 @@ class LoadedKernel:
     kernel: object  # CUkernel: launchable in any context
     _prepared_devices: set
 
+    def __post_init__(self):
+        self._handle = int(self.kernel)
+        self._format = "<" + _SLOT * len(self.entry.params)
+
     def launch(self, grid: tuple[int, int, int], args: list[int], stream: int, device: int) -> None:
         """Launch on `stream` (a CUstream handle as int). `args` in ABI order."""
-        driver = _driver()
+        global _launch_fn
         if device not in self._prepared_devices:
             self._prepare(device)
         values, pointers = _param_buffers(self)
-        for slot, (value, (_, ctype)) in enumerate(zip(args, self.entry.params)):
-            values[slot] = value & _SLOT_MASK.get(ctype, 0xFFFFFFFFFFFFFFFF)
+        struct.pack_into(self._format, values, 0, *args)
         block = self.entry.block
-        _check(driver.cuLaunchKernel(self.kernel, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                     self.entry.smem_bytes, stream, ctypes.addressof(pointers), 0),
-               f"cuLaunchKernel({self.entry.name})")
+        if _launch_fn is None:
+            with _launch_fn_lock:
+                _launch_fn = _launch_fn or _libcuda() or False
+        if _launch_fn:
+            err = _launch_fn(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                             self.entry.smem_bytes, stream, ctypes.addressof(pointers), None)
+            if err:
+                _check((_driver().CUresult(err),), f"cuLaunchKernel({self.entry.name})")
+        else:
+            driver = _driver()
+            _check(driver.cuLaunchKernel(self.kernel, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                         self.entry.smem_bytes, stream, ctypes.addressof(pointers), 0),
+                   f"cuLaunchKernel({self.entry.name})")
 
     def _prepare(self, device: int) -> None:
         driver = _driver()
@@ -157,6 +192,9 @@ def registry() -> Registry:
 def reset_registry(root: Path | None = None) -> Registry:
     """Point the process at another generated tree (tests)."""
     global _registry
+    from .ops import clear_dispatch_cache
+
     with _registry_lock:
         _registry = Registry(root)
+    clear_dispatch_cache()
     return _registry

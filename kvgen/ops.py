@@ -15,11 +15,11 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .config import LAYOUTS
+from .config import LAYOUTS, Layout
 from .dispatch import BACKEND_ENV, CallKey, candidate_rows, choose_row, forced_backend, launch_grid, preference_for
 from .manifest import KernelEntry
 
@@ -36,59 +36,78 @@ def _expect(cond: bool, message: str, error=ValueError) -> None:
         raise error(message)
 
 
-def _tensor(name: str, t, dtype: torch.dtype, ndim: int) -> None:
-    _expect(isinstance(t, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(t).__name__}", TypeError)
-    _expect(t.dtype == dtype, f"{name}: expected dtype {dtype}, got {t.dtype}", TypeError)
-    _expect(t.dim() == ndim, f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+def _meta(name: str, t, dtype: torch.dtype, ndim: int):
+    """(shape, strides) of a checked tensor. Each tensor attribute read costs
+    ~0.3 us on a slow host, so each is read once here."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    shape = t.shape
+    if len(shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(shape)}")
+    return shape, t.stride()
 
 
-def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset):
-    """Check every argument before any launch; returns the cache layout."""
-    _tensor("out", out, torch.bfloat16, 3)
-    _tensor("k_cache", k_cache, torch.uint8, 3)
-    _tensor("seq_lens", seq_lens, torch.int32, 1)
+class Checked(NamedTuple):
+    """What validation read, reused by dispatch and launch (no second read)."""
+
+    layout: Layout
+    out_stride: tuple[int, ...]
+    page_stride: int
+    block_table_stride: int
+    max_rows: int
+    num_reqs: int
+
+
+def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> Checked:
+    """Check every argument before any launch."""
+    out_shape, out_stride = _meta("out", out, torch.bfloat16, 3)
+    kc_shape, kc_stride = _meta("k_cache", k_cache, torch.uint8, 3)
+    sl_shape, sl_stride = _meta("seq_lens", seq_lens, torch.int32, 1)
     if gather_lens is not None:
-        _tensor("gather_lens", gather_lens, torch.int32, 1)
-    _tensor("block_table", block_table, torch.int32, 2)
+        gl_shape, gl_stride = _meta("gather_lens", gather_lens, torch.int32, 1)
+    bt_shape, bt_stride = _meta("block_table", block_table, torch.int32, 2)
     for name, value in (("block_size", block_size), ("offset", offset)):
-        _expect(isinstance(value, int) and not isinstance(value, bool),
-                f"{name}: expected an int, got {type(value).__name__}", TypeError)
+        _expect(type(value) is int, f"{name}: expected an int, got {type(value).__name__}", TypeError)
 
-    layout = _RECORD_TO_LAYOUT.get(k_cache.shape[-1])
+    layout = _RECORD_TO_LAYOUT.get(kc_shape[2])
     _expect(layout is not None, f"k_cache: last dimension must be one of {sorted(_RECORD_TO_LAYOUT)} "
-                                f"(bytes per token record), got {k_cache.shape[-1]}")
-    _expect(out.shape[-1] == 512, f"out: last dimension must be 512, got {out.shape[-1]}")
-    _expect(block_size > 0 and block_size == k_cache.shape[1],
-            f"block_size: must equal k_cache.shape[1] ({k_cache.shape[1]}), got {block_size}")
+                                f"(bytes per token record), got {kc_shape[2]}")
+    _expect(out_shape[2] == 512, f"out: last dimension must be 512, got {out_shape[2]}")
+    _expect(block_size > 0 and block_size == kc_shape[1],
+            f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
     _expect(offset >= 0, f"offset: must be >= 0, got {offset}")
-    _expect(offset <= out.shape[1], f"offset: must be <= out.shape[1] ({out.shape[1]}), got {offset}")
+    _expect(offset <= out_shape[1], f"offset: must be <= out.shape[1] ({out_shape[1]}), got {offset}")
 
-    _expect(out.stride(2) == 1, f"out: innermost stride must be 1, got {out.stride(2)}")
-    _expect(k_cache.stride(2) == 1 and (k_cache.shape[1] == 1 or k_cache.stride(1) == layout.record_bytes),
-            f"k_cache: each page must hold contiguous {layout.record_bytes}-byte rows, got strides "
-            f"{tuple(k_cache.stride())}")
-    page_stride = k_cache.stride(0)
+    _expect(out_stride[2] == 1, f"out: innermost stride must be 1, got {out_stride[2]}")
+    record = layout.record_bytes
+    _expect(kc_stride[2] == 1 and (kc_shape[1] == 1 or kc_stride[1] == record),
+            f"k_cache: each page must hold contiguous {record}-byte rows, got strides {tuple(kc_stride)}")
+    page_stride = kc_stride[0]
     _expect(page_stride % 16 == 0, f"k_cache: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
-    _expect(k_cache.shape[0] <= 1 or page_stride >= block_size * layout.record_bytes,
-            f"k_cache: page stride {page_stride} is smaller than a page ({block_size}*{layout.record_bytes} bytes)")
+    _expect(kc_shape[0] <= 1 or page_stride >= block_size * record,
+            f"k_cache: page stride {page_stride} is smaller than a page ({block_size}*{record} bytes)")
     _expect(k_cache.data_ptr() % 16 == 0, "k_cache: data must be 16-byte aligned")
-    _expect(block_table.stride(1) == 1, f"block_table: innermost stride must be 1, got {block_table.stride(1)}")
-    _expect(seq_lens.numel() <= 1 or seq_lens.stride(0) == 1, "seq_lens: must be contiguous")
+    _expect(bt_stride[1] == 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
+    _expect(sl_shape[0] <= 1 or sl_stride[0] == 1, "seq_lens: must be contiguous")
 
-    num_reqs = seq_lens.shape[0]
+    num_reqs = sl_shape[0]
     if gather_lens is not None:
-        _expect(gather_lens.shape == seq_lens.shape,
-                f"gather_lens: shape {tuple(gather_lens.shape)} must match seq_lens {tuple(seq_lens.shape)}")
-        _expect(gather_lens.numel() <= 1 or gather_lens.stride(0) == 1, "gather_lens: must be contiguous")
-    _expect(block_table.shape[0] == num_reqs,
-            f"block_table: shape[0] ({block_table.shape[0]}) must equal the number of requests ({num_reqs})")
-    _expect(out.shape[0] == num_reqs,
-            f"out: shape[0] ({out.shape[0]}) must equal the number of requests ({num_reqs})")
-    _expect(out.shape[1] < 2**31 and block_table.shape[1] < 2**31, "out/block_table: dimensions must fit int32")
+        _expect(gl_shape == sl_shape,
+                f"gather_lens: shape {tuple(gl_shape)} must match seq_lens {tuple(sl_shape)}")
+        _expect(gl_shape[0] <= 1 or gl_stride[0] == 1, "gather_lens: must be contiguous")
+    _expect(bt_shape[0] == num_reqs,
+            f"block_table: shape[0] ({bt_shape[0]}) must equal the number of requests ({num_reqs})")
+    _expect(out_shape[0] == num_reqs, f"out: shape[0] ({out_shape[0]}) must equal the number of requests ({num_reqs})")
+    _expect(out_shape[1] < 2**31 and bt_shape[1] < 2**31, "out/block_table: dimensions must fit int32")
 
-    devices = {t.device for t in (out, k_cache, seq_lens, block_table, gather_lens) if t is not None}
-    _expect(len(devices) == 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    return layout
+    device = out.device
+    for t in (k_cache, seq_lens, block_table, gather_lens):
+        if t is not None and t.device != device:
+            devices = sorted({str(x.device) for x in (out, k_cache, seq_lens, block_table, gather_lens) if x is not None})
+            raise ValueError(f"all tensors must be on one device, got {devices}")
+    return Checked(layout, out_stride, page_stride, bt_stride[0], out_shape[1] - offset, num_reqs)
 
 
 # ------------------------------------------------------------------ dispatch
@@ -115,11 +134,6 @@ def _triton_usable(device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _cubin_aligned(out: torch.Tensor) -> bool:
-    # The kernel stores 16 bytes at a time.
-    return out.data_ptr() % 16 == 0 and out.stride(0) % 8 == 0 and out.stride(1) % 8 == 0
-
-
 @dataclass(frozen=True)
 class Decision:
     backend: str
@@ -142,15 +156,13 @@ def _cubin_entry(layout, block_size, has_gather_lens, device_type, capability) -
     return entry, ""
 
 
-def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, *, layout=None) -> Decision:
-    """Which backend would serve this call (no launch, no synchronisation)."""
-    layout = layout or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    device_type, capability = device_info(out.device)
-    forced = forced_backend()
+def _decide(layout: Layout, block_size: int, has_gather_lens: bool, device: torch.device, aligned: bool,
+            forced: Optional[str]) -> Decision:
+    device_type, capability = device_info(device)
     entry, why_not = None, "not asked for"
     if forced in (None, "cubin"):
-        entry, why_not = _cubin_entry(layout, block_size, gather_lens is not None, device_type, capability)
-        if entry is not None and not _cubin_aligned(out):
+        entry, why_not = _cubin_entry(layout, block_size, has_gather_lens, device_type, capability)
+        if entry is not None and not aligned:
             entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
     if forced == "cubin":
         if entry is None:
@@ -170,6 +182,30 @@ def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset,
     return Decision("torch", reason=why_not)
 
 
+# A decision depends only on this key, so each is made once per process.
+_decisions: dict[tuple, Decision] = {}
+
+
+def clear_dispatch_cache() -> None:
+    _decisions.clear()
+
+
+def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, *,
+           checked: Optional[Checked] = None) -> Decision:
+    """Which backend would serve this call (no launch, no synchronisation)."""
+    checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    stride = checked.out_stride
+    aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
+    device = out.device
+    key = (checked.layout.name, block_size, gather_lens is not None, device, aligned,
+           os.environ.get(BACKEND_ENV), os.environ.get("TRITON_INTERPRET"))
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decide(checked.layout, block_size, gather_lens is not None, device, aligned, forced_backend())
+        _decisions[key] = decision
+    return decision
+
+
 # -------------------------------------------------------------------- launch
 _state = threading.local()
 _warned: set[str] = set()
@@ -180,67 +216,72 @@ def last_backend() -> Optional[str]:
     return getattr(_state, "last_backend", None)
 
 
-def _launch_cubin(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset) -> None:
+def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
+                 grid: tuple[int, int, int] | None = None, checked: Optional[Checked] = None) -> None:
+    """Launch one manifest kernel on validated arguments (the grid from dispatch
+    unless given: the benchmark launches the seed's grid this way)."""
     from .loader import registry
 
     kernel = registry().get(entry)
-    max_rows = out.shape[1] - offset
+    if checked is None:
+        checked = validate(out, k_cache, seq_lens, gather_lens, block_table, entry.config["block_size"], offset)
     values = {
         "out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "seq_lens": seq_lens.data_ptr(),
         "gather_lens": gather_lens.data_ptr() if gather_lens is not None else 0,
         "block_table": block_table.data_ptr(),
-        "out_stride_req": out.stride(0), "out_stride_row": out.stride(1),
-        "page_stride": k_cache.stride(0), "block_table_stride": block_table.stride(0),
-        "offset": offset, "max_rows": max_rows,
+        "out_stride_req": checked.out_stride[0], "out_stride_row": checked.out_stride[1],
+        "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
+        "offset": offset, "max_rows": checked.max_rows,
     }
     args = [values[name] for name, _ in entry.params]
-    device = out.device.index if out.device.index is not None else torch.cuda.current_device()
-    grid = launch_grid(entry, seq_lens.shape[0], max_rows)
-    stream = torch.cuda.current_stream(device).cuda_stream
-    with _context(device):
+    device = out.get_device()
+    grid = grid or launch_grid(entry, checked.num_reqs, checked.max_rows)
+    stream = _current_stream(device)
+    pushed = _make_context_current(device)
+    try:
         kernel.launch(grid, args, stream, device)
-
-
-class _context:
-    """Make `device`'s primary context current for the launch, if it is not."""
-
-    _primary: dict[int, int] = {}
-
-    def __init__(self, device: int):
-        self.device = device
-        self.pushed = False
-
-    def __enter__(self):
-        from .loader import _check, _driver
-
-        driver = _driver()
-        primary = self._primary.get(self.device)
-        if primary is None:
-            torch.cuda.init()
-            primary = self._primary[self.device] = _check(
-                driver.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
-        current = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if int(current) != int(primary):
-            _check(driver.cuCtxPushCurrent(primary), "cuCtxPushCurrent")
-            self.pushed = True
-
-    def __exit__(self, *exc):
-        if self.pushed:
+    finally:
+        if pushed:
             from .loader import _check, _driver
 
             _check(_driver().cuCtxPopCurrent(), "cuCtxPopCurrent")
 
 
+def _current_stream(device: int) -> int:
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # 0.2 us; the public API costs ~4 us
+    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+_primary_contexts: dict[int, tuple[object, int]] = {}  # device -> (CUcontext, its address)
+
+
+def _make_context_current(device: int) -> bool:
+    """Make `device`'s primary context (torch's) current for the launch; True if pushed."""
+    from .loader import _check, _driver
+
+    driver = _driver()
+    primary = _primary_contexts.get(device)
+    if primary is None:
+        torch.cuda.init()
+        context = _check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+        primary = _primary_contexts[device] = (context, int(context))
+    current = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if int(current) == primary[1]:
+        return False
+    _check(driver.cuCtxPushCurrent(primary[0]), "cuCtxPushCurrent")
+    return True
+
+
 def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
-    layout = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    if seq_lens.shape[0] == 0 or out.shape[1] == offset:
+    checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    if checked.num_reqs == 0 or checked.max_rows == 0:
         _state.last_backend = None
         return  # empty batch: nothing to launch
-    decision = decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, layout=layout)
+    decision = decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, checked=checked)
     backend = decision.backend
     if backend == "cubin":
         try:
-            _launch_cubin(decision.entry, out, k_cache, seq_lens, gather_lens, block_table, offset)
+            launch_entry(decision.entry, out, k_cache, seq_lens, gather_lens, block_table, offset, checked=checked)
         except Exception as err:
             from .loader import KvgenLoadError
 

@@ -24,15 +24,16 @@ def quantize_ue8m0(k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch
     scale = 2^ceil(log2(amax / 448)), values clamped to +-448, cast to e4m3.
     """
     n = k.shape[0]
+    device = k.device
     fp8_dim, group = layout.fp8_dim, layout.scale_group
     x = k[:, :fp8_dim].float().reshape(n, fp8_dim // group, group)
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
     exponent = torch.ceil(torch.log2(amax / 448.0))
     q = (x / torch.exp2(exponent)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    data = torch.empty((n, layout.data_bytes(fp8_dim)), dtype=torch.uint8)
+    data = torch.empty((n, layout.data_bytes(fp8_dim)), dtype=torch.uint8, device=device)
     data[:, :fp8_dim] = q.reshape(n, fp8_dim).view(torch.uint8)
     data[:, fp8_dim:] = k[:, fp8_dim:].contiguous().view(torch.uint8).reshape(n, -1)
-    codes = torch.zeros((n, layout.scale_bytes), dtype=torch.uint8)
+    codes = torch.zeros((n, layout.scale_bytes), dtype=torch.uint8, device=device)
     codes[:, : fp8_dim // group] = (exponent.squeeze(-1) + 127).clamp(0, 255).to(torch.uint8)
     return data, codes
 
@@ -44,7 +45,7 @@ def write_pages(num_blocks: int, block_size: int, layout: Layout, data: torch.Te
     record = layout.record_bytes
     page_bytes = block_size * record + page_pad
     assert page_pad % 16 == 0
-    storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8)  # padding is junk
+    storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8, device=data.device)  # padding is junk
     pages = storage.view(num_blocks, page_bytes)
     data_bytes = layout.data_bytes(layout.fp8_dim)
     pages[:, : block_size * data_bytes] = data.reshape(num_blocks, block_size * data_bytes)
@@ -132,7 +133,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
-    a, b = a.detach().cpu(), b.detach().cpu()
+    a, b = a.detach(), b.detach().to(a.device)
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"cannot compare {a.dtype}{list(a.shape)} with {b.dtype}{list(b.shape)}")
     both_nan = torch.isnan(a.float()) & torch.isnan(b.float())

@@ -19,6 +19,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    """Tests choose backends explicitly; a KVGEN_BACKEND in the caller's shell must not leak in."""
+def _fresh_dispatch(monkeypatch):
+    """Tests choose backends explicitly: a KVGEN_BACKEND in the caller's shell must not
+    leak in, nor a dispatch decision cached under another test's mocks."""
+    from kvgen.ops import clear_dispatch_cache
+
     monkeypatch.delenv("KVGEN_BACKEND", raising=False)
+    clear_dispatch_cache()
+    yield
+    clear_dispatch_cache()

@@ -109,9 +109,10 @@ def test_rows_filter_on_exact_capability_and_shape():
 
 def test_launch_grid_is_bounded_by_host_quantities():
     entry = choose_row(candidate_rows(registry().entries, key()))
-    assert launch_grid(entry, 1, 262144) == (1, 8192, 1)
+    assert launch_grid(entry, 1, 262144) == (1, 32768, 1)
     assert launch_grid(entry, 32, 128) == (32, 32, 1)
-    assert launch_grid(entry, 256, 256) == (256, 32, 1)
+    assert launch_grid(entry, 256, 256) == (256, 64, 1)
+    assert launch_grid(entry, 256, 1 << 20) == (256, 128, 1)
     assert launch_grid(entry, 4, 1) == (4, 1, 1)
 
 

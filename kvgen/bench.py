@@ -1,0 +1,304 @@
+"""`python -m kvgen bench`: every backend on the issue's shapes, on one GPU.
+
+Method (docs: BENCHMARKS.md): caches written by the UE8M0 quantizer from
+random data, pages randomly permuted; every result checked bit-exact against
+the torch path before it is timed; kernels timed as CUDA-graph replays of one
+call per input set, the sets rotated so that the working set exceeds L2
+(cold cache), median of >= 20 replays; the copy roofline is a large
+device-to-device copy (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import LAYOUTS, SEED
+from .dispatch import CallKey, candidate_rows, choose_row, launch_grid
+from .testing import POISON_BF16, POISON_PAGE, mismatches, poisoned_out, quantize_ue8m0, write_pages
+
+READ_BYTES = 584  # per token: record + scale row
+WRITE_BYTES = 1024  # per token: 512 bf16
+SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
+
+
+@dataclass(frozen=True)
+class Shape:
+    label: str
+    seq_lens: tuple[int, ...]
+    window: int | None = None  # gather the last `window` tokens (gather_lens), else whole sequences
+    block_size: int = 64
+
+    @property
+    def tokens(self) -> int:
+        return sum(min(self.window, s) if self.window else s for s in self.seq_lens)
+
+
+SHAPES = (
+    Shape("1x8192", (8192,)),
+    Shape("1x65536", (65536,)),
+    Shape("1x262144", (262144,)),
+    Shape("8x16384", (16384,) * 8),
+    Shape("64x2048", (2048,) * 64),
+    Shape("256x256", (256,) * 256),
+    Shape("32x8192 last128", (8192,) * 32, window=128),
+    Shape("4x32768 b256", (32768,) * 4, block_size=256),
+    Shape("[131072,100,2000,7]", (131072, 100, 2000, 7)),
+    Shape("128x4096 last1024 b256", (4096,) * 128, window=1024, block_size=256),
+)
+
+
+def gpu_case(shape: Shape, seed: int, device="cuda"):
+    """One call's arguments, built on the GPU."""
+    layout = LAYOUTS["dsv4_584"]
+    bs = shape.block_size
+    pages = [-(-s // bs) for s in shape.seq_lens]
+    num_blocks = sum(pages)
+    g = torch.Generator(device=device).manual_seed(seed)
+    k = torch.randn((num_blocks * bs, 512), generator=g, device=device).to(torch.bfloat16)
+    data, codes = quantize_ue8m0(k, layout)
+    del k
+    k_cache = write_pages(num_blocks, bs, layout, data, codes)
+    del data, codes
+    width = max(pages) + 1
+    block_table = torch.full((len(pages), width), POISON_PAGE, dtype=torch.int32, device=device)
+    perm = torch.randperm(num_blocks, generator=g, device=device).to(torch.int32)
+    used = 0
+    for r, p in enumerate(pages):
+        block_table[r, :p] = perm[used: used + p]
+        used += p
+    seq_lens = torch.tensor(shape.seq_lens, dtype=torch.int32, device=device)
+    gather_lens = None
+    if shape.window:
+        gather_lens = torch.clamp(seq_lens, max=shape.window)
+    rows = shape.window or max(shape.seq_lens)
+    out = poisoned_out(len(pages), rows, device=device)
+    return [out, k_cache, seq_lens, gather_lens, block_table, bs, 0]
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = _event_times(lambda: dst.copy_(src), reps=20)
+    return 2 * nbytes / statistics.median(times)
+
+
+def _event_times(fn: Callable[[], None], reps: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return times
+
+
+def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:
+    """Median seconds per call: one graph holding one call per input set."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # load modules, compile Triton, outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    # Warm up for >= 50 ms: seen here, a variant timed right after a cold
+    # stretch read 13% slower than the same kernel timed later.
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.05:
+        graph.replay()
+        torch.cuda.synchronize()
+    return statistics.median(_event_times(graph.replay, reps)) / len(calls)
+
+
+def _runner(backend: str, args, entry=None, grid=None) -> Callable[[], None]:
+    import kvgen
+    from . import ops
+
+    if backend == "entry":
+        return lambda: ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6], grid=grid)
+
+    def call():
+        os.environ["KVGEN_BACKEND"] = backend
+        try:
+            kvgen.dequantize_and_gather_k_cache(*args)
+        finally:
+            os.environ.pop("KVGEN_BACKEND", None)
+    return call
+
+
+def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dict:
+    from . import ops
+    from .loader import registry
+    from .reference import dequantize_and_gather_torch
+
+    working_set = shape.tokens * (READ_BYTES + WRITE_BYTES)
+    sets = max(1, min(16, math.ceil(4 * l2_bytes / working_set)))
+    cases = [gpu_case(shape, seed) for seed in range(sets)]
+    expected = []
+    for args in cases:
+        ref = args[0].clone()
+        dequantize_and_gather_torch(ref, *args[1:])
+        expected.append(ref)
+
+    key = CallKey("dsv4_584", shape.block_size, shape.window is not None, torch.cuda.get_device_capability())
+    rows = candidate_rows(registry().entries, key)
+    seed_entry = choose_row([e for e in rows if e.config["num_stages"] == SEED.num_stages
+                             and e.config["num_warps"] == SEED.num_warps and e.config["schedule"] == SEED.schedule])
+    variants: dict[str, Callable[[list], Callable[[], None]]] = {
+        "kvgen": lambda a: _runner("cubin", a),
+        "seed": lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1)),
+        "triton": lambda a: _runner("triton", a),
+    }
+    if sweep:
+        for e in rows:
+            variants[f"s{e.config['num_stages']}w{e.config['num_warps']}{e.config['schedule'][0]}"] = (
+                lambda a, e=e: _runner("entry", a, e))
+        chosen = ops.decide(*cases[0]).entry
+        rows_bound = shape.window or max(shape.seq_lens)
+        for target in (2048, 4096, 16384, 32768, 65536):
+            grid = launch_grid(chosen, len(shape.seq_lens), rows_bound, target)
+            variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g)
+
+    roofline_s = shape.tokens * (READ_BYTES + WRITE_BYTES) / copy_bw
+    result = {"shape": shape.label, "tokens": shape.tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
+              "chosen": ops.decide(*cases[0]).entry.name, "backends": {}}
+    for name, make in variants.items():
+        calls = [make(a) for a in cases]
+        for args, call, ref in zip(cases, calls, expected):  # poison, run, check: before any timing
+            args[0].view(torch.int16).fill_(POISON_BF16)
+            call()
+            torch.cuda.synchronize()
+            bad = mismatches(args[0], ref)
+            if bad:
+                raise AssertionError(f"{shape.label} {name}: {bad} values differ from the torch path")
+        seconds = graph_time(calls)
+        result["backends"][name] = {"us": seconds * 1e6, "gbps": working_set / seconds / 1e9,
+                                    "fraction": roofline_s / seconds}
+    # The torch path: eager (it synchronises), a few runs.
+    args = cases[0]
+    t = statistics.median(_event_times(lambda: dequantize_and_gather_torch(*args), reps=3, warmup=1))
+    result["backends"]["torch"] = {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
+    # Eager per-call latency of the public API (host overhead included).
+    call = _runner("cubin", args)
+    n = 200
+    eager = statistics.median(_event_times(lambda: [call() for _ in range(n)], reps=5)) / n
+    result["eager_us"] = eager * 1e6
+    seed_us = result["backends"]["seed"]["us"]
+    for b in result["backends"].values():
+        b["speedup_vs_seed"] = seed_us / b["us"]
+    return result
+
+
+def host_overhead_us(calls: int = 2000) -> dict:
+    """Host time per eager API call on a tiny gather (kernel time hidden)."""
+    import kvgen
+
+    args = gpu_case(Shape("tiny", (16,), block_size=16), seed=0)
+    for _ in range(20):
+        kvgen.dequantize_and_gather_k_cache(*args)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        kvgen.dequantize_and_gather_k_cache(*args)
+    api = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    from . import ops
+
+    entry = ops.decide(*args).entry
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6])
+    launch = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    return {"api_us": api * 1e6, "launch_only_us": launch * 1e6}
+
+
+def run(out_dir: Path, shapes=SHAPES, sweep: bool = False) -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    copy_bandwidth()  # ramps the clocks up before anything is measured
+    copy_bw = copy_bandwidth()
+    report = {
+        "device": props.name, "date": date.today().isoformat(), "sms": props.multi_processor_count,
+        "l2_bytes": props.L2_cache_size, "copy_gbps": copy_bw / 1e9,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                     "driver": torch.cuda.driver_version if hasattr(torch.cuda, "driver_version") else None},
+        "host": host_overhead_us(), "shapes": [],
+    }
+    print(f"{props.name}: copy roofline {copy_bw / 1e9:.0f} GB/s (read + write); "
+          f"host per API call {report['host']['api_us']:.1f} us", flush=True)
+    for shape in shapes:
+        result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep)
+        report["shapes"].append(result)
+        cols = "  ".join(f"{k} {v['us']:8.2f}us {v['fraction']:.2f}" for k, v in result["backends"].items())
+        print(f"{shape.label:<24} {cols}  eager {result['eager_us']:.1f}us", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{props.name.replace(' ', '_')}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Device: {report['device']} ({report['sms']} SMs), {report['date']}; copy roofline "
+             f"{report['copy_gbps']:.0f} GB/s (read + write); versions {report['versions']}. "
+             f"Host time per eager API call: {report['host']['api_us']:.1f} us "
+             f"(launch alone {report['host']['launch_only_us']:.1f} us).", "",
+             "| shape | tokens | roofline µs | kvgen µs | GB/s | fraction | × seed | seed µs | seed fraction | triton µs | triton GB/s | torch µs | eager µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    speedups = []
+    for s in report["shapes"]:
+        b = s["backends"]
+        speedups.append(b["kvgen"]["speedup_vs_seed"])
+        lines.append(
+            f"| {s['shape']} | {s['tokens']} | {s['roofline_us']:.2f} | {b['kvgen']['us']:.2f} | {b['kvgen']['gbps']:.0f} | "
+            f"{b['kvgen']['fraction']:.2f} | {b['kvgen']['speedup_vs_seed']:.2f} | {b['seed']['us']:.2f} | "
+            f"{b['seed']['fraction']:.2f} | {b['triton']['us']:.2f} | {b['triton']['gbps']:.0f} | "
+            f"{b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
+    geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
+    lines += ["", f"Geomean speedup of kvgen over the seed config: {geo:.2f}×"]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [s["shape"] for s in report["shapes"]]
+    backends = ["kvgen", "seed", "triton", "torch"]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.2
+    for i, name in enumerate(backends):
+        ax.bar([x + (i - 1.5) * width for x in range(len(shapes))],
+               [s["backends"][name]["gbps"] for s in report["shapes"]], width, label=name)
+    ax.axhline(report["copy_gbps"], color="k", linestyle="--", label="copy roofline")
+    ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right")
+    ax.set_ylabel("GB/s (bytes read + written)")
+    ax.set_title(f"dequantize_and_gather_k_cache on {report['device']} ({report['date']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
