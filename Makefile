@@ -45,8 +45,9 @@ golden: $(STAMP)
 check-generated: generate
 	@git status --porcelain -- generated/ | grep . && { echo "generated/ is stale: run make generate and commit"; exit 1; } || true
 
+# On a CUDA machine: the three benchmark families, then the plots.
 bench:
-	$(PYTHON) -m kvgen bench
+	for family in dsv4 v41 sparse; do $(PYTHON) -m kvgen bench --family $$family --plot benchmarks/results/$$family.png || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,8 +27,7 @@ from .config import LAYOUTS, SEED
 from .dispatch import CallKey, candidate_rows, choose_row, launch_grid
 from .testing import POISON_BF16, POISON_PAGE, mismatches, poisoned_out, quantize_ue8m0, write_pages
 
-READ_BYTES = 584  # per token: record + scale row
-WRITE_BYTES = 1024  # per token: 512 bf16
+WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
 
 
@@ -38,10 +37,20 @@ class Shape:
     seq_lens: tuple[int, ...]
     window: int | None = None  # gather the last `window` tokens (gather_lens), else whole sequences
     block_size: int = 64
+    layout: str = "dsv4_584"
 
     @property
     def tokens(self) -> int:
         return sum(min(self.window, s) if self.window else s for s in self.seq_lens)
+
+
+@dataclass(frozen=True)
+class SparseShape:
+    label: str
+    num_slots: int
+    valid: float  # fraction of slots that are not -1
+    layout: str = "dsv4_584"
+    block_size: int = 64
 
 
 SHAPES = (
@@ -56,11 +65,17 @@ SHAPES = (
     Shape("[131072,100,2000,7]", (131072, 100, 2000, 7)),
     Shape("128x4096 last1024 b256", (4096,) * 128, window=1024, block_size=256),
 )
+FAMILIES = {
+    "dsv4": SHAPES,
+    "v41": tuple(Shape(s.label + " v41", s.seq_lens, s.window, s.block_size, "v41_528") for s in SHAPES),
+    "sparse": tuple(SparseShape(f"sparse {n} {int(v * 100)}% {layout.split('_')[0]}", n, v, layout)
+                    for layout in ("dsv4_584", "v41_528") for n in (8192, 65536) for v in (0.03, 0.25, 1.0)),
+}
 
 
 def gpu_case(shape: Shape, seed: int, device="cuda"):
     """One call's arguments, built on the GPU."""
-    layout = LAYOUTS["dsv4_584"]
+    layout = LAYOUTS[shape.layout]
     bs = shape.block_size
     pages = [-(-s // bs) for s in shape.seq_lens]
     num_blocks = sum(pages)
@@ -84,6 +99,21 @@ def gpu_case(shape: Shape, seed: int, device="cuda"):
     rows = shape.window or max(shape.seq_lens)
     out = poisoned_out(len(pages), rows, device=device)
     return [out, k_cache, seq_lens, gather_lens, block_table, bs, 0]
+
+
+def gpu_sparse_case(shape: SparseShape, seed: int, device="cuda"):
+    layout = LAYOUTS[shape.layout]
+    bs = shape.block_size
+    num_blocks = -(-shape.num_slots // bs) + 1
+    g = torch.Generator(device=device).manual_seed(seed)
+    k = torch.randn((num_blocks * bs, 512), generator=g, device=device).to(torch.bfloat16)
+    data, codes = quantize_ue8m0(k, layout)
+    del k
+    k_cache = write_pages(num_blocks, bs, layout, data, codes)
+    slots = torch.randint(0, num_blocks * bs, (shape.num_slots,), generator=g, device=device, dtype=torch.int32)
+    slots[torch.rand(shape.num_slots, generator=g, device=device) >= shape.valid] = -1
+    out = poisoned_out(1, shape.num_slots, device=device)[0]
+    return [out, k_cache, slots, bs]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -135,16 +165,48 @@ def _runner(backend: str, args, entry=None, grid=None) -> Callable[[], None]:
     import kvgen
     from . import ops
 
+    sparse = len(args) == 4
     if backend == "entry":
+        if sparse:
+            return lambda: ops.launch_entry_sparse(entry, args[0], args[1], args[2], grid=grid)
         return lambda: ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6], grid=grid)
+    op = kvgen.dequantize_and_gather_k_cache_sparse if sparse else kvgen.dequantize_and_gather_k_cache
 
     def call():
         os.environ["KVGEN_BACKEND"] = backend
         try:
-            kvgen.dequantize_and_gather_k_cache(*args)
+            op(*args)
         finally:
             os.environ.pop("KVGEN_BACKEND", None)
     return call
+
+
+def _time_variants(label: str, cases: list, expected: list, variants: dict, working_set: int,
+                   roofline_s: float, reference: Callable) -> dict:
+    """Check each variant bit-exact on every input set (poisoned first), then time it."""
+    results = {}
+    for name, make in variants.items():
+        calls = [make(a) for a in cases]
+        for args, call, ref in zip(cases, calls, expected):
+            args[0].view(torch.int16).fill_(POISON_BF16)
+            call()
+            torch.cuda.synchronize()
+            bad = mismatches(args[0], ref)
+            if bad:
+                raise AssertionError(f"{label} {name}: {bad} values differ from the torch path")
+        seconds = graph_time(calls)
+        results[name] = {"us": seconds * 1e6, "gbps": working_set / seconds / 1e9, "fraction": roofline_s / seconds}
+    # The torch path: eager (it synchronises), a few runs.
+    t = statistics.median(_event_times(lambda: reference(*cases[0]), reps=3, warmup=1))
+    results["torch"] = {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
+    return results
+
+
+def _eager_us(args) -> float:
+    """Eager per-call latency of the public API (host overhead included)."""
+    call = _runner("cubin", args)
+    n = 200
+    return statistics.median(_event_times(lambda: [call() for _ in range(n)], reps=5)) / n * 1e6
 
 
 def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dict:
@@ -152,7 +214,7 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dic
     from .loader import registry
     from .reference import dequantize_and_gather_torch
 
-    working_set = shape.tokens * (READ_BYTES + WRITE_BYTES)
+    working_set = shape.tokens * (LAYOUTS[shape.layout].record_bytes + WRITE_BYTES)
     sets = max(1, min(16, math.ceil(4 * l2_bytes / working_set)))
     cases = [gpu_case(shape, seed) for seed in range(sets)]
     expected = []
@@ -161,7 +223,8 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dic
         dequantize_and_gather_torch(ref, *args[1:])
         expected.append(ref)
 
-    key = CallKey("dsv4_584", shape.block_size, shape.window is not None, torch.cuda.get_device_capability())
+    key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None,
+                  torch.cuda.get_device_capability())
     rows = candidate_rows(registry().entries, key)
     seed_entry = choose_row([e for e in rows if e.config["num_stages"] == SEED.num_stages
                              and e.config["num_warps"] == SEED.num_warps and e.config["schedule"] == SEED.schedule])
@@ -180,34 +243,35 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dic
             grid = launch_grid(chosen, len(shape.seq_lens), rows_bound, target)
             variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g)
 
-    roofline_s = shape.tokens * (READ_BYTES + WRITE_BYTES) / copy_bw
-    result = {"shape": shape.label, "tokens": shape.tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
-              "chosen": ops.decide(*cases[0]).entry.name, "backends": {}}
-    for name, make in variants.items():
-        calls = [make(a) for a in cases]
-        for args, call, ref in zip(cases, calls, expected):  # poison, run, check: before any timing
-            args[0].view(torch.int16).fill_(POISON_BF16)
-            call()
-            torch.cuda.synchronize()
-            bad = mismatches(args[0], ref)
-            if bad:
-                raise AssertionError(f"{shape.label} {name}: {bad} values differ from the torch path")
-        seconds = graph_time(calls)
-        result["backends"][name] = {"us": seconds * 1e6, "gbps": working_set / seconds / 1e9,
-                                    "fraction": roofline_s / seconds}
-    # The torch path: eager (it synchronises), a few runs.
-    args = cases[0]
-    t = statistics.median(_event_times(lambda: dequantize_and_gather_torch(*args), reps=3, warmup=1))
-    result["backends"]["torch"] = {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
-    # Eager per-call latency of the public API (host overhead included).
-    call = _runner("cubin", args)
-    n = 200
-    eager = statistics.median(_event_times(lambda: [call() for _ in range(n)], reps=5)) / n
-    result["eager_us"] = eager * 1e6
-    seed_us = result["backends"]["seed"]["us"]
-    for b in result["backends"].values():
-        b["speedup_vs_seed"] = seed_us / b["us"]
-    return result
+    roofline_s = working_set / copy_bw
+    backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,
+                              dequantize_and_gather_torch)
+    for b in backends.values():
+        b["speedup_vs_seed"] = backends["seed"]["us"] / b["us"]
+    return {"shape": shape.label, "tokens": shape.tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
+            "chosen": ops.decide(*cases[0]).entry.name, "backends": backends, "eager_us": _eager_us(cases[0])}
+
+
+def bench_sparse_shape(shape: SparseShape, copy_bw: float, l2_bytes: int) -> dict:
+    from . import ops
+    from .reference import dequantize_and_gather_sparse_torch
+
+    probe = gpu_sparse_case(shape, 0)
+    tokens = int((probe[2] >= 0).sum())
+    working_set = max(1, tokens) * (LAYOUTS[shape.layout].record_bytes + WRITE_BYTES)
+    sets = max(1, min(16, math.ceil(4 * l2_bytes / working_set)))
+    cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, sets)]
+    expected = []
+    for args in cases:
+        ref = args[0].clone()
+        dequantize_and_gather_sparse_torch(ref, *args[1:])
+        expected.append(ref)
+    variants = {"kvgen": lambda a: _runner("cubin", a), "triton": lambda a: _runner("triton", a)}
+    roofline_s = working_set / copy_bw
+    backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,
+                              dequantize_and_gather_sparse_torch)
+    return {"shape": shape.label, "tokens": tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
+            "chosen": ops.decide_sparse(*cases[0]).entry.name, "backends": backends, "eager_us": _eager_us(cases[0])}
 
 
 def host_overhead_us(calls: int = 2000) -> dict:
@@ -234,7 +298,7 @@ def host_overhead_us(calls: int = 2000) -> dict:
     return {"api_us": api * 1e6, "launch_only_us": launch * 1e6}
 
 
-def run(out_dir: Path, shapes=SHAPES, sweep: bool = False) -> dict:
+def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4") -> dict:
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -250,12 +314,15 @@ def run(out_dir: Path, shapes=SHAPES, sweep: bool = False) -> dict:
     print(f"{props.name}: copy roofline {copy_bw / 1e9:.0f} GB/s (read + write); "
           f"host per API call {report['host']['api_us']:.1f} us", flush=True)
     for shape in shapes:
-        result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep)
+        if isinstance(shape, SparseShape):
+            result = bench_sparse_shape(shape, copy_bw, props.L2_cache_size)
+        else:
+            result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep)
         report["shapes"].append(result)
         cols = "  ".join(f"{k} {v['us']:8.2f}us {v['fraction']:.2f}" for k, v in result["backends"].items())
         print(f"{shape.label:<24} {cols}  eager {result['eager_us']:.1f}us", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{props.name.replace(' ', '_')}.json"
+    path = out_dir / f"{props.name.replace(' ', '_')}_{family}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return report
@@ -271,14 +338,17 @@ def markdown(report: dict) -> str:
     speedups = []
     for s in report["shapes"]:
         b = s["backends"]
-        speedups.append(b["kvgen"]["speedup_vs_seed"])
+        seed = b.get("seed")
+        if seed:
+            speedups.append(b["kvgen"]["speedup_vs_seed"])
         lines.append(
             f"| {s['shape']} | {s['tokens']} | {s['roofline_us']:.2f} | {b['kvgen']['us']:.2f} | {b['kvgen']['gbps']:.0f} | "
-            f"{b['kvgen']['fraction']:.2f} | {b['kvgen']['speedup_vs_seed']:.2f} | {b['seed']['us']:.2f} | "
-            f"{b['seed']['fraction']:.2f} | {b['triton']['us']:.2f} | {b['triton']['gbps']:.0f} | "
-            f"{b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
-    geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
-    lines += ["", f"Geomean speedup of kvgen over the seed config: {geo:.2f}×"]
+            f"{b['kvgen']['fraction']:.2f} | "
+            + (f"{b['kvgen']['speedup_vs_seed']:.2f} | {seed['us']:.2f} | {seed['fraction']:.2f} | " if seed else "– | – | – | ")
+            + f"{b['triton']['us']:.2f} | {b['triton']['gbps']:.0f} | {b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
+    if speedups:
+        geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
+        lines += ["", f"Geomean speedup of kvgen over the seed config: {geo:.2f}×"]
     return "\n".join(lines)
 
 
@@ -289,7 +359,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = [s["shape"] for s in report["shapes"]]
-    backends = ["kvgen", "seed", "triton", "torch"]
+    backends = [b for b in ("kvgen", "seed", "triton", "torch") if b in report["shapes"][0]["backends"]]
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.2
     for i, name in enumerate(backends):

@@ -97,8 +97,8 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             print("kvgen: error: bench needs a CUDA device", file=sys.stderr)
             return 2
-        shapes = [s for s in bench.SHAPES if not args.shape or s.label in args.shape]
-        report = bench.run(Path(args.out), shapes, sweep=args.sweep)
+        shapes = [s for s in bench.FAMILIES[args.family] if not args.shape or s.label in args.shape]
+        report = bench.run(Path(args.out), shapes, sweep=args.sweep, family=args.family)
     print(bench.markdown(report))
     if args.plot:
         bench.plot(report, Path(args.plot))
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p = add("bench", cmd_bench, "Benchmark every backend on the issue's shapes (GPU), or render a saved report.")
     p.add_argument("--out", default="benchmarks/results", help="folder for <device>.json")
     p.add_argument("--shape", action="append", help="only this shape label (repeatable)")
+    p.add_argument("--family", default="dsv4", choices=["dsv4", "v41", "sparse"],
+                   help="which shapes: DSv4 dense (the speed issue's), V4.1 dense on the same, or sparse")
     p.add_argument("--sweep", action="store_true", help="also time every shipped variant for each shape")
     p.add_argument("--report", help="render this saved JSON report instead of measuring")
     p.add_argument("--plot", help="write a PNG plot here")

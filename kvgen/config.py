@@ -48,6 +48,8 @@ LAYOUTS: dict[str, Layout] = {
     for layout in (
         # DeepSeek-V4: 448 fp8 + 64 bf16 (128 bytes), 7 scale codes + 1 pad.
         Layout("dsv4_584", record_bytes=584, fp8_dim=448, scale_group=64, scale_bytes=8),
+        # DeepSeek-V4.1 MXFP8: 512 fp8, 16 scale codes (one per 32 values); no bf16 tail.
+        Layout("v41_528", record_bytes=528, fp8_dim=512, scale_group=32, scale_bytes=16),
     )
 }
 
@@ -72,6 +74,11 @@ ARCHS: dict[str, Arch] = {
 #   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
 SCHEDULES = ("strided", "contiguous")
 
+# Which tokens a call gathers.
+#   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
+#   sparse: global slots (page * block_size + row) -> out row i; slot -1 leaves row i untouched
+INDEXING = ("dense", "sparse")
+
 MAX_STAGES = 16
 
 
@@ -89,7 +96,8 @@ class DequantGatherConfig:
     block_size: int = _param("b", "tokens per cache page (power of two)")
     num_stages: int = _param("s", "cp.async ring depth per warp (tokens in flight)")
     num_warps: int = _param("w", "warps per CTA; one token per warp per stage")
-    gather_lens: bool = _param("g", "kernel reads gather_lens (else gathers whole sequences)")
+    indexing: str = _param("", "dense (block table) or sparse (slot indices); see INDEXING")
+    gather_lens: bool = _param("g", "dense: kernel reads gather_lens (else gathers whole sequences)")
     schedule: str = _param("", "token-to-warp schedule (see SCHEDULES)")
     arch: str = _param("", "target architecture (a row of ARCHS)")
 
@@ -121,6 +129,10 @@ class DequantGatherConfig:
     @property
     def arch_row(self) -> Arch:
         return ARCHS[self.arch]
+
+    @property
+    def params(self) -> tuple["KernelParam", ...]:
+        return KERNEL_PARAMS[self.indexing]
 
     @property
     def threads(self) -> int:
@@ -161,8 +173,8 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _check(c: DequantGatherConfig) -> None:
-    types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int,
-             "num_warps": int, "gather_lens": bool, "schedule": str, "arch": str}
+    types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int, "num_warps": int,
+             "indexing": str, "gather_lens": bool, "schedule": str, "arch": str}
     for name, typ in types.items():
         value = getattr(c, name)
         if typ is int and isinstance(value, bool) or not isinstance(value, typ):
@@ -173,6 +185,10 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"unknown arch {c.arch!r}; known: {sorted(ARCHS)}")
     if c.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {c.schedule!r}; known: {list(SCHEDULES)}")
+    if c.indexing not in INDEXING:
+        raise ConfigError(f"unknown indexing {c.indexing!r}; known: {list(INDEXING)}")
+    if c.indexing == "sparse" and c.gather_lens:
+        raise ConfigError("gather_lens applies to dense indexing only (sparse calls take slot indices)")
     layout = c.layout_row
     if c.fp8_dim <= 0 or c.fp8_dim % layout.scale_group:
         raise ConfigError(
@@ -197,26 +213,30 @@ def _check(c: DequantGatherConfig) -> None:
 
 
 # The seed design, as one point of the config space.
-SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4,
-                           num_warps=4, gather_lens=True, schedule="strided", arch="sm_90a")
+SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4, num_warps=4,
+                           indexing="dense", gather_lens=True, schedule="strided", arch="sm_90a")
 
-# What `make build` ships: the cross product of these axes.
+# What `make build` ships: for each layout (which fixes fp8_dim) and each
+# indexing mode (which fixes the gather modes it takes), the cross product of
+# the remaining axes.
 BUILD_MATRIX: dict[str, tuple[Any, ...]] = {
-    "layout": ("dsv4_584",),
-    "fp8_dim": (448,),
+    "layout": tuple(LAYOUTS),
+    "indexing": INDEXING,
     "block_size": (16, 32, 64, 128, 256),
     "num_stages": (2, 4, 8),
     "num_warps": (4,),
-    "gather_lens": (False, True),
     "schedule": ("strided",),
     "arch": ("sm_90a",),
 }
+GATHER_MODES = {"dense": (False, True), "sparse": (False,)}
 
 
 def build_matrix(matrix: dict[str, tuple[Any, ...]] = BUILD_MATRIX) -> Iterator[DequantGatherConfig]:
     keys = list(matrix)
     for values in itertools.product(*(matrix[k] for k in keys)):
-        yield DequantGatherConfig(**dict(zip(keys, values)))
+        axes = dict(zip(keys, values))
+        for gather_lens in GATHER_MODES[axes["indexing"]]:
+            yield DequantGatherConfig(fp8_dim=LAYOUTS[axes["layout"]].fp8_dim, gather_lens=gather_lens, **axes)
 
 
 @dataclass(frozen=True)
@@ -232,19 +252,29 @@ class KernelParam:
         return self.ctype.endswith("*")
 
 
-# The family's ABI, in order. Named here once: the template renders it, the
-# manifest records it, the loader packs launch arguments from the manifest.
-# Strides are in elements of the pointed-to type; page_stride is in bytes.
-KERNEL_PARAMS: tuple[KernelParam, ...] = (
-    KernelParam("out", "__nv_bfloat16*", 16),
-    KernelParam("k_cache", "uint8_t*", 16),
-    KernelParam("seq_lens", "int32_t*", 4),
-    KernelParam("gather_lens", "int32_t*", 4),  # may be null when the config has gather_lens=0
-    KernelParam("block_table", "int32_t*", 4),
-    KernelParam("out_stride_req", "int64_t"),
-    KernelParam("out_stride_row", "int64_t"),
-    KernelParam("page_stride", "int64_t"),
-    KernelParam("block_table_stride", "int64_t"),
-    KernelParam("offset", "int32_t"),
-    KernelParam("max_rows", "int32_t"),  # out.shape[1] - offset: no row is written past it
-)
+# The ABI of each indexing mode, in order. Named here once: the template
+# renders it, the manifest records it, the loader packs launch arguments from
+# the manifest. Strides are in elements of the pointed-to type; page_stride is in bytes.
+KERNEL_PARAMS: dict[str, tuple[KernelParam, ...]] = {
+    "dense": (
+        KernelParam("out", "__nv_bfloat16*", 16),
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("seq_lens", "int32_t*", 4),
+        KernelParam("gather_lens", "int32_t*", 4),  # null when the config has gather_lens=0
+        KernelParam("block_table", "int32_t*", 4),
+        KernelParam("out_stride_req", "int64_t"),
+        KernelParam("out_stride_row", "int64_t"),
+        KernelParam("page_stride", "int64_t"),
+        KernelParam("block_table_stride", "int64_t"),
+        KernelParam("offset", "int32_t"),
+        KernelParam("max_rows", "int32_t"),  # out.shape[1] - offset: no row is written past it
+    ),
+    "sparse": (
+        KernelParam("out", "__nv_bfloat16*", 16),
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("slot_indices", "int32_t*", 4),  # page * block_size + row, or -1: row untouched
+        KernelParam("out_stride_row", "int64_t"),
+        KernelParam("page_stride", "int64_t"),
+        KernelParam("num_slots", "int32_t"),
+    ),
+}

@@ -36,17 +36,19 @@ class CallKey:
 
     layout: str
     block_size: int
+    indexing: str
     gather_lens: bool
     capability: tuple[int, int] | None  # None: not a CUDA device
 
 
 def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
-    """Rows that can serve the call: same layout, block size and gather mode, and
-    an arch whose cubins run on this exact compute capability."""
+    """Rows that can serve the call: same layout, block size, indexing and gather
+    mode, and an arch whose cubins run on this exact compute capability."""
     return [
         e for e in entries
         if e.config["layout"] == key.layout
         and e.config["block_size"] == key.block_size
+        and e.config["indexing"] == key.indexing
         and e.config["gather_lens"] == key.gather_lens
         and e.arch in ARCHS and key.capability == ARCHS[e.arch].compute_capability
     ]
@@ -85,7 +87,8 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int,
                 target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """grid = (requests, workers): enough warps for the longest possible gather
-    (max_rows bounds every gather length), the whole grid held near target_ctas."""
+    (max_rows bounds every gather length), the whole grid held near target_ctas.
+    A sparse call is one request of max_rows = number of slots."""
     warps = entry.config["num_warps"]
     workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)

@@ -60,27 +60,15 @@ class Checked(NamedTuple):
     num_reqs: int
 
 
-def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> Checked:
-    """Check every argument before any launch."""
-    out_shape, out_stride = _meta("out", out, torch.bfloat16, 3)
+def _check_cache(k_cache, block_size) -> tuple[Layout, int]:
+    """The paged cache and its block size; returns (layout, page stride in bytes)."""
     kc_shape, kc_stride = _meta("k_cache", k_cache, torch.uint8, 3)
-    sl_shape, sl_stride = _meta("seq_lens", seq_lens, torch.int32, 1)
-    if gather_lens is not None:
-        gl_shape, gl_stride = _meta("gather_lens", gather_lens, torch.int32, 1)
-    bt_shape, bt_stride = _meta("block_table", block_table, torch.int32, 2)
-    for name, value in (("block_size", block_size), ("offset", offset)):
-        _expect(type(value) is int, f"{name}: expected an int, got {type(value).__name__}", TypeError)
-
+    _expect(type(block_size) is int, f"block_size: expected an int, got {type(block_size).__name__}", TypeError)
     layout = _RECORD_TO_LAYOUT.get(kc_shape[2])
     _expect(layout is not None, f"k_cache: last dimension must be one of {sorted(_RECORD_TO_LAYOUT)} "
                                 f"(bytes per token record), got {kc_shape[2]}")
-    _expect(out_shape[2] == 512, f"out: last dimension must be 512, got {out_shape[2]}")
     _expect(block_size > 0 and block_size == kc_shape[1],
             f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
-    _expect(offset >= 0, f"offset: must be >= 0, got {offset}")
-    _expect(offset <= out_shape[1], f"offset: must be <= out.shape[1] ({out_shape[1]}), got {offset}")
-
-    _expect(out_stride[2] == 1, f"out: innermost stride must be 1, got {out_stride[2]}")
     record = layout.record_bytes
     _expect(kc_stride[2] == 1 and (kc_shape[1] == 1 or kc_stride[1] == record),
             f"k_cache: each page must hold contiguous {record}-byte rows, got strides {tuple(kc_stride)}")
@@ -89,6 +77,30 @@ def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offse
     _expect(kc_shape[0] <= 1 or page_stride >= block_size * record,
             f"k_cache: page stride {page_stride} is smaller than a page ({block_size}*{record} bytes)")
     _expect(k_cache.data_ptr() % 16 == 0, "k_cache: data must be 16-byte aligned")
+    return layout, page_stride
+
+
+def _check_one_device(*tensors) -> None:
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t is not None and t.device != device:
+            devices = sorted({str(x.device) for x in tensors if x is not None})
+            raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> Checked:
+    """Check every argument of a dense call before any launch."""
+    out_shape, out_stride = _meta("out", out, torch.bfloat16, 3)
+    layout, page_stride = _check_cache(k_cache, block_size)
+    sl_shape, sl_stride = _meta("seq_lens", seq_lens, torch.int32, 1)
+    if gather_lens is not None:
+        gl_shape, gl_stride = _meta("gather_lens", gather_lens, torch.int32, 1)
+    bt_shape, bt_stride = _meta("block_table", block_table, torch.int32, 2)
+    _expect(type(offset) is int, f"offset: expected an int, got {type(offset).__name__}", TypeError)
+    _expect(out_shape[2] == 512, f"out: last dimension must be 512, got {out_shape[2]}")
+    _expect(offset >= 0, f"offset: must be >= 0, got {offset}")
+    _expect(offset <= out_shape[1], f"offset: must be <= out.shape[1] ({out_shape[1]}), got {offset}")
+    _expect(out_stride[2] == 1, f"out: innermost stride must be 1, got {out_stride[2]}")
     _expect(bt_stride[1] == 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
     _expect(sl_shape[0] <= 1 or sl_stride[0] == 1, "seq_lens: must be contiguous")
 
@@ -102,12 +114,38 @@ def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offse
     _expect(out_shape[0] == num_reqs, f"out: shape[0] ({out_shape[0]}) must equal the number of requests ({num_reqs})")
     _expect(out_shape[1] < 2**31 and bt_shape[1] < 2**31, "out/block_table: dimensions must fit int32")
 
-    device = out.device
-    for t in (k_cache, seq_lens, block_table, gather_lens):
-        if t is not None and t.device != device:
-            devices = sorted({str(x.device) for x in (out, k_cache, seq_lens, block_table, gather_lens) if x is not None})
-            raise ValueError(f"all tensors must be on one device, got {devices}")
+    _check_one_device(out, k_cache, seq_lens, block_table, gather_lens)
     return Checked(layout, out_stride, page_stride, bt_stride[0], out_shape[1] - offset, num_reqs)
+
+
+class CheckedSparse(NamedTuple):
+    layout: Layout
+    rows: torch.Tensor  # out viewed as [n, 512]
+    row_stride: int
+    page_stride: int
+    num_slots: int
+
+
+def validate_sparse(out, k_cache, slot_indices, block_size) -> CheckedSparse:
+    """Check every argument of a sparse call before any launch."""
+    _expect(isinstance(out, torch.Tensor), f"out: expected a torch.Tensor, got {type(out).__name__}", TypeError)
+    _expect(out.dtype == torch.bfloat16, f"out: expected dtype {torch.bfloat16}, got {out.dtype}", TypeError)
+    _expect(out.dim() >= 1 and out.shape[-1] == 512, f"out: last dimension must be 512, got shape {tuple(out.shape)}")
+    try:
+        rows = out.view(-1, 512)  # [..., 512] flattened; a view, so writes land in out
+    except RuntimeError:
+        raise ValueError(f"out: its rows must be one strided dimension ([..., 512] viewable as [n, 512]); "
+                         f"got strides {tuple(out.stride())}") from None
+    row_stride = rows.stride(0) if rows.shape[0] > 1 else 512
+    _expect(rows.stride(1) == 1, f"out: innermost stride must be 1, got {rows.stride(1)}")
+    layout, page_stride = _check_cache(k_cache, block_size)
+    si_shape, si_stride = _meta("slot_indices", slot_indices, torch.int32, 1)
+    _expect(si_shape[0] <= 1 or si_stride[0] == 1, "slot_indices: must be contiguous")
+    _expect(si_shape[0] == rows.shape[0],
+            f"slot_indices: {si_shape[0]} slots for {rows.shape[0]} rows of out (out.numel() // 512)")
+    _expect(si_shape[0] < 2**31, "slot_indices: at most 2^31 - 1 slots")
+    _check_one_device(out, k_cache, slot_indices)
+    return CheckedSparse(layout, rows, row_stride, page_stride, si_shape[0])
 
 
 # ------------------------------------------------------------------ dispatch
@@ -141,27 +179,28 @@ class Decision:
     reason: str = ""  # why a faster backend was not taken
 
 
-def _cubin_entry(layout, block_size, has_gather_lens, device_type, capability) -> tuple[Optional[KernelEntry], str]:
+def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type,
+                 capability) -> tuple[Optional[KernelEntry], str]:
     if device_type != "cuda":
         return None, f"tensors are on {device_type}, not a CUDA device"
     if not _available("cuda.bindings"):
         return None, "cuda-python (cuda.bindings) is not installed"
     from .loader import registry
 
-    key = CallKey(layout.name, block_size, has_gather_lens, capability)
+    key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability)
     entry = choose_row(candidate_rows(registry().entries, key), preference_for(key))
     if entry is None:
-        return None, (f"no shipped cubin for layout={layout.name} block_size={block_size} "
+        return None, (f"no shipped cubin for layout={layout.name} block_size={block_size} {indexing} "
                       f"gather_lens={has_gather_lens} on compute capability {capability}")
     return entry, ""
 
 
-def _decide(layout: Layout, block_size: int, has_gather_lens: bool, device: torch.device, aligned: bool,
-            forced: Optional[str]) -> Decision:
+def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool, device: torch.device,
+            aligned: bool, forced: Optional[str]) -> Decision:
     device_type, capability = device_info(device)
     entry, why_not = None, "not asked for"
     if forced in (None, "cubin"):
-        entry, why_not = _cubin_entry(layout, block_size, has_gather_lens, device_type, capability)
+        entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability)
         if entry is not None and not aligned:
             entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
     if forced == "cubin":
@@ -190,20 +229,31 @@ def clear_dispatch_cache() -> None:
     _decisions.clear()
 
 
-def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, *,
-           checked: Optional[Checked] = None) -> Decision:
-    """Which backend would serve this call (no launch, no synchronisation)."""
-    checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    stride = checked.out_stride
-    aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
-    device = out.device
-    key = (checked.layout.name, block_size, gather_lens is not None, device, aligned,
+def _cached_decision(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool,
+                     device: torch.device, aligned: bool) -> Decision:
+    key = (layout.name, block_size, indexing, has_gather_lens, device, aligned,
            os.environ.get(BACKEND_ENV), os.environ.get("TRITON_INTERPRET"))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decide(checked.layout, block_size, gather_lens is not None, device, aligned, forced_backend())
+        decision = _decide(layout, block_size, indexing, has_gather_lens, device, aligned, forced_backend())
         _decisions[key] = decision
     return decision
+
+
+def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, *,
+           checked: Optional[Checked] = None) -> Decision:
+    """Which backend would serve this dense call (no launch, no synchronisation)."""
+    checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    stride = checked.out_stride
+    aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
+    return _cached_decision(checked.layout, block_size, "dense", gather_lens is not None, out.device, aligned)
+
+
+def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None) -> Decision:
+    """Which backend would serve this sparse call (no launch, no synchronisation)."""
+    checked = checked or validate_sparse(out, k_cache, slot_indices, block_size)
+    aligned = out.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
+    return _cached_decision(checked.layout, block_size, "sparse", False, out.device, aligned)
 
 
 # -------------------------------------------------------------------- launch
@@ -218,11 +268,8 @@ def last_backend() -> Optional[str]:
 
 def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
                  grid: tuple[int, int, int] | None = None, checked: Optional[Checked] = None) -> None:
-    """Launch one manifest kernel on validated arguments (the grid from dispatch
-    unless given: the benchmark launches the seed's grid this way)."""
-    from .loader import registry
-
-    kernel = registry().get(entry)
+    """Launch one dense manifest kernel (the grid from dispatch unless given:
+    the benchmark launches the seed's grid this way)."""
     if checked is None:
         checked = validate(out, k_cache, seq_lens, gather_lens, block_table, entry.config["block_size"], offset)
     values = {
@@ -233,9 +280,25 @@ def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_
         "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
         "offset": offset, "max_rows": checked.max_rows,
     }
+    _launch(entry, values, grid or launch_grid(entry, checked.num_reqs, checked.max_rows), out.get_device())
+
+
+def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tuple[int, int, int] | None = None,
+                        checked: Optional[CheckedSparse] = None) -> None:
+    if checked is None:
+        checked = validate_sparse(out, k_cache, slot_indices, entry.config["block_size"])
+    values = {"out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_indices": slot_indices.data_ptr(),
+              "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
+              "num_slots": checked.num_slots}
+    _launch(entry, values, grid or launch_grid(entry, 1, checked.num_slots), out.get_device())
+
+
+def _launch(entry: KernelEntry, values: dict, grid: tuple[int, int, int], device: int) -> None:
+    """Pack `values` in the manifest's ABI order and launch on torch's current stream."""
+    from .loader import registry
+
+    kernel = registry().get(entry)
     args = [values[name] for name, _ in entry.params]
-    device = out.get_device()
-    grid = grid or launch_grid(entry, checked.num_reqs, checked.max_rows)
     stream = _current_stream(device)
     pushed = _make_context_current(device)
     try:
@@ -272,16 +335,13 @@ def _make_context_current(device: int) -> bool:
     return True
 
 
-def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
-    checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    if checked.num_reqs == 0 or checked.max_rows == 0:
-        _state.last_backend = None
-        return  # empty batch: nothing to launch
-    decision = decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, checked=checked)
+def _serve(decision: Decision, device_type: str, launch_cubin, run_triton, run_torch) -> None:
+    """Run the decided backend; a cubin that fails to load falls back with a
+    warning (an error when KVGEN_BACKEND=cubin forced it)."""
     backend = decision.backend
     if backend == "cubin":
         try:
-            launch_entry(decision.entry, out, k_cache, seq_lens, gather_lens, block_table, offset, checked=checked)
+            launch_cubin(decision.entry)
         except Exception as err:
             from .loader import KvgenLoadError
 
@@ -289,17 +349,58 @@ def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -
                 raise
             if decision.entry.name not in _warned:
                 _warned.add(decision.entry.name)
-                warnings.warn(f"kvgen: falling back from cubin: {err}", RuntimeWarning, stacklevel=3)
-            backend = "triton" if _triton_usable(out.device.type) else "torch"
+                warnings.warn(f"kvgen: falling back from cubin: {err}", RuntimeWarning, stacklevel=4)
+            backend = "triton" if _triton_usable(device_type) else "torch"
     if backend == "triton":
+        run_triton()
+    elif backend == "torch":
+        run_torch()
+    _state.last_backend = backend
+
+
+def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
+    checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    if checked.num_reqs == 0 or checked.max_rows == 0:
+        _state.last_backend = None
+        return  # empty batch: nothing to launch
+    args = (out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    decision = decide(*args, checked=checked)
+
+    def triton_path():
         from .triton_fallback import dequantize_and_gather_triton
 
-        dequantize_and_gather_triton(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    elif backend == "torch":
+        dequantize_and_gather_triton(*args)
+
+    def torch_path():
         from .reference import dequantize_and_gather_torch
 
-        dequantize_and_gather_torch(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    _state.last_backend = backend
+        dequantize_and_gather_torch(*args)
+
+    _serve(decision, out.device.type,
+           lambda entry: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, checked=checked),
+           triton_path, torch_path)
+
+
+def _run_sparse(out, k_cache, slot_indices, block_size) -> None:
+    checked = validate_sparse(out, k_cache, slot_indices, block_size)
+    if checked.num_slots == 0:
+        _state.last_backend = None
+        return
+    decision = decide_sparse(out, k_cache, slot_indices, block_size, checked=checked)
+
+    def triton_path():
+        from .triton_fallback import dequantize_and_gather_sparse_triton
+
+        dequantize_and_gather_sparse_triton(out, k_cache, slot_indices, block_size)
+
+    def torch_path():
+        from .reference import dequantize_and_gather_sparse_torch
+
+        dequantize_and_gather_sparse_torch(out, k_cache, slot_indices, block_size)
+
+    _serve(decision, out.device.type,
+           lambda entry: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked),
+           triton_path, torch_path)
 
 
 # ---------------------------------------------------------------- custom op
@@ -333,6 +434,33 @@ def dequantize_and_gather_k_cache(out: torch.Tensor, k_cache: torch.Tensor, seq_
     _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
 
 
+@torch.library.custom_op("kvgen::dequantize_and_gather_k_cache_sparse", mutates_args=("out",))
+def _custom_op_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
+    _run_sparse(out, k_cache, slot_indices, block_size)
+
+
+@_custom_op_sparse.register_fake
+def _(out, k_cache, slot_indices, block_size) -> None:
+    return None
+
+
+def dequantize_and_gather_k_cache_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
+                                         block_size: int) -> None:
+    """out[i] <- the token at global slot slot_indices[i] (page * block_size + row),
+    dequantized like the dense op; slot -1 leaves out[i] untouched (no load, no
+    store). `out` is bf16 [n, 512] or [..., 512] (flattened to n rows); the
+    layout is told apart by k_cache.shape[-1] (584 or 528)."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.dequantize_and_gather_k_cache_sparse(out, k_cache, slot_indices, block_size)
+        return
+    _run_sparse(out, k_cache, slot_indices, block_size)
+
+
 def select_backend(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> str:
     """The backend that would serve this call: 'cubin', 'triton' or 'torch'."""
     return decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset).backend
+
+
+def select_backend_sparse(out, k_cache, slot_indices, block_size) -> str:
+    """The backend that would serve this sparse call."""
+    return decide_sparse(out, k_cache, slot_indices, block_size).backend

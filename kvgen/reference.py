@@ -58,27 +58,14 @@ def gather_plan(seq_lens: torch.Tensor, gather_lens: torch.Tensor | None, max_ro
     return req_idx, tok_idx, pos
 
 
-def dequantize_and_gather_torch(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
-                                gather_lens: torch.Tensor | None, block_table: torch.Tensor,
-                                block_size: int, offset: int) -> None:
-    """Reference implementation. Raises ValueError on index values out of range
-    (a host-side check: on a GPU tensor it synchronizes, which is fine here)."""
+def dequantize_records(k_cache: torch.Tensor, block_size: int, page: torch.Tensor,
+                       row: torch.Tensor) -> torch.Tensor:
+    """bf16 [n, 512] for the records at (page, row): the one decoding every path shares."""
     layout = layout_of(k_cache)
     fp8_dim, group = layout.fp8_dim, layout.scale_group
     data_bytes = layout.data_bytes(fp8_dim)
-    req_idx, tok_idx, pos = gather_plan(seq_lens, gather_lens, out.shape[1] - offset)
-    if req_idx.numel() == 0:
-        return
-    if bool((pos < 0).any()):
-        raise ValueError("gather_lens: a request gathers more tokens than its seq_len")
-    col = pos // block_size
-    if bool((col >= block_table.shape[1]).any()):
-        raise ValueError("block_table: a position lies past the request's last block-table column")
-    page = block_table[req_idx, col].to(torch.int64)
     if bool(((page < 0) | (page >= k_cache.shape[0])).any()):
-        raise ValueError("block_table: a used entry is not a page of k_cache")
-    row = pos % block_size
-
+        raise ValueError("a page index lies outside k_cache")
     # Views of each page's two regions (data rows, then scale rows) over k_cache's storage.
     page_stride = k_cache.stride(0)
     base = k_cache.storage_offset()
@@ -90,7 +77,36 @@ def dequantize_and_gather_torch(out: torch.Tensor, k_cache: torch.Tensor, seq_le
 
     values = decode_e4m3(records[:, :fp8_dim].contiguous())
     values = values * decode_ue8m0(codes).repeat_interleave(group, dim=1)
-    result = torch.empty((records.shape[0], HEAD_DIM), dtype=torch.bfloat16, device=out.device)
+    result = torch.empty((records.shape[0], HEAD_DIM), dtype=torch.bfloat16, device=k_cache.device)
     result[:, :fp8_dim] = values.to(torch.bfloat16)
-    result[:, fp8_dim:] = records[:, fp8_dim:].contiguous().view(torch.bfloat16)
-    out[req_idx, offset + tok_idx] = result
+    if fp8_dim < HEAD_DIM:
+        result[:, fp8_dim:] = records[:, fp8_dim:].contiguous().view(torch.bfloat16)
+    return result
+
+
+def dequantize_and_gather_torch(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
+                                gather_lens: torch.Tensor | None, block_table: torch.Tensor,
+                                block_size: int, offset: int) -> None:
+    """Dense reference. Raises ValueError on index values out of range (a
+    host-side check: on a GPU tensor it synchronizes, which is fine here)."""
+    req_idx, tok_idx, pos = gather_plan(seq_lens, gather_lens, out.shape[1] - offset)
+    if req_idx.numel() == 0:
+        return
+    if bool((pos < 0).any()):
+        raise ValueError("gather_lens: a request gathers more tokens than its seq_len")
+    col = pos // block_size
+    if bool((col >= block_table.shape[1]).any()):
+        raise ValueError("block_table: a position lies past the request's last block-table column")
+    page = block_table[req_idx, col].to(torch.int64)
+    out[req_idx, offset + tok_idx] = dequantize_records(k_cache, block_size, page, pos % block_size)
+
+
+def dequantize_and_gather_sparse_torch(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
+                                       block_size: int) -> None:
+    """Sparse reference: out row i <- slot slot_indices[i]; slot -1 leaves row i untouched."""
+    rows = out.view(-1, HEAD_DIM)
+    (idx,) = (slot_indices >= 0).nonzero(as_tuple=True)
+    if idx.numel() == 0:
+        return
+    slot = slot_indices[idx].to(torch.int64)
+    rows[idx] = dequantize_records(k_cache, block_size, slot // block_size, slot % block_size)

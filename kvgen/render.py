@@ -7,7 +7,7 @@ import pprint
 
 import jinja2
 
-from .config import KERNEL_PARAMS, DequantGatherConfig
+from .config import DequantGatherConfig
 from .paths import TEMPLATES_DIR
 
 # CuteDSL type of each ABI C type.
@@ -47,7 +47,7 @@ def render_kernel(config: DequantGatherConfig) -> str:
         layout=config.layout_row,
         config_items=list(config.to_dict().items()),
         config_dict=pprint.pformat(config.to_dict(), sort_dicts=False, width=88),
-        params=[(p.name, p.ctype, p.align) for p in KERNEL_PARAMS],
+        params=[(p.name, p.ctype, p.align) for p in config.params],
         dsl_types=DSL_TYPES,
         fp8_chunks=config.fp8_dim // 8,
     )

@@ -53,6 +53,19 @@ def write_pages(num_blocks: int, block_size: int, layout: Layout, data: torch.Te
     return storage.as_strided((num_blocks, block_size, record), (page_bytes, record, 1))
 
 
+def make_cache(num_blocks: int, block_size: int, layout: Layout, g: torch.Generator, raw_bytes: bool = False,
+               page_pad: int = 0, value_scale: float = 1.0) -> torch.Tensor:
+    """A paged cache of random records: quantized from random bf16, or raw random bytes."""
+    n = num_blocks * block_size
+    if raw_bytes:
+        data = torch.randint(0, 256, (n, layout.data_bytes(layout.fp8_dim)), dtype=torch.uint8, generator=g)
+        codes = torch.randint(0, 256, (n, layout.scale_bytes), dtype=torch.uint8, generator=g)
+    else:
+        k = (torch.randn((n, HEAD_DIM), generator=g) * value_scale).to(torch.bfloat16)
+        data, codes = quantize_ue8m0(k, layout)
+    return write_pages(num_blocks, block_size, layout, data, codes, page_pad)
+
+
 @dataclass
 class Case:
     """One call's arguments, on the CPU."""
@@ -89,18 +102,10 @@ def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_
     """A random call: pages in a random physical order, unused block-table
     entries poisoned, padded page stride and strided block table on request."""
     g = torch.Generator().manual_seed(seed)
-    lay = LAYOUTS[layout]
     num_reqs = len(seq_lens)
     pages_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(pages_per_req) + extra_pages
-    n = num_blocks * block_size
-    if raw_bytes:
-        data = torch.randint(0, 256, (n, lay.data_bytes(lay.fp8_dim)), dtype=torch.uint8, generator=g)
-        codes = torch.randint(0, 256, (n, lay.scale_bytes), dtype=torch.uint8, generator=g)
-    else:
-        k = (torch.randn((n, HEAD_DIM), generator=g) * value_scale).to(torch.bfloat16)
-        data, codes = quantize_ue8m0(k, lay)
-    k_cache = write_pages(num_blocks, block_size, lay, data, codes, page_pad)
+    k_cache = make_cache(num_blocks, block_size, LAYOUTS[layout], g, raw_bytes, page_pad, value_scale)
 
     width = max([1, *pages_per_req]) + 1
     storage = torch.full((num_reqs, width + block_table_pad), POISON_PAGE, dtype=torch.int32)
@@ -119,6 +124,33 @@ def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_
         gather_lens=None if gather_lens is None else torch.tensor(gather_lens, dtype=torch.int32).reshape(num_reqs),
         block_table=block_table, block_size=block_size, offset=offset,
     )
+
+
+@dataclass
+class SparseCase:
+    """One sparse call's arguments, on the CPU."""
+
+    out: torch.Tensor
+    k_cache: torch.Tensor
+    slot_indices: torch.Tensor
+    block_size: int
+
+    def args(self, device: str | torch.device = "cpu", out: torch.Tensor | None = None):
+        return (out if out is not None else _to(self.out, device), _to(self.k_cache, device),
+                _to(self.slot_indices, device), self.block_size)
+
+
+def make_sparse_case(*, num_slots: int, valid: float = 1.0, block_size: int = 64, layout: str = "dsv4_584",
+                     raw_bytes: bool = False, page_pad: int = 0, out_shape: tuple[int, ...] | None = None,
+                     extra_pages: int = 3, seed: int = 0, value_scale: float = 1.0) -> SparseCase:
+    """Random global slots over the whole cache, a fraction `valid` of them real, the rest -1."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = -(-num_slots // block_size) + extra_pages
+    k_cache = make_cache(num_blocks, block_size, LAYOUTS[layout], g, raw_bytes, page_pad, value_scale)
+    slots = torch.randint(0, num_blocks * block_size, (num_slots,), generator=g, dtype=torch.int32)
+    slots[torch.rand(num_slots, generator=g) >= valid] = -1
+    out = poisoned_out(1, num_slots).reshape(*(out_shape or (num_slots,)), HEAD_DIM)
+    return SparseCase(out=out, k_cache=k_cache, slot_indices=slots, block_size=block_size)
 
 
 def poisoned_out(num_reqs: int, max_tokens: int, device="cpu") -> torch.Tensor:

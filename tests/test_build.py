@@ -65,7 +65,7 @@ def test_manifest_matches_the_files():
         assert hashlib.sha256((COMMITTED / entry.source).read_bytes()).hexdigest() == entry.source_sha256
         assert entry.cubin == f"cubins/{entry.arch}/{entry.name}.cubin"
         assert entry.symbol.startswith(entry.name) and entry.symbol.encode() in cubin
-        assert list(entry.params) == [(p.name, p.ctype) for p in KERNEL_PARAMS]
+        assert list(entry.params) == [(p.name, p.ctype) for p in KERNEL_PARAMS[entry.config["indexing"]]]
         assert entry.block == (32 * entry.config["num_warps"], 1, 1)
         assert entry.spill_bytes == 0 and row["stack_bytes"] == 0, entry.name
         assert set(row["toolchain"]) >= {"nvidia-cutlass-dsl", "cuda-core", "nvidia-nvjitlink"}

@@ -13,8 +13,9 @@ def _alternatives(monkeypatch):
     monkeypatch.setitem(cfg.LAYOUTS, "alt_584", dataclasses.replace(layout, name="alt_584"))
     monkeypatch.setitem(cfg.ARCHS, "sm_90x", dataclasses.replace(cfg.ARCHS["sm_90a"], name="sm_90x"))
     return {
-        "layout": [dict(layout="alt_584")],
-        "fp8_dim": [dict(layout="alt_584", fp8_dim=448)],  # fp8_dim is tied to the layout's record
+        "layout": [dict(layout="alt_584"), dict(layout="v41_528", fp8_dim=512)],
+        "fp8_dim": [dict(layout="v41_528", fp8_dim=512)],  # fp8_dim is tied to the layout's record
+        "indexing": [dict(indexing="sparse", gather_lens=False)],
         "block_size": [dict(block_size=16), dict(block_size=256)],
         "num_stages": [dict(num_stages=1), dict(num_stages=8)],
         "num_warps": [dict(num_warps=8)],
@@ -46,11 +47,13 @@ def test_matrix_names_are_unique_and_cover_the_issue():
     assert len({c.num_stages for c in configs}) >= 3
     assert {c.gather_lens for c in configs} == {False, True}
     assert {c.arch for c in configs} == {"sm_90a"}
+    families = {(c.layout, c.indexing) for c in configs}
+    assert families == {("dsv4_584", "dense"), ("dsv4_584", "sparse"), ("v41_528", "dense"), ("v41_528", "sparse")}
     assert SEED in configs
 
 
 def test_name_is_readable():
-    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_g1_strided_sm_90a"
+    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_sm_90a"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -65,6 +68,9 @@ def test_name_is_readable():
     (dict(arch="sm_80"), "unknown arch"),
     (dict(layout="fp4"), "unknown layout"),
     (dict(schedule="random"), "unknown schedule"),
+    (dict(indexing="ragged"), "unknown indexing"),
+    (dict(indexing="sparse"), "gather_lens applies to dense indexing only"),
+    (dict(layout="v41_528"), "does not fit layout"),
     (dict(block_size="64"), "must be int"),
     (dict(gather_lens=1), "must be bool"),
     (dict(num_stages=True), "must be int"),

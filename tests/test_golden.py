@@ -8,6 +8,7 @@ import torch
 
 import kvgen
 from kvgen.loader import registry
+from kvgen.testing import SparseCase
 from tests.golden.corpus import CASES, DIGESTS, EXPECTED_DIR, FULL_TENSOR_CASES, build_case, canonical_digest, expected_text, reference_output
 
 DIGEST_TABLE = json.loads(DIGESTS.read_text())["cases"]
@@ -18,10 +19,15 @@ def test_corpus_is_complete_and_committed():
     assert set(DIGEST_TABLE) == set(CASES), "run `make golden` and commit tests/golden/"
 
 
-def test_corpus_covers_every_shipped_block_size():
-    shipped = {e.config["block_size"] for e in registry().entries}
-    covered = {build_case(name).block_size for name in CASES}
-    assert shipped <= covered
+def test_corpus_covers_every_shipped_family_and_block_size():
+    def family(case):
+        indexing = "sparse" if isinstance(case, SparseCase) else "dense"
+        return case.k_cache.shape[-1], indexing, case.block_size
+
+    shipped = {(584 if e.config["layout"] == "dsv4_584" else 528, e.config["indexing"], e.config["block_size"])
+               for e in registry().entries}
+    covered = {family(build_case(name)) for name in CASES}
+    assert shipped <= covered, shipped - covered
 
 
 @pytest.mark.parametrize("name", FULL_TENSOR_CASES)
@@ -33,10 +39,15 @@ def _run(backend: str, name: str, device: str, monkeypatch) -> torch.Tensor:
     monkeypatch.setenv("KVGEN_BACKEND", backend)
     case = build_case(name)
     out = case.out.to(device)
-    kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
+    if isinstance(case, SparseCase):
+        kvgen.dequantize_and_gather_k_cache_sparse(*case.args(device, out=out))
+        launched = case.slot_indices.numel() > 0
+    else:
+        kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
+        launched = case.seq_lens.numel() > 0
     if device == "cuda":
         torch.cuda.synchronize()
-    if case.seq_lens.numel():
+    if launched:
         assert kvgen.last_backend() == backend
     return out
 

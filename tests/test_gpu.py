@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kvgen
-from kvgen.reference import dequantize_and_gather_torch
-from kvgen.testing import make_case, mismatches, poisoned_out
+from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+from kvgen.testing import make_case, make_sparse_case, mismatches, poisoned_out
 
 pytestmark = pytest.mark.gpu
 
@@ -33,19 +33,37 @@ def reference(case):
     return expected
 
 
+@pytest.mark.parametrize("layout", ["dsv4_584", "v41_528"])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("with_gather_lens", [False, True])
-def test_backends_bit_exact(block_size, with_gather_lens, monkeypatch):
+def test_backends_bit_exact(layout, block_size, with_gather_lens, monkeypatch):
     for seed in range(3):
         g = torch.Generator().manual_seed(1000 * block_size + seed)
         num_reqs = int(torch.randint(1, 9, (1,), generator=g))
         seq = torch.randint(0, 700, (num_reqs,), generator=g).tolist()
         gl = [int(torch.randint(0, s + 1, (1,), generator=g)) for s in seq] if with_gather_lens else None
         case = make_case(seq_lens=seq, gather_lens=gl, block_size=block_size, offset=seed * 3,
-                         raw_bytes=seed == 2, page_pad=16 * seed, block_table_pad=seed, seed=seed)
+                         raw_bytes=seed == 2, page_pad=16 * seed, block_table_pad=seed, seed=seed, layout=layout)
         expected = reference(case)
         for backend in ("cubin", "triton", "torch"):
             assert mismatches(run(backend, case, monkeypatch), expected) == 0, (backend, seq, gl)
+
+
+@pytest.mark.parametrize("layout", ["dsv4_584", "v41_528"])
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_sparse_backends_bit_exact(layout, block_size, monkeypatch):
+    for seed, valid in enumerate((0.03, 0.5, 1.0)):
+        case = make_sparse_case(num_slots=2000 + seed, valid=valid, block_size=block_size, layout=layout,
+                                raw_bytes=seed == 1, page_pad=16 * seed, seed=seed)
+        expected = case.out.clone()
+        dequantize_and_gather_sparse_torch(*case.args(out=expected))
+        for backend in ("cubin", "triton", "torch"):
+            monkeypatch.setenv("KVGEN_BACKEND", backend)
+            out = case.out.cuda()
+            kvgen.dequantize_and_gather_k_cache_sparse(*case.args("cuda", out=out))
+            torch.cuda.synchronize()
+            assert kvgen.last_backend() == backend
+            assert mismatches(out.cpu(), expected) == 0, (backend, layout, block_size, valid)
 
 
 def test_default_dispatch_serves_cubin_on_hopper():
@@ -53,6 +71,8 @@ def test_default_dispatch_serves_cubin_on_hopper():
         pytest.skip("cubins are sm_90a")
     case = make_case(seq_lens=[100], block_size=64)
     assert kvgen.select_backend(*case.args("cuda")) == "cubin"
+    case = make_sparse_case(num_slots=100, block_size=64, layout="v41_528")
+    assert kvgen.select_backend_sparse(*case.args("cuda")) == "cubin"
 
 
 def test_cuda_graph_capture_and_replay(monkeypatch):

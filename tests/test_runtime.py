@@ -92,7 +92,7 @@ def test_torch_path_rejects_out_of_range_values():
 
 # ------------------------------------------------------------------ dispatch
 def key(**kw):
-    base = dict(layout="dsv4_584", block_size=64, gather_lens=True, capability=(9, 0))
+    base = dict(layout="dsv4_584", block_size=64, indexing="dense", gather_lens=True, capability=(9, 0))
     return CallKey(**{**base, **kw})
 
 

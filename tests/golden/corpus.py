@@ -19,9 +19,8 @@ from typing import Callable
 
 import torch
 
-from kvgen.config import LAYOUTS
-from kvgen.reference import dequantize_and_gather_torch
-from kvgen.testing import POISON_BF16, Case, make_case
+from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch, layout_of
+from kvgen.testing import POISON_BF16, Case, SparseCase, make_case, make_sparse_case
 
 HERE = Path(__file__).resolve().parent
 DIGESTS = HERE / "digests.json"
@@ -33,9 +32,9 @@ SCALE_EDGES = (0, 1, 2, 126, 127, 128, 253, 254, 255)
 TAIL_SPECIALS = (0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0x0001, 0x8001, 0x8000, 0x0000, 0x7F7F, 0xFF7F, 0x0080)
 
 
-def _overwrite_records(case: Case, fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> Case:
+def _overwrite_records(case, fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]):
     """Rewrite every record in place: fill(fp8 bytes [n, fp8_dim], codes [n, groups], tail u16 [n, 64])."""
-    layout = LAYOUTS["dsv4_584"]
+    layout = layout_of(case.k_cache)
     kc = case.k_cache
     bs, data_bytes = case.block_size, layout.data_bytes(layout.fp8_dim)
     data = kc.as_strided((kc.shape[0], bs, data_bytes), (kc.stride(0), data_bytes, 1), kc.storage_offset())
@@ -47,7 +46,8 @@ def _overwrite_records(case: Case, fill: Callable[[torch.Tensor, torch.Tensor, t
     tail = torch.empty((n, 64), dtype=torch.int32)
     fill(fp8, scale, tail)
     data[..., : layout.fp8_dim] = fp8.view(kc.shape[0], bs, -1)
-    data[..., layout.fp8_dim:] = tail.to(torch.int16).view(torch.uint8).view(kc.shape[0], bs, -1)
+    tail_bytes = data_bytes - layout.fp8_dim
+    data[..., layout.fp8_dim:] = tail[:, : tail_bytes // 2].to(torch.int16).view(torch.uint8).view(kc.shape[0], bs, -1)
     codes[..., : scale.shape[1]] = scale.view(kc.shape[0], bs, -1)
     return case
 
@@ -102,6 +102,40 @@ def _cases() -> dict[str, Callable[[], Case]]:
                                                                     seed=25), _every_fp8_byte)
     c["edge_tail_specials"] = lambda: _overwrite_records(make_case(seq_lens=[4], block_size=16, seed=26),
                                                          _tail_specials)
+
+    # DeepSeek-V4.1 528-byte records, dense: the same edge classes.
+    for bs in (16, 32, 64, 128, 256):
+        c[f"v41_quantized_b{bs}"] = lambda bs=bs: make_case(seq_lens=[bs * 2 + 5, 9], block_size=bs,
+                                                            layout="v41_528", seed=100 + bs)
+        c[f"v41_raw_partial_b{bs}"] = lambda bs=bs: make_case(
+            seq_lens=[bs * 3 + 1, 2 * bs, 4], gather_lens=[bs + 3, 2 * bs, 0], block_size=bs, offset=1,
+            layout="v41_528", raw_bytes=True, seed=101 + bs)
+    c["v41_padded_strided"] = lambda: make_case(seq_lens=[150, 70], gather_lens=[149, 1], block_size=64,
+                                                layout="v41_528", page_pad=32, block_table_pad=2, seed=102)
+    c["v41_empty_batch"] = lambda: make_case(seq_lens=[], block_size=32, layout="v41_528", seed=103)
+    c["v41_many_requests"] = lambda: make_case(seq_lens=[(i * 13) % 40 + 1 for i in range(256)], block_size=16,
+                                               layout="v41_528", seed=104)
+    c["v41_edge_fp8_bytes"] = lambda: _overwrite_records(
+        make_case(seq_lens=[40, 3], block_size=32, layout="v41_528", seed=105), _every_fp8_byte)
+    c["v41_tiny_values"] = lambda: make_case(seq_lens=[33], block_size=16, layout="v41_528", value_scale=1e-7, seed=106)
+
+    # Sparse slot-index gathers, both layouts: -1 slots, random slots, [..., 512] outputs.
+    for layout in ("dsv4_584", "v41_528"):
+        for bs in (16, 32, 64, 128, 256):
+            c[f"sparse_{layout}_b{bs}"] = lambda bs=bs, layout=layout: make_sparse_case(
+                num_slots=3 * bs + 7, valid=0.7, block_size=bs, layout=layout, seed=200 + bs)
+        c[f"sparse_{layout}_raw_3pct"] = lambda layout=layout: make_sparse_case(
+            num_slots=500, valid=0.03, block_size=64, layout=layout, raw_bytes=True, seed=201)
+        c[f"sparse_{layout}_all_valid_3d_out"] = lambda layout=layout: make_sparse_case(
+            num_slots=96, valid=1.0, block_size=32, layout=layout, out_shape=(4, 24), page_pad=16, seed=202)
+        c[f"sparse_{layout}_none_valid"] = lambda layout=layout: make_sparse_case(
+            num_slots=40, valid=0.0, block_size=16, layout=layout, seed=203)
+        c[f"sparse_{layout}_empty"] = lambda layout=layout: make_sparse_case(num_slots=0, block_size=16,
+                                                                             layout=layout, seed=204)
+        c[f"sparse_{layout}_edge_bytes"] = lambda layout=layout: _overwrite_records(
+            make_sparse_case(num_slots=64, valid=0.9, block_size=16, layout=layout, seed=205), _every_fp8_byte)
+    c["sparse_dsv4_584_tail_specials"] = lambda: _overwrite_records(
+        make_sparse_case(num_slots=20, valid=0.8, block_size=16, seed=206), _tail_specials)
     return c
 
 
@@ -119,16 +153,17 @@ def canonical_digest(out: torch.Tensor) -> str:
     return hashlib.sha256(bits.numpy().tobytes()).hexdigest()
 
 
-def reference_output(case: Case) -> torch.Tensor:
+def reference_output(case: Case | SparseCase) -> torch.Tensor:
     out = case.out.clone()
-    dequantize_and_gather_torch(*case.args(out=out))
+    reference = dequantize_and_gather_sparse_torch if isinstance(case, SparseCase) else dequantize_and_gather_torch
+    reference(*case.args(out=out))
     return out
 
 
 def expected_text(out: torch.Tensor) -> str:
     """One line per (request, row): 512 bf16 bit patterns in hex."""
     lines = []
-    bits = out.contiguous().view(torch.int16).numpy().astype("uint16")
+    bits = out.contiguous().view(torch.int16).reshape(out.shape[0], -1, out.shape[-1]).numpy().astype("uint16")
     for r in range(bits.shape[0]):
         for t in range(bits.shape[1]):
             lines.append(f"{r} {t} " + " ".join(f"{v:04x}" for v in bits[r, t]))
@@ -140,7 +175,7 @@ def compute() -> dict[str, dict]:
     for name in CASES:
         case = build_case(name)
         out = reference_output(case)
-        written = int((out.view(torch.int16) != POISON_BF16).any(-1).sum())
+        written = int((out.view(torch.int16) != POISON_BF16).any(-1).sum())  # rows written
         table[name] = {"sha256": canonical_digest(out), "shape": list(out.shape), "rows_written": written}
     return table
 
