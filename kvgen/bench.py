@@ -29,6 +29,7 @@ from .testing import POISON_BF16, POISON_PAGE, mismatches, poisoned_out, quantiz
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
+GRID_TARGETS = (2048, 4096, 16384, 32768, 65536)  # --sweep: whole-grid CTA counts to try
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,8 @@ def _eager_us(args) -> float:
     return statistics.median(_event_times(lambda: [call() for _ in range(n)], reps=5)) / n * 1e6
 
 
-def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dict:
+def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
+                grid_targets: tuple[int, ...] = GRID_TARGETS) -> dict:
     from . import ops
     from .loader import registry
     from .reference import dequantize_and_gather_torch
@@ -239,7 +241,7 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool) -> dic
                 lambda a, e=e: _runner("entry", a, e))
         chosen = ops.decide(*cases[0]).entry
         rows_bound = shape.window or max(shape.seq_lens)
-        for target in (2048, 4096, 16384, 32768, 65536):
+        for target in grid_targets:
             grid = launch_grid(chosen, len(shape.seq_lens), rows_bound, target)
             variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g)
 
@@ -298,7 +300,8 @@ def host_overhead_us(calls: int = 2000) -> dict:
     return {"api_us": api * 1e6, "launch_only_us": launch * 1e6}
 
 
-def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4") -> dict:
+def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4",
+        grid_targets: tuple[int, ...] = GRID_TARGETS) -> dict:
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -317,7 +320,7 @@ def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4")
         if isinstance(shape, SparseShape):
             result = bench_sparse_shape(shape, copy_bw, props.L2_cache_size)
         else:
-            result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep)
+            result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep, tuple(grid_targets))
         report["shapes"].append(result)
         cols = "  ".join(f"{k} {v['us']:8.2f}us {v['fraction']:.2f}" for k, v in result["backends"].items())
         print(f"{shape.label:<24} {cols}  eager {result['eager_us']:.1f}us", flush=True)

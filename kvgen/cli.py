@@ -98,7 +98,8 @@ def cmd_bench(args) -> int:
             print("kvgen: error: bench needs a CUDA device", file=sys.stderr)
             return 2
         shapes = [s for s in bench.FAMILIES[args.family] if not args.shape or s.label in args.shape]
-        report = bench.run(Path(args.out), shapes, sweep=args.sweep, family=args.family)
+        report = bench.run(Path(args.out), shapes, sweep=args.sweep, family=args.family,
+                           grid_targets=args.targets or bench.GRID_TARGETS)
     print(bench.markdown(report))
     if args.plot:
         bench.plot(report, Path(args.plot))
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
         return p
 
-    axes = ", ".join(f"{k}={list(v)}" for k, v in BUILD_MATRIX.items())
+    axes = " + ".join("(" + ", ".join(f"{k}={list(v)}" for k, v in product.items()) + ")" for product in BUILD_MATRIX)
     p = add("generate", cmd_generate, "Render the config matrix into generated/kvgen_kernels/ (deterministic).")
     p.add_argument("--kernel", action="append", help="only this kernel name (repeatable)")
     p = add("build", cmd_build, f"Compile and link the matrix into cubins and generated/manifest.json. Matrix: {axes}")
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", default="dsv4", choices=["dsv4", "v41", "sparse"],
                    help="which shapes: DSv4 dense (the speed issue's), V4.1 dense on the same, or sparse")
     p.add_argument("--sweep", action="store_true", help="also time every shipped variant for each shape")
+    p.add_argument("--targets", type=int, nargs="+", help="with --sweep: the grid sizes (CTAs) to try")
     p.add_argument("--report", help="render this saved JSON report instead of measuring")
     p.add_argument("--plot", help="write a PNG plot here")
     add("demo", cmd_demo, "List the kernels and check one gather against the torch reference on this machine's device.")

@@ -216,27 +216,44 @@ def _check(c: DequantGatherConfig) -> None:
 SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4, num_warps=4,
                            indexing="dense", gather_lens=True, schedule="strided", arch="sm_90a")
 
-# What `make build` ships: for each layout (which fixes fp8_dim) and each
-# indexing mode (which fixes the gather modes it takes), the cross product of
-# the remaining axes.
-BUILD_MATRIX: dict[str, tuple[Any, ...]] = {
-    "layout": tuple(LAYOUTS),
-    "indexing": INDEXING,
-    "block_size": (16, 32, 64, 128, 256),
-    "num_stages": (2, 4, 8),
-    "num_warps": (4,),
-    "schedule": ("strided",),
-    "arch": ("sm_90a",),
-}
+# What `make build` ships: the union of these cross products. In each, a
+# layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
+BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
+    # Every family, every block size.
+    {
+        "layout": tuple(LAYOUTS),
+        "indexing": INDEXING,
+        "block_size": (16, 32, 64, 128, 256),
+        "num_stages": (2, 4, 8),
+        "num_warps": (4,),
+        "schedule": ("strided",),
+        "arch": ("sm_90a",),
+    },
+    # Launch-shape candidates for tuning (BENCHMARKS.md), on the speed issue's block sizes.
+    {
+        "layout": ("dsv4_584",),
+        "indexing": ("dense",),
+        "block_size": (64, 256),
+        "num_stages": (4,),
+        "num_warps": (4, 8),
+        "schedule": SCHEDULES,
+        "arch": ("sm_90a",),
+    },
+)
 GATHER_MODES = {"dense": (False, True), "sparse": (False,)}
 
 
-def build_matrix(matrix: dict[str, tuple[Any, ...]] = BUILD_MATRIX) -> Iterator[DequantGatherConfig]:
-    keys = list(matrix)
-    for values in itertools.product(*(matrix[k] for k in keys)):
-        axes = dict(zip(keys, values))
-        for gather_lens in GATHER_MODES[axes["indexing"]]:
-            yield DequantGatherConfig(fp8_dim=LAYOUTS[axes["layout"]].fp8_dim, gather_lens=gather_lens, **axes)
+def build_matrix(matrix: tuple[dict[str, tuple[Any, ...]], ...] = BUILD_MATRIX) -> Iterator[DequantGatherConfig]:
+    seen = set()
+    for product in matrix:
+        keys = list(product)
+        for values in itertools.product(*(product[k] for k in keys)):
+            axes = dict(zip(keys, values))
+            for gather_lens in GATHER_MODES[axes["indexing"]]:
+                config = DequantGatherConfig(fp8_dim=LAYOUTS[axes["layout"]].fp8_dim, gather_lens=gather_lens, **axes)
+                if config not in seen:
+                    seen.add(config)
+                    yield config
 
 
 @dataclass(frozen=True)
