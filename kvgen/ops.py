@@ -1,10 +1,12 @@
-"""Stage 6: the public op -- validate, dispatch, launch.
+"""Stage 6: the public ops -- validate, dispatch, launch.
 
 `dequantize_and_gather_k_cache(out, k_cache, seq_lens, gather_lens,
 block_table, block_size, offset)` has vLLM's DeepSeek-V4 signature and
-semantics (docs/semantics.md). It is also registered as the PyTorch custom op
-`torch.ops.kvgen.dequantize_and_gather_k_cache` (mutates `out`, with a fake
-implementation) so it can sit inside torch.compile graphs and CUDA graphs.
+semantics; `dequantize_and_gather_k_cache_sparse(out, k_cache, slot_indices,
+block_size)` gathers global slots (docs/semantics.md). Both take either layout
+(k_cache.shape[-1] 584 or 528) and are also registered as PyTorch custom ops
+(`torch.ops.kvgen.*`, mutating `out`, with fake implementations) so they can sit
+inside torch.compile graphs and CUDA graphs.
 """
 
 from __future__ import annotations

@@ -274,3 +274,49 @@ def test_cli_errors_are_one_line_with_status_2():
     for sub in ("generate", "build", "list", "demo"):
         done = subprocess.run([sys.executable, "-m", "kvgen", sub, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage" in done.stdout
+
+
+# -------------------------------------------------------------- sparse op
+def good_sparse_args():
+    from kvgen.testing import make_sparse_case
+
+    return list(make_sparse_case(num_slots=40, valid=0.5, block_size=16, seed=4).args())
+
+
+SPARSE_VALIDATION = {
+    "out dtype": (_replace(0, lambda a: a[0].float()), TypeError, "out: expected dtype"),
+    "out last dim": (_replace(0, lambda a: torch.zeros(40, 256, dtype=torch.bfloat16)), ValueError, "out: last dimension"),
+    "out rows not one stride": (_replace(0, lambda a: torch.zeros(8, 10, 512, dtype=torch.bfloat16)[:, :5]), ValueError, "viewable"),
+    "slots dtype": (_replace(2, lambda a: a[2].long()), TypeError, "slot_indices: expected dtype"),
+    "slots count": (_replace(2, lambda a: a[2][:-1]), ValueError, "slots for"),
+    "slots rank": (_replace(2, lambda a: a[2][None]), ValueError, "slot_indices: expected 1"),
+    "cache record size": (_replace(1, lambda a: torch.zeros(4, 16, 576, dtype=torch.uint8)), ValueError, "k_cache: last dimension"),
+    "block_size mismatch": (_replace(3, 32), ValueError, "block_size: must equal"),
+    "devices differ": (_replace(2, lambda a: a[2].to("meta")), ValueError, "one device"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(SPARSE_VALIDATION))
+def test_sparse_validation(rule):
+    mutate, error, message = SPARSE_VALIDATION[rule]
+    with pytest.raises(error, match=message):
+        kvgen.dequantize_and_gather_k_cache_sparse(*mutate(good_sparse_args()))
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "cubin"), ((8, 0), "triton"), ((10, 0), "triton")])
+def test_sparse_dispatch_by_capability(fake_gpu, capability, expected):
+    fake_gpu(capability)
+    assert kvgen.select_backend_sparse(*good_sparse_args()) == expected
+
+
+def test_sparse_op_and_custom_op_match_torch():
+    from kvgen.reference import dequantize_and_gather_sparse_torch
+
+    args = good_sparse_args()
+    expected = args[0].clone()
+    dequantize_and_gather_sparse_torch(expected, *args[1:])
+    for op in (kvgen.dequantize_and_gather_k_cache_sparse, torch.ops.kvgen.dequantize_and_gather_k_cache_sparse):
+        out = args[0].clone()
+        op(out, *args[1:])
+        assert mismatches(out, expected) == 0
+    assert kvgen.last_backend() == "torch"
