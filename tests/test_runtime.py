@@ -11,10 +11,10 @@ import torch
 import kvgen
 from kvgen import ops
 from kvgen.dispatch import CallKey, candidate_rows, choose_row, launch_grid
-from kvgen.loader import KvgenLoadError, Registry, registry, reset_registry
+from kvgen.loader import KvgenLoadError, registry, reset_registry
 from kvgen.paths import generated_dir
 from kvgen.reference import dequantize_and_gather_torch
-from kvgen.testing import make_case, mismatches, poisoned_out
+from kvgen.testing import make_case, mismatches
 
 
 def good_args():
