@@ -210,6 +210,21 @@ def _eager_us(args) -> float:
     return statistics.median(_event_times(lambda: [call() for _ in range(n)], reps=5)) / n * 1e6
 
 
+def _set_count(working_set: int, l2_bytes: int) -> int:
+    """Input sets to rotate through so that one graph replay touches >= 4x L2."""
+    return max(1, min(16, math.ceil(4 * l2_bytes / working_set)))
+
+
+def _expected(cases: list, reference: Callable) -> list[torch.Tensor]:
+    """The torch path's output for each input set (each set's `out` comes first)."""
+    expected = []
+    for args in cases:
+        ref = args[0].clone()
+        reference(ref, *args[1:])
+        expected.append(ref)
+    return expected
+
+
 def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
                 grid_targets: tuple[int, ...] = GRID_TARGETS) -> dict:
     from . import ops
@@ -217,13 +232,9 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
     from .reference import dequantize_and_gather_torch
 
     working_set = shape.tokens * (LAYOUTS[shape.layout].record_bytes + WRITE_BYTES)
-    sets = max(1, min(16, math.ceil(4 * l2_bytes / working_set)))
+    sets = _set_count(working_set, l2_bytes)
     cases = [gpu_case(shape, seed) for seed in range(sets)]
-    expected = []
-    for args in cases:
-        ref = args[0].clone()
-        dequantize_and_gather_torch(ref, *args[1:])
-        expected.append(ref)
+    expected = _expected(cases, dequantize_and_gather_torch)
 
     key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None,
                   torch.cuda.get_device_capability())
@@ -261,13 +272,9 @@ def bench_sparse_shape(shape: SparseShape, copy_bw: float, l2_bytes: int) -> dic
     probe = gpu_sparse_case(shape, 0)
     tokens = int((probe[2] >= 0).sum())
     working_set = max(1, tokens) * (LAYOUTS[shape.layout].record_bytes + WRITE_BYTES)
-    sets = max(1, min(16, math.ceil(4 * l2_bytes / working_set)))
+    sets = _set_count(working_set, l2_bytes)
     cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, sets)]
-    expected = []
-    for args in cases:
-        ref = args[0].clone()
-        dequantize_and_gather_sparse_torch(ref, *args[1:])
-        expected.append(ref)
+    expected = _expected(cases, dequantize_and_gather_sparse_torch)
     variants = {"kvgen": lambda a: _runner("cubin", a), "triton": lambda a: _runner("triton", a)}
     roofline_s = working_set / copy_bw
     backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,

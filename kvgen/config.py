@@ -162,11 +162,6 @@ class DequantGatherConfig:
             raise ConfigError(f"unknown config field(s): {sorted(unknown)}")
         return cls(**values)
 
-    @classmethod
-    def parameters(cls) -> dict[str, str]:
-        """Field name -> documentation, for --help and docs."""
-        return {f.name: f.metadata["doc"] for f in dataclasses.fields(cls)}
-
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m

@@ -159,12 +159,9 @@ def poisoned_out(num_reqs: int, max_tokens: int, device="cpu") -> torch.Tensor:
     return out
 
 
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """kvgen's comparison rule: NaN matches any NaN; everything else bit for bit."""
-    return mismatches(a, b) == 0
-
-
 def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Elements that differ under kvgen's comparison rule: NaN matches any NaN
+    (but not the poison); everything else bit for bit."""
     a, b = a.detach(), b.detach().to(a.device)
     if a.shape != b.shape or a.dtype != b.dtype:
         raise ValueError(f"cannot compare {a.dtype}{list(a.shape)} with {b.dtype}{list(b.shape)}")
