@@ -1,18 +1,40 @@
-"""The fixed cost of a launch: each small shape timed as usual, then with the
-same grid gathering nothing (gather_lens = 0). GPU; run from the repo root:
-`python benchmarks/launch_floor.py`. Results: BENCHMARKS.md, "What is still open"."""
+"""The fixed cost of a launch, with and without programmatic dependent launch.
+GPU; run from the repo root: `python benchmarks/launch_floor.py`. Per shape:
+the call as benchmarked; the same grid gathering nothing (gather_lens = 0);
+one CTA gathering nothing (the bare kernel boundary); and a device-to-device
+copy of the same bytes (half read, half written), rotated the same way.
+Results: BENCHMARKS.md, "Launch floor"."""
+
+import os
+
+import torch
 
 import kvgen
-import torch
 from kvgen import bench, ops
 from kvgen.bench import Shape, gpu_case, graph_time
 from kvgen.dispatch import launch_grid
 
 bench.copy_bandwidth()  # ramps the clocks
-for label, seq_lens, window in [("1x8192", (8192,), 8192), ("32x8192 last128", (8192,) * 32, 128)]:
-    sets = [gpu_case(Shape(label, seq_lens, window=window), seed) for seed in range(16)]
-    real = graph_time([lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in sets])
+for label, seq_lens, window in [("1x8192", (8192,), None), ("32x8192 last128", (8192,) * 32, 128)]:
+    shape = Shape(label, seq_lens, window=window)
+    sets = [gpu_case(shape, seed) for seed in range(16)]
     empty = [[*a[:3], torch.zeros_like(a[2]), *a[4:]] for a in sets]
-    floor = graph_time([lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in empty])
-    grid = launch_grid(ops.decide(*sets[0]).entry, len(seq_lens), window)
-    print(f"{label}: {real * 1e6:.2f} us; same grid {grid} gathering nothing: {floor * 1e6:.2f} us")
+    entry = ops.decide(*empty[0]).entry  # reads gather_lens
+    grid = launch_grid(entry, len(seq_lens), window or max(seq_lens))
+    line = [f"{label} (grid {grid}):"]
+    for pdl in (True, False):
+        os.environ["KVGEN_PDL"] = "1" if pdl else "0"
+        ops.clear_dispatch_cache()
+        real = graph_time([lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in sets])
+        floor = graph_time([lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in empty])
+        one_cta = graph_time([lambda a=a, e=entry, p=pdl and entry.pdl: ops.launch_entry(
+            e, a[0], a[1], a[2], a[3], a[4], a[6], grid=(1, 1, 1), pdl=p) for a in empty])
+        line.append(f"PDL {'on ' if pdl else 'off'}: call {real * 1e6:.2f} us, same grid gathering nothing "
+                    f"{floor * 1e6:.2f} us, one CTA gathering nothing {one_cta * 1e6:.2f} us;")
+    os.environ.pop("KVGEN_PDL")
+    half = shape.tokens * (584 + bench.WRITE_BYTES) // 2
+    pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda").random_(),
+              torch.empty(half, dtype=torch.uint8, device="cuda")) for _ in sets]
+    copy = graph_time([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
+    line.append(f"copy of the same bytes {copy * 1e6:.2f} us ({2 * half / copy / 1e9:.0f} GB/s)")
+    print("\n  ".join(line), flush=True)

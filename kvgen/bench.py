@@ -29,6 +29,7 @@ from .testing import POISON_BF16, POISON_PAGE, mismatches, poisoned_out, quantiz
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
+NO_PDL = "kvgen_no_pdl"  # the public op with KVGEN_PDL=0
 GRID_TARGETS = (2048, 4096, 16384, 32768, 65536)  # --sweep: whole-grid CTA counts to try
 
 
@@ -162,23 +163,28 @@ def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:
     return statistics.median(_event_times(graph.replay, reps)) / len(calls)
 
 
-def _runner(backend: str, args, entry=None, grid=None) -> Callable[[], None]:
+def _runner(backend: str, args, entry=None, grid=None, pdl: bool = False, pdl_env: str = "1") -> Callable[[], None]:
+    """A call of the public op with KVGEN_BACKEND=backend (and KVGEN_PDL=pdl_env),
+    or with backend "entry", a direct launch of one manifest kernel (grid from
+    dispatch unless given)."""
     import kvgen
     from . import ops
 
     sparse = len(args) == 4
     if backend == "entry":
         if sparse:
-            return lambda: ops.launch_entry_sparse(entry, args[0], args[1], args[2], grid=grid)
-        return lambda: ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6], grid=grid)
+            return lambda: ops.launch_entry_sparse(entry, args[0], args[1], args[2], grid=grid, pdl=pdl)
+        return lambda: ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6],
+                                        grid=grid, pdl=pdl)
     op = kvgen.dequantize_and_gather_k_cache_sparse if sparse else kvgen.dequantize_and_gather_k_cache
 
     def call():
-        os.environ["KVGEN_BACKEND"] = backend
+        os.environ["KVGEN_BACKEND"], os.environ["KVGEN_PDL"] = backend, pdl_env
         try:
             op(*args)
         finally:
             os.environ.pop("KVGEN_BACKEND", None)
+            os.environ.pop("KVGEN_PDL", None)
     return call
 
 
@@ -239,22 +245,24 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
     key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None,
                   torch.cuda.get_device_capability())
     rows = candidate_rows(registry().entries, key)
-    seed_entry = choose_row([e for e in rows if e.config["num_stages"] == SEED.num_stages
-                             and e.config["num_warps"] == SEED.num_warps and e.config["schedule"] == SEED.schedule])
+    seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
+    seed_entry = choose_row([e for e in rows if all(e.config[f] == getattr(SEED, f) for f in seed_fields)])
+    chosen = ops.decide(*cases[0]).entry
     variants: dict[str, Callable[[list], Callable[[], None]]] = {
         "kvgen": lambda a: _runner("cubin", a),
+        NO_PDL: lambda a: _runner("cubin", a, pdl_env="0"),
         "seed": lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1)),
         "triton": lambda a: _runner("triton", a),
     }
     if sweep:
         for e in rows:
-            variants[f"s{e.config['num_stages']}w{e.config['num_warps']}{e.config['schedule'][0]}"] = (
-                lambda a, e=e: _runner("entry", a, e))
-        chosen = ops.decide(*cases[0]).entry
+            c = e.config
+            variants[f"s{c['num_stages']}w{c['num_warps']}{c['schedule'][0]}p{int(c['pdl'])}"] = (
+                lambda a, e=e: _runner("entry", a, e, pdl=e.pdl))
         rows_bound = shape.window or max(shape.seq_lens)
         for target in grid_targets:
             grid = launch_grid(chosen, len(shape.seq_lens), rows_bound, target)
-            variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g)
+            variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g, pdl=chosen.pdl)
 
     roofline_s = working_set / copy_bw
     backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,
@@ -262,7 +270,7 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
     for b in backends.values():
         b["speedup_vs_seed"] = backends["seed"]["us"] / b["us"]
     return {"shape": shape.label, "tokens": shape.tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
-            "chosen": ops.decide(*cases[0]).entry.name, "backends": backends, "eager_us": _eager_us(cases[0])}
+            "chosen": chosen.name, "backends": backends, "eager_us": _eager_us(cases[0])}
 
 
 def bench_sparse_shape(shape: SparseShape, copy_bw: float, l2_bytes: int) -> dict:
@@ -275,12 +283,14 @@ def bench_sparse_shape(shape: SparseShape, copy_bw: float, l2_bytes: int) -> dic
     sets = _set_count(working_set, l2_bytes)
     cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, sets)]
     expected = _expected(cases, dequantize_and_gather_sparse_torch)
-    variants = {"kvgen": lambda a: _runner("cubin", a), "triton": lambda a: _runner("triton", a)}
+    chosen = ops.decide_sparse(*cases[0]).entry
+    variants = {"kvgen": lambda a: _runner("cubin", a), NO_PDL: lambda a: _runner("cubin", a, pdl_env="0"),
+                "triton": lambda a: _runner("triton", a)}
     roofline_s = working_set / copy_bw
     backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,
                               dequantize_and_gather_sparse_torch)
     return {"shape": shape.label, "tokens": tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
-            "chosen": ops.decide_sparse(*cases[0]).entry.name, "backends": backends, "eager_us": _eager_us(cases[0])}
+            "chosen": chosen.name, "backends": backends, "eager_us": _eager_us(cases[0])}
 
 
 def host_overhead_us(calls: int = 2000) -> dict:
@@ -343,8 +353,9 @@ def markdown(report: dict) -> str:
              f"{report['copy_gbps']:.0f} GB/s (read + write); versions {report['versions']}. "
              f"Host time per eager API call: {report['host']['api_us']:.1f} us "
              f"(launch alone {report['host']['launch_only_us']:.1f} us).", "",
-             "| shape | tokens | roofline µs | kvgen µs | GB/s | fraction | × seed | seed µs | seed fraction | triton µs | triton GB/s | torch µs | eager µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| shape | tokens | roofline µs | kvgen µs | GB/s | fraction | × seed | seed µs | seed fraction "
+              "| no-PDL µs | no-PDL fraction | triton µs | triton GB/s | torch µs | eager µs |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     speedups = []
     for s in report["shapes"]:
         b = s["backends"]
@@ -355,6 +366,7 @@ def markdown(report: dict) -> str:
             f"| {s['shape']} | {s['tokens']} | {s['roofline_us']:.2f} | {b['kvgen']['us']:.2f} | {b['kvgen']['gbps']:.0f} | "
             f"{b['kvgen']['fraction']:.2f} | "
             + (f"{b['kvgen']['speedup_vs_seed']:.2f} | {seed['us']:.2f} | {seed['fraction']:.2f} | " if seed else "– | – | – | ")
+            + (f"{b[NO_PDL]['us']:.2f} | {b[NO_PDL]['fraction']:.2f} | " if NO_PDL in b else "– | – | ")
             + f"{b['triton']['us']:.2f} | {b['triton']['gbps']:.0f} | {b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
     if speedups:
         geo = math.exp(sum(map(math.log, speedups)) / len(speedups))

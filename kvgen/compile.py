@@ -63,6 +63,10 @@ def compile_module(generated_dir: Path, name: str, arch: str) -> CompiledPTX:
         options = f"--gpu-arch {arch} --keep-ptx --dump-dir {dump_dir}"
         compiled = cute.compile(module.launch, *args, options=options)
         ptx = compiled.artifacts.PTX
+    # A kernel launched with PDL that does not wait would race the kernel before it.
+    if module.CONFIG["pdl"] != ("griddepcontrol.wait;" in ptx):
+        raise RuntimeError(f"{name}: config pdl={module.CONFIG['pdl']} but the PTX "
+                           f"{'lacks' if module.CONFIG['pdl'] else 'has'} griddepcontrol.wait")
     entries = _ENTRY.findall(ptx)
     if len(entries) != 1 or not entries[0].startswith(name):
         raise RuntimeError(f"{name}: expected one kernel entry named after it in the PTX, found {entries}")

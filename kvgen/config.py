@@ -99,6 +99,8 @@ class DequantGatherConfig:
     indexing: str = _param("", "dense (block table) or sparse (slot indices); see INDEXING")
     gather_lens: bool = _param("g", "dense: kernel reads gather_lens (else gathers whole sequences)")
     schedule: str = _param("", "token-to-warp schedule (see SCHEDULES)")
+    pdl: bool = _param("p", "programmatic dependent launch: griddepcontrol.wait before any global "
+                            "access, then launch_dependents (the runtime may then launch it with PDL)")
     arch: str = _param("", "target architecture (a row of ARCHS)")
 
     family = "dqgk"  # class attribute, not a field: the kernel family's prefix
@@ -169,7 +171,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int, "num_warps": int,
-             "indexing": str, "gather_lens": bool, "schedule": str, "arch": str}
+             "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str}
     for name, typ in types.items():
         value = getattr(c, name)
         if typ is int and isinstance(value, bool) or not isinstance(value, typ):
@@ -207,9 +209,9 @@ def _check(c: DequantGatherConfig) -> None:
             f"shared memory; {c.arch} allows {c.arch_row.max_smem_per_block}")
 
 
-# The seed design, as one point of the config space.
+# The seed design, as one point of the config space (the seed has no PDL).
 SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4, num_warps=4,
-                           indexing="dense", gather_lens=True, schedule="strided", arch="sm_90a")
+                           indexing="dense", gather_lens=True, schedule="strided", pdl=False, arch="sm_90a")
 
 # What `make build` ships: the union of these cross products. In each, a
 # layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
@@ -222,6 +224,19 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
         "num_stages": (2, 4, 8),
         "num_warps": (4,),
         "schedule": ("strided",),
+        "pdl": (True,),
+        "arch": ("sm_90a",),
+    },
+    # The seed's design without PDL, on the speed issue's block sizes: the
+    # benchmark's baseline, and what KVGEN_PDL=0 dispatches to where it exists.
+    {
+        "layout": tuple(LAYOUTS),
+        "indexing": ("dense",),
+        "block_size": (64, 256),
+        "num_stages": (4,),
+        "num_warps": (4,),
+        "schedule": ("strided",),
+        "pdl": (False,),
         "arch": ("sm_90a",),
     },
     # Launch-shape candidates for tuning (BENCHMARKS.md), on the speed issue's block sizes.
@@ -232,6 +247,7 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
         "num_stages": (4,),
         "num_warps": (4, 8),
         "schedule": SCHEDULES,
+        "pdl": (True,),
         "arch": ("sm_90a",),
     },
 )

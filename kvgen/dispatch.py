@@ -18,9 +18,15 @@ from .paths import generated_dir
 
 BACKENDS = ("cubin", "triton", "torch")
 BACKEND_ENV = "KVGEN_BACKEND"
+# Programmatic dependent launch (on unless KVGEN_PDL=0): a cubin built to wait
+# on griddepcontrol is launched so that its grid is scheduled while the
+# previous kernel in the stream drains, and lets the next kernel do the same.
+PDL_ENV = "KVGEN_PDL"
+_FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
-DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided"}
+# The PDL field follows KVGEN_PDL (preference_with_pdl).
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "pdl": True}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
@@ -72,6 +78,12 @@ def preference_for(key: CallKey) -> dict | None:
     return None
 
 
+def preference_with_pdl(key: CallKey) -> dict:
+    """The call's preference, with pdl as KVGEN_PDL asks: with it off, a row
+    built without the griddepcontrol instructions is taken where one is shipped."""
+    return {**(preference_for(key) or DEFAULT_PREFERENCE), "pdl": pdl_requested()}
+
+
 def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> KernelEntry | None:
     """The row matching the most preferred fields; ties broken by name (stable)."""
     if not rows:
@@ -101,3 +113,10 @@ def forced_backend() -> str | None:
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
     return value
+
+
+def pdl_requested() -> bool:
+    value = os.environ.get(PDL_ENV, "1").strip().lower() or "1"
+    if value not in _FLAGS:
+        raise ValueError(f"{PDL_ENV}={value!r}: expected 1 or 0")
+    return _FLAGS[value]

@@ -49,6 +49,31 @@ def _check(result, what: str):
 _SLOT = "q"
 
 
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4),
+                ("value", ctypes.c_uint), ("value_pad", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h): grid, block, dynamic smem, stream, attributes."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+# Value of CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (cuda.h).
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+@dataclass(frozen=True)
+class _DriverLaunch:
+    launch: object  # cuLaunchKernel
+    launch_ex: object  # cuLaunchKernelEx
+
+
 def _libcuda():
     """The driver library through ctypes, for the per-call launch: cuda-python's
     wrapper costs ~4 us more per call on a slow host. None where not on Linux."""
@@ -58,14 +83,28 @@ def _libcuda():
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    fn = lib.cuLaunchKernel
-    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
+    launch = lib.cuLaunchKernel
+    launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    launch.restype = ctypes.c_int
+    launch_ex = lib.cuLaunchKernelEx
+    launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    launch_ex.restype = ctypes.c_int
+    return _DriverLaunch(launch, launch_ex)
 
 
-_launch_fn = None
-_launch_fn_lock = threading.Lock()
+# The ctypes entry points, resolved on first launch; False where there are
+# none (cuda-python's wrappers are used instead).
+_driver_launch: _DriverLaunch | None | bool = None
+_driver_launch_lock = threading.Lock()
+
+
+def _ctypes_launcher():
+    global _driver_launch
+    if _driver_launch is None:
+        with _driver_launch_lock:
+            if _driver_launch is None:
+                _driver_launch = _libcuda() or False
+    return _driver_launch
 
 
 @dataclass
@@ -79,27 +118,54 @@ class LoadedKernel:
         self._handle = int(self.kernel)
         self._format = "<" + _SLOT * len(self.entry.params)
 
-    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int, device: int) -> None:
-        """Launch on `stream` (a CUstream handle as int). `args` in ABI order."""
-        global _launch_fn
+    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int, device: int,
+               pdl: bool = False) -> None:
+        """Launch on `stream` (a CUstream handle as int). `args` in ABI order.
+        `pdl`: allow programmatic dependent launch -- this grid may be scheduled
+        before the previous kernel in the stream finishes (the kernel waits on
+        griddepcontrol before touching global memory); only for entries built so."""
+        if pdl and not self.entry.pdl:
+            raise ValueError(f"{self.entry.name}: this cubin does not wait on griddepcontrol; "
+                             "launching it with programmatic dependent launch would race")
         if device not in self._prepared_devices:
             self._prepare(device)
-        values, pointers = _param_buffers(self)
+        values, pointers, config = _launch_buffers(self)
         struct.pack_into(self._format, values, 0, *args)
         block = self.entry.block
-        if _launch_fn is None:
-            with _launch_fn_lock:
-                _launch_fn = _launch_fn or _libcuda() or False
-        if _launch_fn:
-            err = _launch_fn(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                             self.entry.smem_bytes, stream, ctypes.addressof(pointers), None)
-            if err:
-                _check((_driver().CUresult(err),), f"cuLaunchKernel({self.entry.name})")
+        driver_launch = _ctypes_launcher()
+        what = f"cuLaunchKernel{'Ex' if pdl else ''}({self.entry.name})"
+        if driver_launch and pdl:
+            config.grid[0], config.grid[1], config.grid[2] = grid
+            config.stream = stream
+            err = driver_launch.launch_ex(ctypes.byref(config), self._handle, ctypes.addressof(pointers), None)
+        elif driver_launch:
+            err = driver_launch.launch(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                       self.entry.smem_bytes, stream, ctypes.addressof(pointers), None)
         else:
-            driver = _driver()
-            _check(driver.cuLaunchKernel(self.kernel, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                         self.entry.smem_bytes, stream, ctypes.addressof(pointers), 0),
-                   f"cuLaunchKernel({self.entry.name})")
+            return self._launch_cuda_python(grid, pointers, stream, pdl)
+        if err:
+            _check((_driver().CUresult(err),), what)
+
+    def _launch_cuda_python(self, grid, pointers, stream: int, pdl: bool) -> None:
+        """The same launch through cuda-python's wrappers (no libcuda via ctypes)."""
+        driver = _driver()
+        block = self.entry.block
+        if not pdl:
+            _check(driver.cuLaunchKernel(self.kernel, *grid, *block, self.entry.smem_bytes, stream,
+                                         ctypes.addressof(pointers), 0), f"cuLaunchKernel({self.entry.name})")
+            return
+        attribute = driver.CUlaunchAttribute()
+        attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block
+        config.sharedMemBytes = self.entry.smem_bytes
+        config.hStream = driver.CUstream(stream)
+        config.attrs = [attribute]
+        config.numAttrs = 1
+        _check(driver.cuLaunchKernelEx(config, self.kernel, ctypes.addressof(pointers), 0),
+               f"cuLaunchKernelEx({self.entry.name})")
 
     def _prepare(self, device: int) -> None:
         driver = _driver()
@@ -115,9 +181,10 @@ class LoadedKernel:
 _thread_state = threading.local()
 
 
-def _param_buffers(kernel: LoadedKernel):
-    """Per thread and kernel: 8-byte value slots and the void* array pointing at them.
-    cuLaunchKernel copies the values at launch, so the buffers are reused."""
+def _launch_buffers(kernel: LoadedKernel):
+    """Per thread and kernel: 8-byte value slots, the void* array pointing at
+    them, and a CUlaunchConfig asking for programmatic stream serialization.
+    The driver copies all of them at launch, so they are reused."""
     cache = getattr(_thread_state, "buffers", None)
     if cache is None:
         cache = _thread_state.buffers = {}
@@ -127,7 +194,11 @@ def _param_buffers(kernel: LoadedKernel):
         values = (ctypes.c_uint64 * n)()
         base = ctypes.addressof(values)
         pointers = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-        buffers = cache[kernel.entry.name] = (values, pointers)
+        attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        config = _LaunchConfig(block=(ctypes.c_uint * 3)(*kernel.entry.block), smem_bytes=kernel.entry.smem_bytes,
+                               attrs=ctypes.pointer(attribute), num_attrs=1)
+        config._attribute = attribute  # keep it alive with the config
+        buffers = cache[kernel.entry.name] = (values, pointers, config)
     return buffers
 
 

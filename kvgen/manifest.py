@@ -33,6 +33,11 @@ class KernelEntry:
     source: str
     source_sha256: str
 
+    @property
+    def pdl(self) -> bool:
+        """Built to wait on griddepcontrol: may be launched with programmatic dependent launch."""
+        return bool(self.config.get("pdl", False))
+
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> "KernelEntry":
         try:

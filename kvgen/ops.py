@@ -22,7 +22,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .config import LAYOUTS, Layout
-from .dispatch import BACKEND_ENV, CallKey, candidate_rows, choose_row, forced_backend, launch_grid, preference_for
+from .dispatch import (BACKEND_ENV, PDL_ENV, CallKey, candidate_rows, choose_row, forced_backend, launch_grid,
+                       pdl_requested, preference_with_pdl)
 from .manifest import KernelEntry
 
 _RECORD_TO_LAYOUT = {layout.record_bytes: layout for layout in LAYOUTS.values()}
@@ -179,6 +180,7 @@ class Decision:
     backend: str
     entry: Optional[KernelEntry] = None
     reason: str = ""  # why a faster backend was not taken
+    pdl: bool = False  # launch the cubin with programmatic dependent launch
 
 
 def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type,
@@ -190,7 +192,7 @@ def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type,
     from .loader import registry
 
     key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability)
-    entry = choose_row(candidate_rows(registry().entries, key), preference_for(key))
+    entry = choose_row(candidate_rows(registry().entries, key), preference_with_pdl(key))
     if entry is None:
         return None, (f"no shipped cubin for layout={layout.name} block_size={block_size} {indexing} "
                       f"gather_lens={has_gather_lens} on compute capability {capability}")
@@ -208,7 +210,7 @@ def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: boo
     if forced == "cubin":
         if entry is None:
             raise BackendUnavailable(f"{BACKEND_ENV}=cubin, but {why_not}")
-        return Decision("cubin", entry)
+        return Decision("cubin", entry, pdl=entry.pdl and pdl_requested())
     if forced == "triton":
         if not _triton_usable(device_type):
             raise BackendUnavailable(f"{BACKEND_ENV}=triton, but Triton cannot run on {device_type} here "
@@ -217,7 +219,7 @@ def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: boo
     if forced == "torch":
         return Decision("torch")
     if entry is not None:
-        return Decision("cubin", entry)
+        return Decision("cubin", entry, pdl=entry.pdl and pdl_requested())
     if device_type == "cuda" and _triton_usable(device_type):
         return Decision("triton", reason=why_not)
     return Decision("torch", reason=why_not)
@@ -234,7 +236,7 @@ def clear_dispatch_cache() -> None:
 def _cached_decision(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool,
                      device: torch.device, aligned: bool) -> Decision:
     key = (layout.name, block_size, indexing, has_gather_lens, device, aligned,
-           os.environ.get(BACKEND_ENV), os.environ.get("TRITON_INTERPRET"))
+           os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get("TRITON_INTERPRET"))
     decision = _decisions.get(key)
     if decision is None:
         decision = _decide(layout, block_size, indexing, has_gather_lens, device, aligned, forced_backend())
@@ -269,9 +271,10 @@ def last_backend() -> Optional[str]:
 
 
 def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
-                 grid: tuple[int, int, int] | None = None, checked: Optional[Checked] = None) -> None:
+                 grid: tuple[int, int, int] | None = None, checked: Optional[Checked] = None,
+                 pdl: bool = False) -> None:
     """Launch one dense manifest kernel (the grid from dispatch unless given:
-    the benchmark launches the seed's grid this way)."""
+    the benchmark launches the seed's grid this way); `pdl` as in Decision."""
     if checked is None:
         checked = validate(out, k_cache, seq_lens, gather_lens, block_table, entry.config["block_size"], offset)
     values = {
@@ -282,20 +285,20 @@ def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_
         "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
         "offset": offset, "max_rows": checked.max_rows,
     }
-    _launch(entry, values, grid or launch_grid(entry, checked.num_reqs, checked.max_rows), out.get_device())
+    _launch(entry, values, grid or launch_grid(entry, checked.num_reqs, checked.max_rows), out.get_device(), pdl)
 
 
 def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tuple[int, int, int] | None = None,
-                        checked: Optional[CheckedSparse] = None) -> None:
+                        checked: Optional[CheckedSparse] = None, pdl: bool = False) -> None:
     if checked is None:
         checked = validate_sparse(out, k_cache, slot_indices, entry.config["block_size"])
     values = {"out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_indices": slot_indices.data_ptr(),
               "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
               "num_slots": checked.num_slots}
-    _launch(entry, values, grid or launch_grid(entry, 1, checked.num_slots), out.get_device())
+    _launch(entry, values, grid or launch_grid(entry, 1, checked.num_slots), out.get_device(), pdl)
 
 
-def _launch(entry: KernelEntry, values: dict, grid: tuple[int, int, int], device: int) -> None:
+def _launch(entry: KernelEntry, values: dict, grid: tuple[int, int, int], device: int, pdl: bool) -> None:
     """Pack `values` in the manifest's ABI order and launch on torch's current stream."""
     from .loader import registry
 
@@ -304,7 +307,7 @@ def _launch(entry: KernelEntry, values: dict, grid: tuple[int, int, int], device
     stream = _current_stream(device)
     pushed = _make_context_current(device)
     try:
-        kernel.launch(grid, args, stream, device)
+        kernel.launch(grid, args, stream, device, pdl)
     finally:
         if pushed:
             from .loader import _check, _driver
@@ -379,7 +382,8 @@ def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -
         dequantize_and_gather_torch(*args)
 
     _serve(decision, out.device.type,
-           lambda entry: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, checked=checked),
+           lambda entry: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset,
+                                      checked=checked, pdl=decision.pdl),
            triton_path, torch_path)
 
 
@@ -401,7 +405,7 @@ def _run_sparse(out, k_cache, slot_indices, block_size) -> None:
         dequantize_and_gather_sparse_torch(out, k_cache, slot_indices, block_size)
 
     _serve(decision, out.device.type,
-           lambda entry: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked),
+           lambda entry: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked, pdl=decision.pdl),
            triton_path, torch_path)
 
 

@@ -21,6 +21,7 @@ def _alternatives(monkeypatch):
         "num_warps": [dict(num_warps=8)],
         "gather_lens": [dict(gather_lens=False)],
         "schedule": [dict(schedule="contiguous")],
+        "pdl": [dict(pdl=True)],
         "arch": [dict(arch="sm_90x")],
     }
 
@@ -53,7 +54,7 @@ def test_matrix_names_are_unique_and_cover_the_issue():
 
 
 def test_name_is_readable():
-    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_sm_90a"
+    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a"
 
 
 @pytest.mark.parametrize("change, message", [

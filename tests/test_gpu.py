@@ -199,3 +199,75 @@ def test_every_shipped_kernel_bit_exact():
             ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset)
         torch.cuda.synchronize()
         assert mismatches(out.cpu(), expected) == 0, entry.name
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("path", ["ctypes", "cuda-python"])
+def test_launch_paths_bit_exact(path, pdl, monkeypatch):
+    """Both launchers (libcuda through ctypes; cuda-python's wrappers), with and
+    without programmatic dependent launch, give the reference bits."""
+    from kvgen import loader, ops
+
+    if path == "cuda-python":
+        monkeypatch.setattr(loader, "_driver_launch", False)
+    case = make_case(seq_lens=[700, 3, 129], gather_lens=[650, 3, 64], block_size=64, offset=5, seed=11)
+    out, k_cache, seq_lens, gather_lens, block_table, block_size, offset = case.args("cuda")
+    entry = ops.decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset).entry
+    ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, pdl=pdl)
+    torch.cuda.synchronize()
+    assert mismatches(out.cpu(), reference(case)) == 0
+
+
+def pdl_chain(iterations: int = 20, graph: bool = False) -> int:
+    """A kernel that reads what the kernel before it wrote, both launched with
+    PDL: A gathers into `staging` on a deliberately small grid (4 CTAs, so it
+    runs long), and lets dependents launch at once; B, the public op, reads
+    `staging`'s bytes as its cache. B's grid runs beside A's on the idle SMs,
+    so B is right only if it waits (griddepcontrol.wait) before reading.
+    Returns the number of mismatching values."""
+    from kvgen import ops
+
+    block_size, record = 64, 584
+    a = make_case(seq_lens=[16384], block_size=16, seed=5)
+    a_args = list(a.args("cuda"))
+    a_entry = ops.decide(*a_args).entry
+    assert a_entry.pdl
+    staging = a_args[0]  # [1, 16384, 512] bf16 = 16 MiB, written by A
+    pages = staging.numel() * 2 // (block_size * record)
+    as_cache = staging.view(torch.uint8).view(-1)[: pages * block_size * record].view(pages, block_size, record)
+    g = torch.Generator().manual_seed(9)
+    tokens = pages * block_size
+    block_table = torch.randperm(pages, generator=g).to(torch.int32).view(1, pages).cuda()
+    seq_lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
+    out_b = poisoned_out(1, tokens, device="cuda")
+    b_args = [out_b, as_cache, seq_lens, None, block_table, block_size, 0]
+
+    def step():
+        staging.view(torch.int16).fill_(0x7FBF)
+        out_b.view(torch.int16).fill_(0x7FBF)
+        out, k_cache, seq_lens_a, gather_lens, block_table_a, _, offset = a_args
+        ops.launch_entry(a_entry, out, k_cache, seq_lens_a, gather_lens, block_table_a, offset, grid=(1, 4, 1), pdl=True)
+        kvgen.dequantize_and_gather_k_cache(*b_args)
+
+    bad = 0
+    run_step = step
+    if graph:
+        step()  # load outside the capture
+        torch.cuda.synchronize()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            step()
+        run_step = cuda_graph.replay
+    for _ in range(iterations):
+        run_step()
+        torch.cuda.synchronize()
+        expected = poisoned_out(1, tokens)
+        dequantize_and_gather_torch(expected, as_cache.cpu(), seq_lens.cpu(), None, block_table.cpu(), block_size, 0)
+        bad += mismatches(out_b.cpu(), expected)
+    return bad
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_pdl_kernel_waits_for_the_kernel_before_it(graph, monkeypatch):
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    assert pdl_chain(iterations=10, graph=graph) == 0

@@ -174,6 +174,69 @@ def test_forced_backends(fake_gpu, monkeypatch):
         kvgen.select_backend(*good_args())
 
 
+def test_pdl_is_decided_per_call_and_can_be_turned_off(fake_gpu, monkeypatch):
+    fake_gpu((9, 0))
+    decision = ops.decide(*good_args())
+    assert decision.backend == "cubin" and decision.entry.pdl and decision.pdl
+    monkeypatch.setenv("KVGEN_PDL", "0")
+    assert ops.decide(*good_args()).pdl is False
+    # Where a row without the griddepcontrol instructions is shipped, KVGEN_PDL=0 takes it.
+    case = make_case(seq_lens=[70], block_size=64)
+    assert ops.decide(*case.args()).entry.pdl is False
+    monkeypatch.delenv("KVGEN_PDL")
+    assert ops.decide(*case.args()).entry.pdl is True
+    monkeypatch.setenv("KVGEN_PDL", "sometimes")
+    with pytest.raises(ValueError, match="KVGEN_PDL"):
+        ops.decide(*good_args())
+    monkeypatch.delenv("KVGEN_PDL")
+    fake_gpu((8, 0))
+    ops.clear_dispatch_cache()  # decisions are cached per device, and this one changed capability
+    assert ops.decide(*good_args()).pdl is False  # Triton: nothing to launch with PDL
+
+
+def test_every_kernel_waits_before_touching_global_memory():
+    """PDL is only safe if griddepcontrol.wait comes before the first global
+    access. Checked here in the generated sources, against each row's `pdl`
+    config field; the build checks the PTX for the instruction."""
+    import re
+    from kvgen.paths import KERNELS_PACKAGE
+
+    with_pdl = 0
+    for entry in registry().entries:
+        source = (generated_dir() / entry.source).read_text()
+        body = source[source.index("def kernel("):source.index("@cute.jit")]
+        body = body[body.index("):"):]  # past the parameter list
+        assert entry.pdl == ("griddepcontrol" in body), entry.name
+        if not entry.pdl:
+            continue
+        with_pdl += 1
+        wait = body.index("cute.arch.griddepcontrol_wait()")
+        first_global = min(m.start() for m in re.finditer(
+            r"make_tensor\((seq_lens|gather_lens|slot_indices|block_table|k_cache|out)\b|\b(k_cache|out) \+", body))
+        assert wait < first_global, entry.name
+        assert body.index("griddepcontrol_launch_dependents") > wait
+    assert KERNELS_PACKAGE in entry.source and with_pdl >= 100
+
+
+def test_launch_structs_match_cuda_h():
+    """CUlaunchAttribute and CUlaunchConfig as cuda.h lays them out (x86-64)."""
+    import ctypes
+    from kvgen.loader import _LaunchAttribute, _LaunchConfig
+
+    assert ctypes.sizeof(_LaunchAttribute) == 72 and _LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(_LaunchConfig) == 56
+    assert (_LaunchConfig.stream.offset, _LaunchConfig.attrs.offset, _LaunchConfig.num_attrs.offset) == (32, 40, 48)
+
+
+def test_pdl_launch_of_a_cubin_without_the_wait_is_refused():
+    from kvgen.loader import LoadedKernel
+
+    entry = next(e for e in registry().entries if not e.pdl)
+    kernel = LoadedKernel(entry=entry, library=None, kernel=0, _prepared_devices=set())
+    with pytest.raises(ValueError, match="griddepcontrol"):
+        kernel.launch((1, 1, 1), [0] * len(entry.params), stream=0, device=0, pdl=True)
+
+
 # ------------------------------------------------------------------- loader
 @pytest.fixture
 def corrupt_tree(tmp_path):

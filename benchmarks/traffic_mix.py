@@ -1,0 +1,43 @@
+"""What the DRAM gives this kernel's traffic (GPU; `python benchmarks/traffic_mix.py`).
+1 GiB copy, write-only fill and read-only sum in the bench's harness, the
+bandwidth a read:write mix would get if reads and writes each ran at their own
+rate, and copies of the same bytes as each dense shape (CUDA-graph replays,
+rotated past L2). Results: BENCHMARKS.md, "What is out of reach"."""
+
+import statistics
+
+import torch
+
+from kvgen import bench
+from kvgen.bench import _event_times, _set_count, graph_time
+
+bench.copy_bandwidth()  # ramps the clocks
+n = 1 << 30
+src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+dst = torch.empty_like(src)
+
+
+def median(fn) -> float:
+    return statistics.median(_event_times(fn, reps=20))
+
+
+t_copy = median(lambda: dst.copy_(src))
+t_fill = median(lambda: dst.fill_(7))
+as_float = src.view(torch.float32)
+t_read = median(lambda: as_float.sum())
+bw_read, bw_write = n / t_read, n / t_fill
+print(f"1 GiB: copy {2 * n / t_copy / 1e9:.0f} GB/s (read + write), write-only fill {bw_write / 1e9:.0f} GB/s, "
+      f"read-only sum {bw_read / 1e9:.0f} GB/s")
+for read, write, what in [(1, 1, "copy 1:1"), (584, 1024, "DSv4 584:1024"), (528, 1024, "V4.1 528:1024")]:
+    print(f"  reads and writes each at their own rate, {what}: "
+          f"{(read + write) / (read / bw_read + write / bw_write) / 1e9:.0f} GB/s")
+del src, dst, as_float
+l2 = torch.cuda.get_device_properties(0).L2_cache_size
+for tokens in (4096, 8192, 65536, 131072, 262144):
+    half = tokens * (584 + bench.WRITE_BYTES) // 2
+    pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda").random_(),
+              torch.empty(half, dtype=torch.uint8, device="cuda")) for _ in range(_set_count(2 * half, l2))]
+    t = graph_time([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
+    print(f"copy of {tokens} DSv4 tokens' bytes ({2 * half / 1e6:.1f} MB): {t * 1e6:.2f} us, "
+          f"{2 * half / t / 1e9:.0f} GB/s", flush=True)
+    del pairs
