@@ -245,7 +245,7 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
     key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None,
                   torch.cuda.get_device_capability())
     rows = candidate_rows(registry().entries, key)
-    seed_fields = ("num_stages", "num_warps", "schedule", "grid_order", "pdl")
+    seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
     seed_entry = choose_row([e for e in rows if all(e.config[f] == getattr(SEED, f) for f in seed_fields)])
     chosen = ops.decide(*cases[0]).entry
     variants: dict[str, Callable[[list], Callable[[], None]]] = {
@@ -257,7 +257,7 @@ def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
     if sweep:
         for e in rows:
             c = e.config
-            variants[f"s{c['num_stages']}w{c['num_warps']}{c['schedule'][0]}{c['grid_order'][0]}p{int(c['pdl'])}"] = (
+            variants[f"s{c['num_stages']}w{c['num_warps']}{c['schedule'][0]}p{int(c['pdl'])}"] = (
                 lambda a, e=e: _runner("entry", a, e, pdl=e.pdl))
         rows_bound = shape.window or max(shape.seq_lens)
         for target in grid_targets:

@@ -74,14 +74,6 @@ ARCHS: dict[str, Arch] = {
 #   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
 SCHEDULES = ("strided", "contiguous")
 
-# Which grid axis indexes what (CTAs are launched x fastest).
-#   reqfirst: blockIdx.x = request, blockIdx.y = worker (the seed's): CTAs launched
-#             together gather from every request at once
-#   tokfirst: blockIdx.x = worker, blockIdx.y = request (at most 65535): CTAs
-#             launched together gather neighbouring tokens of one request
-GRID_ORDERS = ("reqfirst", "tokfirst")
-MAX_GRID_Y = 65535
-
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
 #   sparse: global slots (page * block_size + row) -> out row i; slot -1 leaves row i untouched
@@ -107,7 +99,6 @@ class DequantGatherConfig:
     indexing: str = _param("", "dense (block table) or sparse (slot indices); see INDEXING")
     gather_lens: bool = _param("g", "dense: kernel reads gather_lens (else gathers whole sequences)")
     schedule: str = _param("", "token-to-warp schedule (see SCHEDULES)")
-    grid_order: str = _param("", "what the grid's x and y index (see GRID_ORDERS)")
     pdl: bool = _param("p", "programmatic dependent launch: griddepcontrol.wait before any global "
                             "access, then launch_dependents (the runtime may then launch it with PDL)")
     arch: str = _param("", "target architecture (a row of ARCHS)")
@@ -180,7 +171,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int, "num_warps": int,
-             "indexing": str, "gather_lens": bool, "schedule": str, "grid_order": str, "pdl": bool, "arch": str}
+             "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str}
     for name, typ in types.items():
         value = getattr(c, name)
         if typ is int and isinstance(value, bool) or not isinstance(value, typ):
@@ -191,8 +182,6 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"unknown arch {c.arch!r}; known: {sorted(ARCHS)}")
     if c.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {c.schedule!r}; known: {list(SCHEDULES)}")
-    if c.grid_order not in GRID_ORDERS:
-        raise ConfigError(f"unknown grid_order {c.grid_order!r}; known: {list(GRID_ORDERS)}")
     if c.indexing not in INDEXING:
         raise ConfigError(f"unknown indexing {c.indexing!r}; known: {list(INDEXING)}")
     if c.indexing == "sparse" and c.gather_lens:
@@ -222,8 +211,7 @@ def _check(c: DequantGatherConfig) -> None:
 
 # The seed design, as one point of the config space (the seed has no PDL).
 SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4, num_warps=4,
-                           indexing="dense", gather_lens=True, schedule="strided", grid_order="reqfirst",
-                           pdl=False, arch="sm_90a")
+                           indexing="dense", gather_lens=True, schedule="strided", pdl=False, arch="sm_90a")
 
 # What `make build` ships: the union of these cross products. In each, a
 # layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
@@ -236,12 +224,11 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
         "num_stages": (2, 4, 8),
         "num_warps": (4,),
         "schedule": ("strided",),
-        "grid_order": ("tokfirst",),
         "pdl": (True,),
         "arch": ("sm_90a",),
     },
-    # Without PDL, on the speed issue's block sizes: the seed's design (reqfirst),
-    # the benchmark's baseline; kvgen's (tokfirst), what KVGEN_PDL=0 dispatches to.
+    # The seed's design without PDL, on the speed issue's block sizes: the
+    # benchmark's baseline, and what KVGEN_PDL=0 dispatches to where it exists.
     {
         "layout": tuple(LAYOUTS),
         "indexing": ("dense",),
@@ -249,7 +236,6 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
         "num_stages": (4,),
         "num_warps": (4,),
         "schedule": ("strided",),
-        "grid_order": GRID_ORDERS,
         "pdl": (False,),
         "arch": ("sm_90a",),
     },
@@ -261,7 +247,6 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
         "num_stages": (4,),
         "num_warps": (4, 8),
         "schedule": SCHEDULES,
-        "grid_order": ("tokfirst",),
         "pdl": (True,),
         "arch": ("sm_90a",),
     },

