@@ -216,15 +216,28 @@ SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_st
 # What `make build` ships: the union of these cross products. In each, a
 # layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
 BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
-    # Every family, every block size.
+    # Every family, every block size. Sparse without PDL: griddepcontrol costs
+    # each CTA ~70 ns of SM time, which a sparse grid of mostly -1 slots (CTAs
+    # with nothing to do) cannot hide -- measured 12.5 -> 20.9 us at 65536 slots,
+    # 3% valid (BENCHMARKS.md, log 5).
     {
         "layout": tuple(LAYOUTS),
-        "indexing": INDEXING,
+        "indexing": ("dense",),
         "block_size": (16, 32, 64, 128, 256),
         "num_stages": (2, 4, 8),
         "num_warps": (4,),
         "schedule": ("strided",),
         "pdl": (True,),
+        "arch": ("sm_90a",),
+    },
+    {
+        "layout": tuple(LAYOUTS),
+        "indexing": ("sparse",),
+        "block_size": (16, 32, 64, 128, 256),
+        "num_stages": (2, 4, 8),
+        "num_warps": (4,),
+        "schedule": ("strided",),
+        "pdl": (False,),
         "arch": ("sm_90a",),
     },
     # The seed's design without PDL, on the speed issue's block sizes: the
