@@ -25,7 +25,7 @@ import torch
 
 from .config import LAYOUTS, SEED
 from .dispatch import CallKey, candidate_rows, choose_row, launch_grid
-from .testing import POISON_BF16, POISON_PAGE, mismatches, poisoned_out, quantize_ue8m0, write_pages
+from .testing import POISON_BF16, POISON_PAGE, make_cache, mismatches, poisoned_out, random_slots
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
@@ -82,11 +82,7 @@ def gpu_case(shape: Shape, seed: int, device="cuda"):
     pages = [-(-s // bs) for s in shape.seq_lens]
     num_blocks = sum(pages)
     g = torch.Generator(device=device).manual_seed(seed)
-    k = torch.randn((num_blocks * bs, 512), generator=g, device=device).to(torch.bfloat16)
-    data, codes = quantize_ue8m0(k, layout)
-    del k
-    k_cache = write_pages(num_blocks, bs, layout, data, codes)
-    del data, codes
+    k_cache = make_cache(num_blocks, bs, layout, g)
     width = max(pages) + 1
     block_table = torch.full((len(pages), width), POISON_PAGE, dtype=torch.int32, device=device)
     perm = torch.randperm(num_blocks, generator=g, device=device).to(torch.int32)
@@ -108,12 +104,8 @@ def gpu_sparse_case(shape: SparseShape, seed: int, device="cuda"):
     bs = shape.block_size
     num_blocks = -(-shape.num_slots // bs) + 1
     g = torch.Generator(device=device).manual_seed(seed)
-    k = torch.randn((num_blocks * bs, 512), generator=g, device=device).to(torch.bfloat16)
-    data, codes = quantize_ue8m0(k, layout)
-    del k
-    k_cache = write_pages(num_blocks, bs, layout, data, codes)
-    slots = torch.randint(0, num_blocks * bs, (shape.num_slots,), generator=g, device=device, dtype=torch.int32)
-    slots[torch.rand(shape.num_slots, generator=g, device=device) >= shape.valid] = -1
+    k_cache = make_cache(num_blocks, bs, layout, g)
+    slots = random_slots(shape.num_slots, num_blocks * bs, shape.valid, g)
     out = poisoned_out(1, shape.num_slots, device=device)[0]
     return [out, k_cache, slots, bs]
 

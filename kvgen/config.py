@@ -215,54 +215,35 @@ SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_st
 
 # What `make build` ships: the union of these cross products. In each, a
 # layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
+_EVERY_BLOCK_SIZE = {
+    "layout": tuple(LAYOUTS),
+    "block_size": (16, 32, 64, 128, 256),
+    "num_stages": (2, 4, 8),
+    "num_warps": (4,),
+    "schedule": ("strided",),
+    "arch": ("sm_90a",),
+}
+_SPEED_ISSUE = {  # the block sizes of the speed issue's shapes, the seed's pipeline
+    "layout": tuple(LAYOUTS),
+    "indexing": ("dense",),
+    "block_size": (64, 256),
+    "num_stages": (4,),
+    "num_warps": (4,),
+    "schedule": ("strided",),
+    "arch": ("sm_90a",),
+}
 BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
     # Every family, every block size. Sparse without PDL: griddepcontrol costs
     # each CTA ~70 ns of SM time, which a sparse grid of mostly -1 slots (CTAs
     # with nothing to do) cannot hide -- measured 12.5 -> 20.9 us at 65536 slots,
     # 3% valid (BENCHMARKS.md, log 5).
-    {
-        "layout": tuple(LAYOUTS),
-        "indexing": ("dense",),
-        "block_size": (16, 32, 64, 128, 256),
-        "num_stages": (2, 4, 8),
-        "num_warps": (4,),
-        "schedule": ("strided",),
-        "pdl": (True,),
-        "arch": ("sm_90a",),
-    },
-    {
-        "layout": tuple(LAYOUTS),
-        "indexing": ("sparse",),
-        "block_size": (16, 32, 64, 128, 256),
-        "num_stages": (2, 4, 8),
-        "num_warps": (4,),
-        "schedule": ("strided",),
-        "pdl": (False,),
-        "arch": ("sm_90a",),
-    },
-    # The seed's design without PDL, on the speed issue's block sizes: the
-    # benchmark's baseline, and what KVGEN_PDL=0 dispatches to where it exists.
-    {
-        "layout": tuple(LAYOUTS),
-        "indexing": ("dense",),
-        "block_size": (64, 256),
-        "num_stages": (4,),
-        "num_warps": (4,),
-        "schedule": ("strided",),
-        "pdl": (False,),
-        "arch": ("sm_90a",),
-    },
-    # Launch-shape candidates for tuning (BENCHMARKS.md), on the speed issue's block sizes.
-    {
-        "layout": ("dsv4_584",),
-        "indexing": ("dense",),
-        "block_size": (64, 256),
-        "num_stages": (4,),
-        "num_warps": (4, 8),
-        "schedule": SCHEDULES,
-        "pdl": (True,),
-        "arch": ("sm_90a",),
-    },
+    {**_EVERY_BLOCK_SIZE, "indexing": ("dense",), "pdl": (True,)},
+    {**_EVERY_BLOCK_SIZE, "indexing": ("sparse",), "pdl": (False,)},
+    # The seed's design without PDL: the benchmark's baseline, and what
+    # KVGEN_PDL=0 dispatches to where it exists.
+    {**_SPEED_ISSUE, "pdl": (False,)},
+    # Launch-shape candidates for tuning (BENCHMARKS.md).
+    {**_SPEED_ISSUE, "layout": ("dsv4_584",), "num_warps": (4, 8), "schedule": SCHEDULES, "pdl": (True,)},
 )
 GATHER_MODES = {"dense": (False, True), "sparse": (False,)}
 

@@ -133,7 +133,6 @@ class LoadedKernel:
         struct.pack_into(self._format, values, 0, *args)
         block = self.entry.block
         driver_launch = _ctypes_launcher()
-        what = f"cuLaunchKernel{'Ex' if pdl else ''}({self.entry.name})"
         if driver_launch and pdl:
             config.grid[0], config.grid[1], config.grid[2] = grid
             config.stream = stream
@@ -144,7 +143,7 @@ class LoadedKernel:
         else:
             return self._launch_cuda_python(grid, pointers, stream, pdl)
         if err:
-            _check((_driver().CUresult(err),), what)
+            _check((_driver().CUresult(err),), f"cuLaunchKernel{'Ex' if pdl else ''}({self.entry.name})")
 
     def _launch_cuda_python(self, grid, pointers, stream: int, pdl: bool) -> None:
         """The same launch through cuda-python's wrappers (no libcuda via ctypes)."""

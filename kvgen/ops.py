@@ -39,15 +39,15 @@ def _expect(cond: bool, message: str, error=ValueError) -> None:
         raise error(message)
 
 
-def _meta(name: str, t, dtype: torch.dtype, ndim: int):
-    """(shape, strides) of a checked tensor. Each tensor attribute read costs
-    ~0.3 us on a slow host, so each is read once here."""
+def _meta(name: str, t, dtype: torch.dtype, ndim: int | None):
+    """(shape, strides) of a checked tensor (ndim None: any rank). Each tensor
+    attribute read costs ~0.3 us on a slow host, so each is read once here."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     shape = t.shape
-    if len(shape) != ndim:
+    if ndim is not None and len(shape) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(shape)}")
     return shape, t.stride()
 
@@ -131,9 +131,8 @@ class CheckedSparse(NamedTuple):
 
 def validate_sparse(out, k_cache, slot_indices, block_size) -> CheckedSparse:
     """Check every argument of a sparse call before any launch."""
-    _expect(isinstance(out, torch.Tensor), f"out: expected a torch.Tensor, got {type(out).__name__}", TypeError)
-    _expect(out.dtype == torch.bfloat16, f"out: expected dtype {torch.bfloat16}, got {out.dtype}", TypeError)
-    _expect(out.dim() >= 1 and out.shape[-1] == 512, f"out: last dimension must be 512, got shape {tuple(out.shape)}")
+    out_shape, _ = _meta("out", out, torch.bfloat16, None)
+    _expect(len(out_shape) >= 1 and out_shape[-1] == 512, f"out: last dimension must be 512, got shape {tuple(out_shape)}")
     try:
         rows = out.view(-1, 512)  # [..., 512] flattened; a view, so writes land in out
     except RuntimeError:
@@ -207,10 +206,11 @@ def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: boo
         entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability)
         if entry is not None and not aligned:
             entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
+    cubin = Decision("cubin", entry, pdl=entry.pdl and pdl_requested()) if entry is not None else None
     if forced == "cubin":
-        if entry is None:
+        if cubin is None:
             raise BackendUnavailable(f"{BACKEND_ENV}=cubin, but {why_not}")
-        return Decision("cubin", entry, pdl=entry.pdl and pdl_requested())
+        return cubin
     if forced == "triton":
         if not _triton_usable(device_type):
             raise BackendUnavailable(f"{BACKEND_ENV}=triton, but Triton cannot run on {device_type} here "
@@ -218,8 +218,8 @@ def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: boo
         return Decision("triton")
     if forced == "torch":
         return Decision("torch")
-    if entry is not None:
-        return Decision("cubin", entry, pdl=entry.pdl and pdl_requested())
+    if cubin is not None:
+        return cubin
     if device_type == "cuda" and _triton_usable(device_type):
         return Decision("triton", reason=why_not)
     return Decision("torch", reason=why_not)

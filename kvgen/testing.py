@@ -55,13 +55,15 @@ def write_pages(num_blocks: int, block_size: int, layout: Layout, data: torch.Te
 
 def make_cache(num_blocks: int, block_size: int, layout: Layout, g: torch.Generator, raw_bytes: bool = False,
                page_pad: int = 0, value_scale: float = 1.0) -> torch.Tensor:
-    """A paged cache of random records: quantized from random bf16, or raw random bytes."""
-    n = num_blocks * block_size
+    """A paged cache of random records, on `g`'s device: quantized from random
+    bf16, or raw random bytes."""
+    n, device = num_blocks * block_size, g.device
     if raw_bytes:
-        data = torch.randint(0, 256, (n, layout.data_bytes(layout.fp8_dim)), dtype=torch.uint8, generator=g)
-        codes = torch.randint(0, 256, (n, layout.scale_bytes), dtype=torch.uint8, generator=g)
+        data = torch.randint(0, 256, (n, layout.data_bytes(layout.fp8_dim)), dtype=torch.uint8, generator=g,
+                             device=device)
+        codes = torch.randint(0, 256, (n, layout.scale_bytes), dtype=torch.uint8, generator=g, device=device)
     else:
-        k = (torch.randn((n, HEAD_DIM), generator=g) * value_scale).to(torch.bfloat16)
+        k = (torch.randn((n, HEAD_DIM), generator=g, device=device) * value_scale).to(torch.bfloat16)
         data, codes = quantize_ue8m0(k, layout)
     return write_pages(num_blocks, block_size, layout, data, codes, page_pad)
 
@@ -147,10 +149,17 @@ def make_sparse_case(*, num_slots: int, valid: float = 1.0, block_size: int = 64
     g = torch.Generator().manual_seed(seed)
     num_blocks = -(-num_slots // block_size) + extra_pages
     k_cache = make_cache(num_blocks, block_size, LAYOUTS[layout], g, raw_bytes, page_pad, value_scale)
-    slots = torch.randint(0, num_blocks * block_size, (num_slots,), generator=g, dtype=torch.int32)
-    slots[torch.rand(num_slots, generator=g) >= valid] = -1
+    slots = random_slots(num_slots, num_blocks * block_size, valid, g)
     out = poisoned_out(1, num_slots).reshape(*(out_shape or (num_slots,)), HEAD_DIM)
     return SparseCase(out=out, k_cache=k_cache, slot_indices=slots, block_size=block_size)
+
+
+def random_slots(num_slots: int, cache_slots: int, valid: float, g: torch.Generator) -> torch.Tensor:
+    """int32 slots drawn over the whole cache, on `g`'s device; a fraction
+    `valid` of them real, the rest -1."""
+    slots = torch.randint(0, cache_slots, (num_slots,), generator=g, device=g.device, dtype=torch.int32)
+    slots[torch.rand(num_slots, generator=g, device=g.device) >= valid] = -1
+    return slots
 
 
 def poisoned_out(num_reqs: int, max_tokens: int, device="cpu") -> torch.Tensor:

@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from .config import HEAD_DIM
+from .dispatch import MAX_GRID_Y
 from .reference import layout_of
 
 TOKENS_PER_PROGRAM = 16
 NUM_WARPS = 8
-MAX_GRID_Y = 65535
 MAX_GRID = 65535 * 16  # sparse: programs grid-stride past this
 
 
