@@ -32,8 +32,10 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None) -> list[Path]:
-    """Render sources; remove generated sources no config asks for. Returns changed files."""
+def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None,
+             prune: bool = True) -> list[Path]:
+    """Render sources; with `prune`, remove generated sources no config asks for
+    (only right when `configs` is the whole matrix). Returns changed files."""
     from .render import render_helpers, render_kernel
 
     out_dir = out_dir or generated_dir()
@@ -47,7 +49,7 @@ def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path
     for config in configs:
         wanted[kernels_dir / config.filename] = render_kernel(config)
     changed = [path for path, text in wanted.items() if _write_if_changed(path, text)]
-    for stale in kernels_dir.glob("*.py"):
+    for stale in kernels_dir.glob("*.py") if prune else ():
         if stale not in wanted:
             stale.unlink()
             changed.append(stale)
@@ -107,13 +109,21 @@ def _build_row(out_dir: str, config_dict: dict[str, Any], toolchain: dict[str, s
 
 
 def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None,
-          jobs: int | None = None, progress: bool = True, force: bool = False) -> dict[str, int]:
-    """Compile and link every config; returns {"built": n, "skipped": m}."""
+          jobs: int | None = None, progress: bool = True, force: bool = False,
+          only: Iterable[str] | None = None) -> dict[str, int]:
+    """Compile and link every config (default: the build matrix); returns
+    {"built": n, "skipped": m}. With `only` (kernel names), build just those
+    and keep every other row, source and cubin as it is."""
     from .link import toolchain_versions
 
     out_dir = out_dir or generated_dir()
     configs = list(configs if configs is not None else build_matrix())
     generate(configs, out_dir)
+    kept: list[DequantGatherConfig] = []
+    if only is not None:
+        only = set(only)
+        kept = [c for c in configs if c.name not in only]
+        configs = [c for c in configs if c.name in only]
     toolchain = toolchain_versions()
     manifest_path = out_dir / MANIFEST_NAME
     try:
@@ -122,7 +132,7 @@ def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | 
         previous = {}
     helpers_sha = sha256_file(out_dir / KERNELS_PACKAGE / HELPERS_FILE)
 
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {c.name: previous[c.name] for c in kept if c.name in previous}
     todo: list[tuple[DequantGatherConfig, str]] = []
     for config in configs:
         source_sha = sha256_file(out_dir / KERNELS_PACKAGE / config.filename)

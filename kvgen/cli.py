@@ -30,7 +30,7 @@ def _check_arch(args) -> None:
 def cmd_generate(args) -> int:
     from .build import generate
 
-    changed = generate(_configs(args))
+    changed = generate(_configs(args), prune=not args.kernel)
     print(f"kvgen generate: {len(changed)} file(s) changed")
     for path in changed:
         print(f"  {path}")
@@ -41,8 +41,10 @@ def cmd_build(args) -> int:
     from .build import build
 
     _check_arch(args)
-    configs = [c for c in _configs(args) if not args.arch or c.arch == args.arch]
-    result = build(configs, jobs=args.jobs, progress=not args.quiet, force=args.force)
+    only = [c.name for c in _configs(args) if not args.arch or c.arch == args.arch]
+    # The whole matrix stays in the manifest; only the selected kernels are (re)built.
+    result = build(jobs=args.jobs, progress=not args.quiet, force=args.force,
+                   only=only if args.kernel or args.arch else None)
     print(f"kvgen build: {result['built']} built, {result['skipped']} unchanged")
     return 0
 
@@ -118,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     axes = " + ".join("(" + ", ".join(f"{k}={list(v)}" for k, v in product.items()) + ")" for product in BUILD_MATRIX)
     p = add("generate", cmd_generate, "Render the config matrix into generated/kvgen_kernels/ (deterministic).")
-    p.add_argument("--kernel", action="append", help="only this kernel name (repeatable)")
+    p.add_argument("--kernel", action="append", help="only this kernel name (repeatable); others are kept")
     p = add("build", cmd_build, f"Compile and link the matrix into cubins and generated/manifest.json. Matrix: {axes}")
-    p.add_argument("--kernel", action="append", help="only this kernel name (repeatable)")
+    p.add_argument("--kernel", action="append", help="only (re)build this kernel (repeatable); the rest are kept")
     p.add_argument("--arch", help="only kernels for this arch (e.g. sm_90a)")
     p.add_argument("--jobs", type=int, default=None, help="parallel build processes (default: cores)")
     p.add_argument("--force", action="store_true", help="rebuild even where inputs are unchanged")

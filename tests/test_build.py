@@ -80,3 +80,16 @@ def test_seed_ptx_has_the_seed_design():
     assert "st.global.v4.b32" in ptx  # 16-byte global stores
     assert ".local" not in ptx and "ld.local" not in ptx and "st.local" not in ptx
     assert ".reqntid 128, 1, 1" in ptx
+
+
+def test_building_named_kernels_keeps_every_other_kernel(tmp_path):
+    """`kvgen build --kernel NAME` rebuilds NAME and leaves the rest of the tree as it was."""
+    from kvgen.build import build
+
+    shutil.copytree(COMMITTED, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    before = read_manifest(tmp_path / MANIFEST_NAME)["kernels"]
+    result = build(out_dir=tmp_path, progress=False, force=True, only=[SEED.name])
+    assert result == {"built": 1, "skipped": 0}
+    after = read_manifest(tmp_path / MANIFEST_NAME)["kernels"]
+    assert after == before  # the rebuilt seed reproduces its row; no other row lost
+    assert all((tmp_path / row["cubin"]).exists() for row in after)
