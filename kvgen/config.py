@@ -72,15 +72,7 @@ ARCHS: dict[str, Arch] = {
 # How a request's tokens are split over its CTAs' warps.
 #   strided:    warp k of CTA y takes tokens (y*W + k) + n*(Y*W)  (the seed's order)
 #   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
-#   batch:      warp k of CTA y takes S consecutive tokens at once, batches
-#               (y*W + k) + n*(Y*W): one round trip locates all S records, then
-#               all S are copied in flight together (S = num_stages <= block_size)
-SCHEDULES = ("strided", "contiguous", "batch")
-
-
-def tokens_per_warp(schedule: str, num_stages: int) -> int:
-    """Tokens one warp takes per pass of its loop (what a launch grid divides by)."""
-    return num_stages if schedule == "batch" else 1
+SCHEDULES = ("strided", "contiguous")
 
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
@@ -102,7 +94,7 @@ class DequantGatherConfig:
     layout: str = _param("", "cache record layout (a row of LAYOUTS)")
     fp8_dim: int = _param("f", "fp8 values per token; the rest of HEAD_DIM is a bf16 tail")
     block_size: int = _param("b", "tokens per cache page (power of two)")
-    num_stages: int = _param("s", "cp.async ring depth per warp (tokens in flight; batch: tokens per batch)")
+    num_stages: int = _param("s", "cp.async ring depth per warp (tokens in flight)")
     num_warps: int = _param("w", "warps per CTA; one token per warp per stage")
     indexing: str = _param("", "dense (block table) or sparse (slot indices); see INDEXING")
     gather_lens: bool = _param("g", "dense: kernel reads gather_lens (else gathers whole sequences)")
@@ -209,9 +201,6 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"block_size={c.block_size} must be a power of two")
     if not 1 <= c.num_stages <= MAX_STAGES:
         raise ConfigError(f"num_stages={c.num_stages} must be in 1..{MAX_STAGES}")
-    if c.schedule == "batch" and c.num_stages > c.block_size:
-        raise ConfigError(f"schedule batch takes num_stages <= block_size (a batch spans at most two "
-                          f"pages), got num_stages={c.num_stages}, block_size={c.block_size}")
     if not 1 <= c.num_warps <= 32:
         raise ConfigError(f"num_warps={c.num_warps} must be in 1..32")
     if c.smem_bytes > c.arch_row.max_smem_per_block:
@@ -254,12 +243,7 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
     # KVGEN_PDL=0 dispatches to where it exists.
     {**_SPEED_ISSUE, "pdl": (False,)},
     # Launch-shape candidates for tuning (BENCHMARKS.md).
-    {**_SPEED_ISSUE, "layout": ("dsv4_584",), "num_warps": (4, 8), "schedule": ("strided", "contiguous"),
-     "pdl": (True,)},
-    # Batched warps (BENCHMARKS.md, log 8): 4, 8 or 16 records in flight per warp.
-    {**_SPEED_ISSUE, "num_stages": (4, 8, 16), "schedule": ("batch",), "pdl": (True,)},
-    {**_EVERY_BLOCK_SIZE, "indexing": ("sparse",), "block_size": (64,), "num_stages": (8,), "schedule": ("batch",),
-     "pdl": (False,)},
+    {**_SPEED_ISSUE, "layout": ("dsv4_584",), "num_warps": (4, 8), "schedule": SCHEDULES, "pdl": (True,)},
 )
 GATHER_MODES = {"dense": (False, True), "sparse": (False,)}
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ARCHS, tokens_per_warp
+from .config import ARCHS
 from .manifest import KernelEntry
 from .paths import generated_dir
 
@@ -99,12 +99,10 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int,
                 target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """grid = (requests, workers): enough warps for the longest possible gather
-    (max_rows bounds every gather length) to take one pass each, the whole grid
-    held near target_ctas.
+    (max_rows bounds every gather length), the whole grid held near target_ctas.
     A sparse call is one request of max_rows = number of slots."""
-    c = entry.config
-    tokens_per_cta = c["num_warps"] * tokens_per_warp(c["schedule"], c["num_stages"])
-    workers = min(-(-max_rows // tokens_per_cta), -(-target_ctas // num_reqs), MAX_GRID_Y)
+    warps = entry.config["num_warps"]
+    workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)
 
 

@@ -85,12 +85,6 @@ SCALE_LANE = EXTRA_CHUNKS % 32
 
 
 
-
-
-
-
-
-
 @cute.kernel
 def kernel(
     out: cute.Pointer,
@@ -185,7 +179,7 @@ def kernel(
         cute.arch.cp_async_wait_group(NUM_STAGES - 1)
         cute.arch.sync_warp()
 
-        # Lane l converts output chunks l and l + 32 (16 bytes each) of the record in stage compute_stage.
+        # Lane l writes output chunks l and l + 32 (16 bytes each).
         # chunk lane: eight fp8 values -> 16 bytes of bf16
         code = Uint32(s_bytes[DATA_BYTES + (lane) * 8 // SCALE_GROUP, compute_stage])
         v = dequant_fp8x8(s_words[2 * (lane), compute_stage], s_words[2 * (lane) + 1, compute_stage], code)
@@ -203,10 +197,12 @@ def kernel(
                 regs[k, 1] = s_words[FP8_DIM // 4 + ((lane + 32) - FP8_CHUNKS) * 4 + k, compute_stage]
         # Every lane has read this stage before any lane refills it.
         cute.arch.sync_warp()
+
+        out_offset = Int64(t) * out_stride_row
         slot = cute.make_tensor(slot_indices + t, cute.make_layout(1))[0]
         if slot >= 0:
             out_row = cute.make_tensor(
-                cute.recast_ptr(out + cute.assume(Int64(t) * out_stride_row, divby=8), dtype=Uint32), cute.make_layout((4, 64))
+                cute.recast_ptr(out + cute.assume(out_offset, divby=8), dtype=Uint32), cute.make_layout((4, 64))
             )
             cute.copy(st_global, regs[None, 0], out_row[None, lane])
             cute.copy(st_global, regs[None, 1], out_row[None, lane + 32])
