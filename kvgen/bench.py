@@ -24,12 +24,13 @@ from typing import Callable
 import torch
 
 from .config import LAYOUTS, SEED
-from .dispatch import CallKey, candidate_rows, choose_row, launch_grid
+from .dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
 from .testing import POISON_BF16, POISON_PAGE, make_cache, mismatches, poisoned_out, random_slots
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
 NO_PDL = "kvgen_no_pdl"  # the public op with KVGEN_PDL=0
+COPY = "copy"  # a device-to-device copy of the same bytes (same_bytes_copy)
 GRID_TARGETS = (2048, 4096, 16384, 32768, 65536)  # --sweep: whole-grid CTA counts to try
 
 
@@ -133,12 +134,13 @@ def _event_times(fn: Callable[[], None], reps: int, warmup: int = 3) -> list[flo
     return times
 
 
-def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:
-    """Median seconds per call: one graph holding one call per input set."""
+def _capture(calls: list[Callable[[], None]]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph holding `calls`, each run once eagerly first (outside the
+    capture: modules load, Triton compiles)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for call in calls:  # load modules, compile Triton, outside the capture
+        for call in calls:
             call()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
@@ -146,13 +148,45 @@ def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
+    return graph
+
+
+def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30) -> dict[str, float]:
+    """Median seconds per call of each variant, a variant being one call per
+    input set, captured as one CUDA graph. The graphs are replayed in turn,
+    round after round, so clock and thermal drift fall on every variant alike
+    (timed one after another, the same kernel read up to 3% apart in one run)."""
+    graphs = {name: (_capture(calls), len(calls)) for name, calls in variants.items()}
     # Warm up for >= 50 ms: seen here, a variant timed right after a cold
     # stretch read 13% slower than the same kernel timed later.
     start = time.perf_counter()
     while time.perf_counter() - start < 0.05:
-        graph.replay()
+        for graph, _ in graphs.values():
+            graph.replay()
         torch.cuda.synchronize()
-    return statistics.median(_event_times(graph.replay, reps)) / len(calls)
+    samples: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, (graph, _) in graphs.items():
+            samples[name] += _event_times(graph.replay, reps=1, warmup=0)
+    return {name: statistics.median(samples[name]) / n for name, (_, n) in graphs.items()}
+
+
+def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:
+    """Median seconds per call of one variant (see graph_times)."""
+    return graph_times({"": calls}, rounds=reps)[""]
+
+
+def same_bytes_copy(working_set: int, sets: int) -> list[Callable[[], None]]:
+    """Device-to-device copies moving `working_set` bytes (half read, half
+    written), one buffer pair per input set: what a kernel moving those bytes
+    at best costs in this harness, launch and ramp included."""
+    # Rounded up to whole 4 KiB: copying 133179 DSv4 tokens' bytes exactly, or
+    # rounded to 16, ran at 0.77 of the roofline, rounded to 4096 at 0.93
+    # (benchmarks/access_pattern.py).
+    half = -(-working_set // 8192) * 4096
+    pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda").random_(),
+              torch.empty(half, dtype=torch.uint8, device="cuda")) for _ in range(sets)]
+    return [lambda s=s, d=d: d.copy_(s) for s, d in pairs]
 
 
 def _runner(backend: str, args, entry=None, grid=None, pdl: bool = False, pdl_env: str = "1") -> Callable[[], None]:
@@ -182,10 +216,11 @@ def _runner(backend: str, args, entry=None, grid=None, pdl: bool = False, pdl_en
 
 def _time_variants(label: str, cases: list, expected: list, variants: dict, working_set: int,
                    roofline_s: float, reference: Callable) -> dict:
-    """Check each variant bit-exact on every input set (poisoned first), then time it."""
-    results = {}
+    """Check each variant bit-exact on every input set (poisoned first), then
+    time them all, interleaved, with a copy of the same bytes beside them."""
+    timed = {}
     for name, make in variants.items():
-        calls = [make(a) for a in cases]
+        calls = timed[name] = [make(a) for a in cases]
         for args, call, ref in zip(cases, calls, expected):
             args[0].view(torch.int16).fill_(POISON_BF16)
             call()
@@ -193,12 +228,13 @@ def _time_variants(label: str, cases: list, expected: list, variants: dict, work
             bad = mismatches(args[0], ref)
             if bad:
                 raise AssertionError(f"{label} {name}: {bad} values differ from the torch path")
-        seconds = graph_time(calls)
-        results[name] = {"us": seconds * 1e6, "gbps": working_set / seconds / 1e9, "fraction": roofline_s / seconds}
+    timed[COPY] = same_bytes_copy(working_set, len(cases))
+    seconds = graph_times(timed)
+    del timed
     # The torch path: eager (it synchronises), a few runs.
-    t = statistics.median(_event_times(lambda: reference(*cases[0]), reps=3, warmup=1))
-    results["torch"] = {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
-    return results
+    seconds["torch"] = statistics.median(_event_times(lambda: reference(*cases[0]), reps=3, warmup=1))
+    return {name: {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
+            for name, t in seconds.items()}
 
 
 def _eager_us(args) -> float:
@@ -223,66 +259,92 @@ def _expected(cases: list, reference: Callable) -> list[torch.Tensor]:
     return expected
 
 
-def bench_shape(shape: Shape, copy_bw: float, l2_bytes: int, sweep: bool,
+@dataclass
+class Workload:
+    """One shape's input sets on the GPU, their expected outputs, and its call key."""
+
+    shape: Shape | SparseShape
+    cases: list  # one argument list per input set, `out` first
+    expected: list  # the torch path's output per set
+    tokens: int  # tokens gathered (valid slots, for sparse)
+    working_set: int  # bytes read + written by one call
+    reference: Callable
+    key: CallKey  # what dispatch sees (shape class included)
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.shape, SparseShape)
+
+
+def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
+    from .reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+
+    capability = torch.cuda.get_device_capability()
+    record = LAYOUTS[shape.layout].record_bytes
+    if isinstance(shape, SparseShape):
+        probe = gpu_sparse_case(shape, 0)
+        tokens = int((probe[2] >= 0).sum())
+        working_set = max(1, tokens) * (record + WRITE_BYTES)
+        cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, _set_count(working_set, l2_bytes))]
+        reference = dequantize_and_gather_sparse_torch
+        key = CallKey(shape.layout, shape.block_size, "sparse", False, capability, shape_class(1, shape.num_slots))
+    else:
+        tokens = shape.tokens
+        working_set = tokens * (record + WRITE_BYTES)
+        cases = [gpu_case(shape, seed) for seed in range(_set_count(working_set, l2_bytes))]
+        reference = dequantize_and_gather_torch
+        key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None, capability,
+                      shape_class(len(shape.seq_lens), shape.window or max(shape.seq_lens)))
+    return Workload(shape, cases, _expected(cases, reference), tokens, working_set, reference, key)
+
+
+def entry_variants(rows, name: Callable | None = None) -> dict[str, Callable[[list], Callable[[], None]]]:
+    """Each row launched directly on dispatch's grid (PDL as the row was built),
+    named by `name(row)` (default: the fields that tell rows of one call key apart)."""
+    return {(name or variant_name)(e): (lambda a, e=e: _runner("entry", a, e, pdl=e.pdl)) for e in rows}
+
+
+def variant_name(entry) -> str:
+    from .tune import variant_of
+
+    return f"{variant_of(entry.config)}p{int(entry.config['pdl'])}"
+
+
+def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep: bool = False,
                 grid_targets: tuple[int, ...] = GRID_TARGETS) -> dict:
+    """Every backend on one shape (the seed config for dense shapes; with
+    `sweep`, every shipped row and grid size too), checked, then timed."""
     from . import ops
     from .loader import registry
-    from .reference import dequantize_and_gather_torch
 
-    working_set = shape.tokens * (LAYOUTS[shape.layout].record_bytes + WRITE_BYTES)
-    sets = _set_count(working_set, l2_bytes)
-    cases = [gpu_case(shape, seed) for seed in range(sets)]
-    expected = _expected(cases, dequantize_and_gather_torch)
-
-    key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None,
-                  torch.cuda.get_device_capability())
-    rows = candidate_rows(registry().entries, key)
-    seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
-    seed_entry = choose_row([e for e in rows if all(e.config[f] == getattr(SEED, f) for f in seed_fields)])
-    chosen = ops.decide(*cases[0]).entry
+    w = workload(shape, l2_bytes)
+    chosen = (ops.decide_sparse if w.sparse else ops.decide)(*w.cases[0]).entry
     variants: dict[str, Callable[[list], Callable[[], None]]] = {
         "kvgen": lambda a: _runner("cubin", a),
         NO_PDL: lambda a: _runner("cubin", a, pdl_env="0"),
-        "seed": lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1)),
         "triton": lambda a: _runner("triton", a),
     }
+    rows = candidate_rows(registry().entries, w.key)
+    if not w.sparse:
+        seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
+        seed_entry = choose_row([e for e in rows if all(e.config[f] == getattr(SEED, f) for f in seed_fields)])
+        variants["seed"] = lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1))
     if sweep:
-        for e in rows:
-            c = e.config
-            variants[f"s{c['num_stages']}w{c['num_warps']}{c['schedule'][0]}p{int(c['pdl'])}"] = (
-                lambda a, e=e: _runner("entry", a, e, pdl=e.pdl))
-        rows_bound = shape.window or max(shape.seq_lens)
+        variants.update(entry_variants(rows))
+        num_reqs, rows_bound = (1, shape.num_slots) if w.sparse else (len(shape.seq_lens),
+                                                                       shape.window or max(shape.seq_lens))
         for target in grid_targets:
-            grid = launch_grid(chosen, len(shape.seq_lens), rows_bound, target)
+            grid = launch_grid(chosen, num_reqs, rows_bound, target)
             variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g, pdl=chosen.pdl)
 
-    roofline_s = working_set / copy_bw
-    backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,
-                              dequantize_and_gather_torch)
-    for b in backends.values():
-        b["speedup_vs_seed"] = backends["seed"]["us"] / b["us"]
-    return {"shape": shape.label, "tokens": shape.tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
-            "chosen": chosen.name, "backends": backends, "eager_us": _eager_us(cases[0])}
-
-
-def bench_sparse_shape(shape: SparseShape, copy_bw: float, l2_bytes: int) -> dict:
-    from . import ops
-    from .reference import dequantize_and_gather_sparse_torch
-
-    probe = gpu_sparse_case(shape, 0)
-    tokens = int((probe[2] >= 0).sum())
-    working_set = max(1, tokens) * (LAYOUTS[shape.layout].record_bytes + WRITE_BYTES)
-    sets = _set_count(working_set, l2_bytes)
-    cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, sets)]
-    expected = _expected(cases, dequantize_and_gather_sparse_torch)
-    chosen = ops.decide_sparse(*cases[0]).entry
-    variants = {"kvgen": lambda a: _runner("cubin", a), NO_PDL: lambda a: _runner("cubin", a, pdl_env="0"),
-                "triton": lambda a: _runner("triton", a)}
-    roofline_s = working_set / copy_bw
-    backends = _time_variants(shape.label, cases, expected, variants, working_set, roofline_s,
-                              dequantize_and_gather_sparse_torch)
-    return {"shape": shape.label, "tokens": tokens, "sets": sets, "roofline_us": roofline_s * 1e6,
-            "chosen": chosen.name, "backends": backends, "eager_us": _eager_us(cases[0])}
+    roofline_s = w.working_set / copy_bw
+    backends = _time_variants(shape.label, w.cases, w.expected, variants, w.working_set, roofline_s, w.reference)
+    if "seed" in backends:
+        for b in backends.values():
+            b["speedup_vs_seed"] = backends["seed"]["us"] / b["us"]
+    return {"shape": shape.label, "tokens": w.tokens, "sets": len(w.cases), "roofline_us": roofline_s * 1e6,
+            "chosen": chosen.name, "shape_class": w.key.shape_class, "backends": backends,
+            "eager_us": _eager_us(w.cases[0])}
 
 
 def host_overhead_us(calls: int = 2000) -> dict:
@@ -326,10 +388,7 @@ def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4",
     print(f"{props.name}: copy roofline {copy_bw / 1e9:.0f} GB/s (read + write); "
           f"host per API call {report['host']['api_us']:.1f} us", flush=True)
     for shape in shapes:
-        if isinstance(shape, SparseShape):
-            result = bench_sparse_shape(shape, copy_bw, props.L2_cache_size)
-        else:
-            result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep, tuple(grid_targets))
+        result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep, tuple(grid_targets))
         report["shapes"].append(result)
         cols = "  ".join(f"{k} {v['us']:8.2f}us {v['fraction']:.2f}" for k, v in result["backends"].items())
         print(f"{shape.label:<24} {cols}  eager {result['eager_us']:.1f}us", flush=True)
@@ -340,29 +399,41 @@ def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4",
     return report
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def _cell(b: dict, name: str, *fields: str) -> str:
+    """`b[name]`'s fields as table cells ("–" where the report has no such backend)."""
+    formats = {"us": "{:.2f}", "fraction": "{:.2f}", "gbps": "{:.0f}", "speedup_vs_seed": "{:.2f}"}
+    return " | ".join(formats[f].format(b[name][f]) if f in b.get(name, ()) else "–" for f in fields)
+
+
 def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']} ({report['sms']} SMs), {report['date']}; copy roofline "
              f"{report['copy_gbps']:.0f} GB/s (read + write); versions {report['versions']}. "
              f"Host time per eager API call: {report['host']['api_us']:.1f} us "
              f"(launch alone {report['host']['launch_only_us']:.1f} us).", "",
-             ("| shape | tokens | roofline µs | kvgen µs | GB/s | fraction | × seed | seed µs | seed fraction "
-              "| no-PDL µs | no-PDL fraction | triton µs | triton GB/s | torch µs | eager µs |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    speedups = []
+             ("| shape | tokens | roofline µs | copy µs | copy fraction | kvgen µs | GB/s | fraction | × seed "
+              "| seed µs | seed fraction | no-PDL µs | no-PDL fraction | triton µs | triton GB/s | torch µs | eager µs |"),
+             "|---" * 17 + "|"]
+    speedups, ceilings = [], []
     for s in report["shapes"]:
         b = s["backends"]
-        seed = b.get("seed")
-        if seed:
+        if "seed" in b:
             speedups.append(b["kvgen"]["speedup_vs_seed"])
+            if COPY in b:
+                ceilings.append(b["seed"]["us"] / b[COPY]["us"])
         lines.append(
-            f"| {s['shape']} | {s['tokens']} | {s['roofline_us']:.2f} | {b['kvgen']['us']:.2f} | {b['kvgen']['gbps']:.0f} | "
-            f"{b['kvgen']['fraction']:.2f} | "
-            + (f"{b['kvgen']['speedup_vs_seed']:.2f} | {seed['us']:.2f} | {seed['fraction']:.2f} | " if seed else "– | – | – | ")
-            + (f"{b[NO_PDL]['us']:.2f} | {b[NO_PDL]['fraction']:.2f} | " if NO_PDL in b else "– | – | ")
-            + f"{b['triton']['us']:.2f} | {b['triton']['gbps']:.0f} | {b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
+            f"| {s['shape']} | {s['tokens']} | {s['roofline_us']:.2f} | {_cell(b, COPY, 'us', 'fraction')} | "
+            f"{_cell(b, 'kvgen', 'us', 'gbps', 'fraction', 'speedup_vs_seed')} | {_cell(b, 'seed', 'us', 'fraction')} | "
+            f"{_cell(b, NO_PDL, 'us', 'fraction')} | {_cell(b, 'triton', 'us', 'gbps')} | "
+            f"{b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
     if speedups:
-        geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
-        lines += ["", f"Geomean speedup of kvgen over the seed config: {geo:.2f}×"]
+        lines += ["", f"Geomean speedup of kvgen over the seed config: {_geomean(speedups):.2f}×"]
+    if ceilings and len(ceilings) == len(speedups):
+        lines += ["", f"Geomean speedup of a copy of the same bytes over the seed config (what a gather "
+                      f"as fast as a plain copy would reach): {_geomean(ceilings):.2f}×"]
     return "\n".join(lines)
 
 
@@ -373,11 +444,11 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = [s["shape"] for s in report["shapes"]]
-    backends = [b for b in ("kvgen", "seed", "triton", "torch") if b in report["shapes"][0]["backends"]]
+    backends = [b for b in (COPY, "kvgen", "seed", "triton", "torch") if b in report["shapes"][0]["backends"]]
     fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.2
+    width = 0.8 / len(backends)
     for i, name in enumerate(backends):
-        ax.bar([x + (i - 1.5) * width for x in range(len(shapes))],
+        ax.bar([x + (i - (len(backends) - 1) / 2) * width for x in range(len(shapes))],
                [s["backends"][name]["gbps"] for s in report["shapes"]], width, label=name)
     ax.axhline(report["copy_gbps"], color="k", linestyle="--", label="copy roofline")
     ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right")

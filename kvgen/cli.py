@@ -1,4 +1,4 @@
-"""python -m kvgen generate | build | list | demo | bench"""
+"""python -m kvgen generate | build | list | demo | bench | tune"""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .config import BUILD_MATRIX, ConfigError, DequantGatherConfig, build_matrix
+from .tune import MARGIN
 
 
 def _configs(args) -> list[DequantGatherConfig]:
@@ -109,6 +110,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from . import tune
+
+    if not torch.cuda.is_available():
+        print("kvgen: error: tune needs a CUDA device", file=sys.stderr)
+        return 2
+    tune.tune(args.family, Path(args.out) if args.out else None, args.margin)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=int, nargs="+", help="with --sweep: the grid sizes (CTAs) to try")
     p.add_argument("--report", help="render this saved JSON report instead of measuring")
     p.add_argument("--plot", help="write a PNG plot here")
+    p = add("tune", cmd_tune, "Time every shipped variant on the benchmark shapes (GPU) and write the winners "
+                              "per shape class as dispatch rules (generated/dispatch.json).")
+    p.add_argument("--family", nargs="+", default=["dsv4", "v41", "sparse"], choices=["dsv4", "v41", "sparse"])
+    p.add_argument("--margin", type=float, default=MARGIN,
+                   help=f"a variant must beat the default by more than this fraction (default {MARGIN})")
+    p.add_argument("--out", help="write the table here instead of generated/dispatch.json")
     add("demo", cmd_demo, "List the kernels and check one gather against the torch reference on this machine's device.")
 
     args = parser.parse_args(argv)

@@ -35,6 +35,36 @@ DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "p
 TARGET_CTAS = 32768
 MAX_GRID_Y = 65535
 
+DISPATCH_TABLE = "dispatch.json"  # in generated/: the tuned rules, written by `kvgen tune`
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """Calls told apart by host-known sizes, for tuned dispatch rules. A call's
+    bound is num_reqs * max_rows (max_rows = out.shape[1] - offset bounds every
+    gather length; a sparse call is one request of num_slots rows)."""
+
+    name: str
+    max_bound: int | None = None  # at most this many tokens may be gathered
+    min_reqs: int | None = None  # at least this many requests
+
+    def matches(self, num_reqs: int, max_rows: int) -> bool:
+        return ((self.max_bound is None or num_reqs * max_rows <= self.max_bound)
+                and (self.min_reqs is None or num_reqs >= self.min_reqs))
+
+
+# Rows of data; a call's class is the first row it matches.
+SHAPE_CLASSES = (
+    ShapeClass("short", max_bound=16384),  # a few microseconds: launch and ramp dominate
+    ShapeClass("many_requests", min_reqs=64),  # many short gathers side by side
+    ShapeClass("long"),  # long gathers of a few requests: bandwidth-bound
+)
+
+
+@functools.lru_cache(maxsize=4096)  # called per eager call: a dict hit, not a scan
+def shape_class(num_reqs: int, max_rows: int) -> str:
+    return next(c.name for c in SHAPE_CLASSES if c.matches(num_reqs, max_rows))
+
 
 @dataclass(frozen=True)
 class CallKey:
@@ -45,6 +75,7 @@ class CallKey:
     indexing: str
     gather_lens: bool
     capability: tuple[int, int] | None  # None: not a CUDA device
+    shape_class: str = SHAPE_CLASSES[-1].name  # chooses among matching rows; never filters them
 
 
 def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
@@ -64,7 +95,7 @@ def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelE
 def _tuned_rules() -> tuple[dict, ...]:
     """Rules of generated/dispatch.json (written by `kvgen tune`), if present:
     [{"match": {CallKey field: value}, "prefer": {config field: value}}, ...]."""
-    path = generated_dir() / "dispatch.json"
+    path = generated_dir() / DISPATCH_TABLE
     if not path.exists():
         return ()
     return tuple(json.loads(path.read_text()).get("rules", []))
@@ -85,13 +116,16 @@ def preference_with_pdl(key: CallKey) -> dict:
 
 
 def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> KernelEntry | None:
-    """The row matching the most preferred fields; ties broken by name (stable)."""
+    """The row matching the most preferred fields; ties broken by name (stable).
+    The pdl field outranks the others: with KVGEN_PDL=0 a row built without
+    griddepcontrol is taken wherever one is shipped, whatever a tuned rule prefers."""
     if not rows:
         return None
     preference = preference if preference is not None else DEFAULT_PREFERENCE
 
     def score(e: KernelEntry):
-        return (-sum(e.config.get(k) == v for k, v in preference.items()), e.name)
+        pdl_match = "pdl" in preference and e.config.get("pdl") == preference["pdl"]
+        return (-pdl_match, -sum(e.config.get(k) == v for k, v in preference.items()), e.name)
 
     return min(rows, key=score)
 

@@ -23,7 +23,7 @@ import torch
 
 from .config import LAYOUTS, Layout
 from .dispatch import (BACKEND_ENV, PDL_ENV, CallKey, candidate_rows, choose_row, forced_backend, launch_grid,
-                       pdl_requested, preference_with_pdl)
+                       pdl_requested, preference_with_pdl, shape_class)
 from .manifest import KernelEntry
 
 _RECORD_TO_LAYOUT = {layout.record_bytes: layout for layout in LAYOUTS.values()}
@@ -182,15 +182,15 @@ class Decision:
     pdl: bool = False  # launch the cubin with programmatic dependent launch
 
 
-def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type,
-                 capability) -> tuple[Optional[KernelEntry], str]:
+def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability,
+                 call_class) -> tuple[Optional[KernelEntry], str]:
     if device_type != "cuda":
         return None, f"tensors are on {device_type}, not a CUDA device"
     if not _available("cuda.bindings"):
         return None, "cuda-python (cuda.bindings) is not installed"
     from .loader import registry
 
-    key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability)
+    key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability, call_class)
     entry = choose_row(candidate_rows(registry().entries, key), preference_with_pdl(key))
     if entry is None:
         return None, (f"no shipped cubin for layout={layout.name} block_size={block_size} {indexing} "
@@ -198,12 +198,13 @@ def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type,
     return entry, ""
 
 
-def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool, device: torch.device,
-            aligned: bool, forced: Optional[str]) -> Decision:
+def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool, call_class: str,
+            device: torch.device, aligned: bool, forced: Optional[str]) -> Decision:
     device_type, capability = device_info(device)
     entry, why_not = None, "not asked for"
     if forced in (None, "cubin"):
-        entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability)
+        entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability,
+                                      call_class)
         if entry is not None and not aligned:
             entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
     cubin = Decision("cubin", entry, pdl=entry.pdl and pdl_requested()) if entry is not None else None
@@ -234,12 +235,14 @@ def clear_dispatch_cache() -> None:
 
 
 def _cached_decision(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool,
-                     device: torch.device, aligned: bool) -> Decision:
-    key = (layout.name, block_size, indexing, has_gather_lens, device, aligned,
+                     num_reqs: int, max_rows: int, device: torch.device, aligned: bool) -> Decision:
+    call_class = shape_class(num_reqs, max_rows)
+    key = (layout.name, block_size, indexing, has_gather_lens, call_class, device, aligned,
            os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get("TRITON_INTERPRET"))
     decision = _decisions.get(key)
     if decision is None:
-        decision = _decide(layout, block_size, indexing, has_gather_lens, device, aligned, forced_backend())
+        decision = _decide(layout, block_size, indexing, has_gather_lens, call_class, device, aligned,
+                           forced_backend())
         _decisions[key] = decision
     return decision
 
@@ -250,14 +253,15 @@ def decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset,
     checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     stride = checked.out_stride
     aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
-    return _cached_decision(checked.layout, block_size, "dense", gather_lens is not None, out.device, aligned)
+    return _cached_decision(checked.layout, block_size, "dense", gather_lens is not None, checked.num_reqs,
+                            checked.max_rows, out.device, aligned)
 
 
 def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None) -> Decision:
     """Which backend would serve this sparse call (no launch, no synchronisation)."""
     checked = checked or validate_sparse(out, k_cache, slot_indices, block_size)
     aligned = out.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
-    return _cached_decision(checked.layout, block_size, "sparse", False, out.device, aligned)
+    return _cached_decision(checked.layout, block_size, "sparse", False, 1, checked.num_slots, out.device, aligned)
 
 
 # -------------------------------------------------------------------- launch

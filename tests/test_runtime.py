@@ -10,7 +10,8 @@ import torch
 
 import kvgen
 from kvgen import ops
-from kvgen.dispatch import CallKey, candidate_rows, choose_row, launch_grid
+from kvgen import dispatch, tune
+from kvgen.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
 from kvgen.loader import KvgenLoadError, registry, reset_registry
 from kvgen.paths import generated_dir
 from kvgen.reference import dequantize_and_gather_torch
@@ -114,6 +115,77 @@ def test_launch_grid_is_bounded_by_host_quantities():
     assert launch_grid(entry, 256, 256) == (256, 64, 1)
     assert launch_grid(entry, 256, 1 << 20) == (256, 128, 1)
     assert launch_grid(entry, 4, 1) == (4, 1, 1)
+
+
+def test_shape_classes_follow_host_known_sizes():
+    assert shape_class(1, 8192) == "short" and shape_class(32, 128) == "short"
+    assert shape_class(64, 2048) == "many_requests" and shape_class(256, 256) == "many_requests"
+    assert shape_class(1, 262144) == "long" and shape_class(4, 131072) == "long"
+    assert shape_class(8, 16384) == "long"
+    assert [c.name for c in dispatch.SHAPE_CLASSES][-1] == CallKey("l", 1, "dense", False, None).shape_class
+
+
+def _measured(shape, cls, times, default="s4w4s"):
+    prefer = {v: {"num_stages": int(v[1]), "num_warps": int(v[3]), "schedule": "strided" if v[4] == "s" else "contiguous"}
+              for v in times}
+    return {"shape": shape, "match": {"layout": "dsv4_584", "indexing": "dense", "shape_class": cls},
+            "default": default, "us": times, "prefer": prefer}
+
+
+def test_tune_writes_a_rule_only_past_the_margin():
+    measured = [
+        _measured("a", "long", {"s4w4s": 100.0, "s4w8c": 95.0, "s2w4s": 101.0}),
+        _measured("b", "long", {"s4w4s": 50.0, "s4w8c": 48.0, "s2w4s": 49.0}),
+        _measured("c", "short", {"s4w4s": 10.0, "s4w8c": 9.9, "s2w4s": 10.1}),  # 1%: noise, no rule
+    ]
+    rules, groups = tune.choose_rules(measured, margin=0.02)
+    assert rules == [{"match": {"layout": "dsv4_584", "indexing": "dense", "shape_class": "long"},
+                      "prefer": {"num_stages": 4, "num_warps": 8, "schedule": "contiguous"}}]
+    assert [g["rule"] for g in groups] == ["s4w8c", None]
+    assert groups[0]["relative_time"]["s4w8c"] == pytest.approx((0.95 * 0.96) ** 0.5, abs=1e-4)
+    # A variant not timed on every shape of its group is never chosen.
+    measured[1]["us"].pop("s4w8c")
+    rules, groups = tune.choose_rules(measured, margin=0.02)
+    assert rules == [] and "s4w8c" not in groups[0]["relative_time"]
+
+
+def test_tuned_rules_choose_the_row_for_their_class(fake_gpu, monkeypatch):
+    fake_gpu((9, 0))
+    rule = {"match": {"layout": "dsv4_584", "indexing": "dense", "shape_class": "long"},
+            "prefer": {"num_stages": 4, "num_warps": 8, "schedule": "contiguous"}}
+    monkeypatch.setattr(dispatch, "_tuned_rules", lambda: (rule,))
+    long_case = make_case(seq_lens=[20000], block_size=64)
+    short_case = make_case(seq_lens=[70], block_size=64)
+    chosen = ops.decide(*long_case.args()).entry.config
+    assert (chosen["num_warps"], chosen["schedule"], chosen["pdl"]) == (8, "contiguous", True)
+    assert ops.decide(*short_case.args()).entry.config["num_warps"] == 4  # another class: the default
+    # KVGEN_PDL=0 outranks the rule: a row built without griddepcontrol, where one is shipped.
+    monkeypatch.setenv("KVGEN_PDL", "0")
+    assert ops.decide(*long_case.args()).entry.pdl is False
+
+
+def test_committed_dispatch_table_is_well_formed():
+    path = generated_dir() / dispatch.DISPATCH_TABLE
+    if not path.exists():
+        pytest.skip("no tuned dispatch table committed")
+    import dataclasses
+    import json
+
+    from kvgen.config import DequantGatherConfig
+
+    table = json.loads(path.read_text())
+    assert table["format"] == tune.FORMAT
+    key_fields = {f.name for f in dataclasses.fields(CallKey)}
+    config_fields = {f.name for f in dataclasses.fields(DequantGatherConfig)}
+    classes = {c.name for c in dispatch.SHAPE_CLASSES}
+    entries = registry().entries
+    for rule in table["rules"]:
+        assert set(rule["match"]) <= key_fields and set(rule["prefer"]) <= config_fields - {"pdl"}
+        assert rule["match"].get("shape_class", "long") in classes
+        # Every rule prefers a row that is shipped for its layout and indexing.
+        assert any(all(e.config[k] == v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields)
+                   for e in entries), rule
+    assert tune.choose_rules(table["measured"], table["margin"])[0] == table["rules"]
 
 
 @pytest.fixture
@@ -334,7 +406,7 @@ def test_cli_errors_are_one_line_with_status_2():
         done = subprocess.run([sys.executable, "-m", "kvgen", *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, argv
         assert len(done.stderr.strip().splitlines()) == 1 and "kvgen: error:" in done.stderr
-    for sub in ("generate", "build", "list", "demo"):
+    for sub in ("generate", "build", "list", "demo", "bench", "tune"):
         done = subprocess.run([sys.executable, "-m", "kvgen", sub, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage" in done.stdout
 

@@ -1,0 +1,117 @@
+"""`python -m kvgen tune` (GPU): which shipped variant should serve each shape class.
+
+Every shipped row that could serve a benchmark shape (bench.FAMILIES) is
+checked bit-exact and timed beside the others (bench's interleaved CUDA-graph
+replays). Shapes are grouped by what a dispatch rule can match -- layout,
+indexing and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
+rule only where it beats the untuned default on the geometric mean of its
+group's shapes by more than `margin` (run-to-run noise is about 2%). The table
+(generated/dispatch.json) keeps every group's measurements, ruled or not;
+the runtime reads its rules with no device synchronisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from datetime import date
+from pathlib import Path
+from collections.abc import Iterable
+
+from .dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row
+from .paths import generated_dir
+
+FORMAT = 1
+MARGIN = 0.02
+# The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule")
+MATCH_FIELDS = ("layout", "indexing", "shape_class")  # CallKey fields a rule matches
+
+
+def variant_of(config: dict) -> str:
+    """A row's tuned fields as a short name, e.g. s4w8c."""
+    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}"
+
+
+def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
+    """Time every row that could serve `shape` (built with the default's PDL
+    choice); returns {"shape", "match", "default", "us": {variant: us}, "prefer": {variant: fields}}."""
+    from . import bench
+    from .loader import registry
+
+    w = bench.workload(shape, l2_bytes)
+    rows = candidate_rows(registry().entries, w.key)
+    default = choose_row(rows, DEFAULT_PREFERENCE)
+    rows = [e for e in rows if e.pdl == default.pdl]
+    variants = {variant_of(e.config): e for e in rows}
+    timed = bench._time_variants(shape.label, w.cases, w.expected, bench.entry_variants(rows, lambda e: variant_of(e.config)),
+                                 w.working_set, w.working_set / copy_bw, w.reference)
+    return {
+        "shape": shape.label,
+        "match": {f: getattr(w.key, f) for f in MATCH_FIELDS},
+        "default": variant_of(default.config),
+        "us": {name: round(timed[name]["us"], 3) for name in variants},
+        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS} for name, e in variants.items()},
+    }
+
+
+def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dict], list[dict]]:
+    """Group shapes by their match fields; in each group, the variant timed on
+    every shape with the lowest geometric-mean time relative to the default
+    becomes a rule if it is faster by more than `margin`. Returns (rules, groups)."""
+    groups: dict[tuple, list[dict]] = {}
+    for m in measured:
+        groups.setdefault(tuple(m["match"][f] for f in MATCH_FIELDS), []).append(m)
+    rules, summary = [], []
+    for match_values, shapes in groups.items():
+        match = dict(zip(MATCH_FIELDS, match_values))
+        common = set.intersection(*(set(m["us"]) for m in shapes))
+        if not all(m["default"] in common for m in shapes):
+            raise ValueError(f"{match}: the default variant was not timed on every shape")
+        relative = {v: math.exp(sum(math.log(m["us"][v] / m["us"][m["default"]]) for m in shapes) / len(shapes))
+                    for v in sorted(common)}
+        best = min(relative, key=lambda v: (relative[v], v))
+        chosen = best if relative[best] < 1 - margin else None
+        summary.append({"match": match, "shapes": [m["shape"] for m in shapes],
+                        "default": sorted({m["default"] for m in shapes}),
+                        "relative_time": {v: round(r, 4) for v, r in relative.items()}, "rule": chosen})
+        if chosen is not None:
+            rules.append({"match": match, "prefer": shapes[0]["prefer"][chosen]})
+    return rules, summary
+
+
+def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGIN) -> dict:
+    import torch
+    import triton
+
+    from . import bench
+
+    props = torch.cuda.get_device_properties(0)
+    bench.copy_bandwidth()  # ramps the clocks up before anything is measured
+    copy_bw = bench.copy_bandwidth()
+    measured = []
+    for family in families:
+        for shape in bench.FAMILIES[family]:
+            m = measure_shape(shape, copy_bw, props.L2_cache_size)
+            measured.append(m)
+            times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))
+            print(f"{shape.label:<28} {m['match']['shape_class']:<14} default {m['default']}  {times}", flush=True)
+    rules, groups = choose_rules(measured, margin)
+    table = {
+        "format": FORMAT,
+        "tuned_on": {"device": props.name, "date": date.today().isoformat(), "torch": torch.__version__,
+                     "triton": triton.__version__, "python": platform.python_version()},
+        "margin": margin,
+        "rules": rules,
+        "groups": groups,
+        "measured": measured,
+    }
+    out = out or generated_dir() / DISPATCH_TABLE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    for g in groups:
+        print(f"{g['match']}: {g['rule'] or 'default kept'} "
+              f"(best relative time {min(g['relative_time'].values()):.3f})")
+    print(f"wrote {out}: {len(rules)} rule(s)")
+    return table
