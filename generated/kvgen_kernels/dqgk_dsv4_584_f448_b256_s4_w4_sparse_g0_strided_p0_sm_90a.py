@@ -14,6 +14,7 @@ Config (every generator parameter):
     schedule     = strided
     pdl          = False
     arch         = sm_90a
+    full_occupancy = False
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (strided schedule).
@@ -38,7 +39,8 @@ CONFIG = {'layout': 'dsv4_584',
  'gather_lens': False,
  'schedule': 'strided',
  'pdl': False,
- 'arch': 'sm_90a'}
+ 'arch': 'sm_90a',
+ 'full_occupancy': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -69,6 +71,7 @@ NUM_STAGES = 4
 NUM_WARPS = 4
 THREADS = 128
 SMEM_BYTES = 9472  # dynamic shared memory per CTA
+MIN_CTAS_PER_SM = 0  # CTAs per SM the compiler must fit (0: its own choice)
 # Lanes past the first 32 data pieces: lane < EXTRA_CHUNKS copies piece lane+32,
 # lane SCALE_LANE copies the scale row.
 EXTRA_CHUNKS = DATA_CHUNKS - 32
