@@ -59,17 +59,13 @@ class Arch:
     name: str
     compute_capability: tuple[int, int]  # the only devices its cubins run on
     max_smem_per_block: int
-    max_smem_per_sm: int
-    max_threads_per_sm: int
-    reserved_smem_per_block: int  # shared memory the driver keeps per resident CTA
 
 
 ARCHS: dict[str, Arch] = {
     arch.name: arch
     for arch in (
         # sm_90a code uses Hopper-only features: it runs on 9.0 and nothing else.
-        Arch("sm_90a", (9, 0), 227 * 1024, max_smem_per_sm=228 * 1024, max_threads_per_sm=2048,
-             reserved_smem_per_block=1024),
+        Arch("sm_90a", (9, 0), 227 * 1024),
     )
 }
 
@@ -106,10 +102,6 @@ class DequantGatherConfig:
     pdl: bool = _param("p", "programmatic dependent launch: griddepcontrol.wait before any global "
                             "access, then launch_dependents (the runtime may then launch it with PDL)")
     arch: str = _param("", "target architecture (a row of ARCHS)")
-    # Fields with a default appear in names only when set, so adding one renames no shipped kernel.
-    full_occupancy: bool = field(default=False, metadata={
-        "tag": "o", "doc": "compiled for the most resident threads per SM (.minnctapersm: registers capped "
-                           "to fit) and launched with the shared-memory carveout that holds them"})
 
     family = "dqgk"  # class attribute, not a field: the kernel family's prefix
 
@@ -123,8 +115,6 @@ class DequantGatherConfig:
         parts = [self.family]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.default is not dataclasses.MISSING and value == f.default:
-                continue
             if isinstance(value, bool):
                 value = int(value)
             parts.append(f"{f.metadata['tag']}{value}")
@@ -163,11 +153,6 @@ class DequantGatherConfig:
     def smem_bytes(self) -> int:
         return self.stage_bytes * self.num_stages * self.num_warps
 
-    @property
-    def min_ctas_per_sm(self) -> int:
-        """CTAs per SM the compiler must fit (0: its own choice)."""
-        return self.arch_row.max_threads_per_sm // self.threads if self.full_occupancy else 0
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -186,8 +171,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int, "num_warps": int,
-             "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str,
-             "full_occupancy": bool}
+             "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str}
     for name, typ in types.items():
         value = getattr(c, name)
         if typ is int and isinstance(value, bool) or not isinstance(value, typ):
@@ -223,11 +207,6 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(
             f"{c.num_stages} stages x {c.num_warps} warps need {c.smem_bytes} bytes of "
             f"shared memory; {c.arch} allows {c.arch_row.max_smem_per_block}")
-    arch = c.arch_row
-    if c.full_occupancy and c.min_ctas_per_sm * (c.smem_bytes + arch.reserved_smem_per_block) > arch.max_smem_per_sm:
-        raise ConfigError(
-            f"full_occupancy: {c.min_ctas_per_sm} CTAs of {c.smem_bytes} bytes of shared memory do not fit "
-            f"in an SM of {c.arch} ({arch.max_smem_per_sm} bytes)")
 
 
 # The seed design, as one point of the config space (the seed has no PDL).
@@ -243,7 +222,6 @@ _EVERY_BLOCK_SIZE = {
     "num_warps": (4,),
     "schedule": ("strided",),
     "arch": ("sm_90a",),
-    "full_occupancy": (False,),
 }
 _SPEED_ISSUE = {  # the block sizes of the speed issue's shapes, the seed's pipeline
     "layout": tuple(LAYOUTS),
@@ -253,7 +231,6 @@ _SPEED_ISSUE = {  # the block sizes of the speed issue's shapes, the seed's pipe
     "num_warps": (4,),
     "schedule": ("strided",),
     "arch": ("sm_90a",),
-    "full_occupancy": (False,),
 }
 BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
     # Every family, every block size. Sparse without PDL: griddepcontrol costs
@@ -267,8 +244,6 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
     {**_SPEED_ISSUE, "pdl": (False,)},
     # Launch-shape candidates for tuning (BENCHMARKS.md).
     {**_SPEED_ISSUE, "layout": ("dsv4_584",), "num_warps": (4, 8), "schedule": SCHEDULES, "pdl": (True,)},
-    # 64 resident warps per SM instead of the 48 that 37 registers allow (BENCHMARKS.md, log 10).
-    {**_SPEED_ISSUE, "num_stages": (2, 4), "pdl": (True,), "full_occupancy": (True,)},
 )
 GATHER_MODES = {"dense": (False, True), "sparse": (False,)}
 

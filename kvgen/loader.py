@@ -174,12 +174,6 @@ class LoadedKernel:
             _check(driver.cuKernelSetAttribute(
                 driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 self.entry.smem_bytes, self.kernel, device), "cuKernelSetAttribute")
-        # Built to keep the most CTAs resident: ask for the largest shared-memory
-        # carveout, or shared memory, not registers, would cap them.
-        if self.entry.config.get("full_occupancy"):
-            _check(driver.cuKernelSetAttribute(
-                driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                100, self.kernel, device), "cuKernelSetAttribute")
         self._prepared_devices.add(device)
 
 

@@ -14,7 +14,6 @@ Config (every generator parameter):
     schedule     = strided
     pdl          = False
     arch         = sm_90a
-    full_occupancy = False
 
 One warp gathers one token per stage through a 8-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (strided schedule).
@@ -39,8 +38,7 @@ CONFIG = {'layout': 'v41_528',
  'gather_lens': False,
  'schedule': 'strided',
  'pdl': False,
- 'arch': 'sm_90a',
- 'full_occupancy': False}
+ 'arch': 'sm_90a'}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -71,7 +69,6 @@ NUM_STAGES = 8
 NUM_WARPS = 4
 THREADS = 128
 SMEM_BYTES = 16896  # dynamic shared memory per CTA
-MIN_CTAS_PER_SM = 0  # CTAs per SM the compiler must fit (0: its own choice)
 # Lanes past the first 32 data pieces: lane < EXTRA_CHUNKS copies piece lane+32,
 # lane SCALE_LANE copies the scale row.
 EXTRA_CHUNKS = DATA_CHUNKS - 32
