@@ -1,0 +1,60 @@
+"""Is kvgen's gap to a copy the gather, or the traffic? (GPU; `python benchmarks/access_pattern.py`)
+
+Timed side by side (bench.graph_times: CUDA-graph replays, interleaved rounds,
+rotated past L2), for the bytes of each dense shape:
+  kvgen            the shipped kernel, pages in random physical order (as in the bench)
+  kvgen_in_order   the same kernel, pages in physical order (block table = arange)
+  cast_1to2        torch's fp8 -> bf16 cast: a plain streaming kernel that reads
+                   1 byte and writes 2 per value (kvgen's mix is 584 : 1024)
+  memcpy           a device-to-device copy (1 : 1)
+and copies of one odd byte count rounded up to several granularities (the
+bench saw 0.74-0.78 of the roofline for 133179 DSv4 tokens' bytes).
+Results: BENCHMARKS.md, log 11.
+"""
+
+import torch
+
+import kvgen
+from kvgen import bench
+from kvgen.bench import Shape, gpu_case, graph_times
+
+bench.copy_bandwidth()  # ramps the clocks
+copy_bw = bench.copy_bandwidth()
+l2 = torch.cuda.get_device_properties(0).L2_cache_size
+for shape in (Shape("1x262144", (262144,)), Shape("8x16384", (16384,) * 8), Shape("64x2048", (2048,) * 64),
+              Shape("1x65536", (65536,))):
+    working_set = shape.tokens * (584 + bench.WRITE_BYTES)
+    sets = bench._set_count(working_set, l2)
+    shuffled = [gpu_case(shape, seed) for seed in range(sets)]
+    in_order = []
+    for case in shuffled:
+        case = list(case)
+        table = case[4]
+        pages = -(-max(shape.seq_lens) // shape.block_size)
+        ordered = torch.arange(table.shape[0] * pages, dtype=torch.int32, device="cuda").view(table.shape[0], pages)
+        table = table.clone()
+        table[:, :pages] = ordered
+        case[4] = table
+        in_order.append(case)
+    values = working_set // 3  # read 1 byte, write 2
+    casts = [(torch.empty(values, dtype=torch.uint8, device="cuda").random_(0, 120).view(torch.float8_e4m3fn),
+              torch.empty(values, dtype=torch.bfloat16, device="cuda")) for _ in range(sets)]
+    times = graph_times({
+        "kvgen": [lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in shuffled],
+        "kvgen_in_order": [lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in in_order],
+        "cast_1to2": [lambda x=x, y=y: y.copy_(x) for x, y in casts],
+        "memcpy": bench.same_bytes_copy(working_set, sets),
+    })
+    roofline = working_set / copy_bw
+    print(f"{shape.label:<10} " + "  ".join(f"{k} {t * 1e6:7.2f} us {roofline / t:.3f}" for k, t in times.items()),
+          flush=True)
+    del shuffled, in_order, casts
+
+odd = 133179 * (584 + bench.WRITE_BYTES) // 2
+for granule in (1, 16, 4096, 1 << 16, 1 << 20):
+    n = -(-odd // granule) * granule
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = graph_times({"": [lambda: dst.copy_(src)]})[""]
+    print(f"copy of {n} bytes (rounded to {granule}): {t * 1e6:.2f} us, {2 * n / t / copy_bw:.3f} of the roofline",
+          flush=True)
