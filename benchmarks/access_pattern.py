@@ -7,16 +7,45 @@ rotated past L2), for the bytes of each dense shape:
   cast_1to2        torch's fp8 -> bf16 cast: a plain streaming kernel that reads
                    1 byte and writes 2 per value (kvgen's mix is 584 : 1024)
   memcpy           a device-to-device copy (1 : 1)
+  stream_R_W       a plain streaming Triton kernel (no indirection, rows in order)
+                   that reads R and writes W bytes per row: kvgen's 584 : 1024,
+                   and 804 : 804 (the same bytes, a copy's 1 : 1 mix)
 and copies of one odd byte count rounded up to several granularities (the
 bench saw 0.74-0.78 of the roofline for 133179 DSv4 tokens' bytes).
 Results: BENCHMARKS.md, log 11.
 """
 
 import torch
+import triton
+import triton.language as tl
 
 import kvgen
 from kvgen import bench
 from kvgen.bench import Shape, gpu_case, graph_times
+
+
+
+@triton.jit
+def _stream(src, dst, n_rows, R: tl.constexpr, W: tl.constexpr, RP: tl.constexpr, WP: tl.constexpr,
+            ROWS: tl.constexpr):
+    """Rows of R int32 words in, rows of W words out; every word read feeds the row's output."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]
+    rcols = tl.arange(0, RP)[None, :]
+    x = tl.load(src + rows.to(tl.int64) * R + rcols, mask=(rows < n_rows) & (rcols < R), other=0)
+    total = tl.sum(x, axis=1)[:, None]
+    wcols = tl.arange(0, WP)[None, :]
+    tl.store(dst + rows.to(tl.int64) * W + wcols, total + wcols, mask=(rows < n_rows) & (wcols < W))
+
+
+def streams(tokens: int, sets: int, read_bytes: int, write_bytes: int):
+    r, w = read_bytes // 4, write_bytes // 4
+    pairs = [(torch.randint(0, 1 << 20, (tokens * r,), dtype=torch.int32, device="cuda"),
+              torch.empty(tokens * w, dtype=torch.int32, device="cuda")) for _ in range(sets)]
+    rows = 16
+    grid = (triton.cdiv(tokens, rows),)
+    return [lambda s=s, d=d: _stream[grid](s, d, tokens, r, w, triton.next_power_of_2(r), triton.next_power_of_2(w),
+                                           rows) for s, d in pairs]
+
 
 bench.copy_bandwidth()  # ramps the clocks
 copy_bw = bench.copy_bandwidth()
@@ -44,6 +73,8 @@ for shape in (Shape("1x262144", (262144,)), Shape("8x16384", (16384,) * 8), Shap
         "kvgen_in_order": [lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in in_order],
         "cast_1to2": [lambda x=x, y=y: y.copy_(x) for x, y in casts],
         "memcpy": bench.same_bytes_copy(working_set, sets),
+        "stream_584_1024": streams(shape.tokens, sets, 584, 1024),
+        "stream_804_804": streams(shape.tokens, sets, 804, 804),
     })
     roofline = working_set / copy_bw
     print(f"{shape.label:<10} " + "  ".join(f"{k} {t * 1e6:7.2f} us {roofline / t:.3f}" for k, t in times.items()),

@@ -180,10 +180,11 @@ def same_bytes_copy(working_set: int, sets: int) -> list[Callable[[], None]]:
     """Device-to-device copies moving `working_set` bytes (half read, half
     written), one buffer pair per input set: what a kernel moving those bytes
     at best costs in this harness, launch and ramp included."""
-    # Rounded up to whole 4 KiB: copying 133179 DSv4 tokens' bytes exactly, or
-    # rounded to 16, ran at 0.77 of the roofline, rounded to 4096 at 0.93
-    # (benchmarks/access_pattern.py).
-    half = -(-working_set // 8192) * 4096
+    # Rounded up to whole 64 KiB (at most 2% more bytes, on the smallest shape):
+    # copies of 133179 DSv4 tokens' bytes, exact or rounded to 16 or 4096, ran
+    # at 0.42-0.93 of the roofline from run to run; rounded to 64 KiB or 1 MiB,
+    # at 0.92-0.96 (benchmarks/access_pattern.py).
+    half = -(-working_set // (1 << 17)) * (1 << 16)
     pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda").random_(),
               torch.empty(half, dtype=torch.uint8, device="cuda")) for _ in range(sets)]
     return [lambda s=s, d=d: d.copy_(s) for s, d in pairs]
