@@ -26,6 +26,7 @@ import torch
 from .config import LAYOUTS, SEED
 from .dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
 from .testing import POISON_BF16, POISON_PAGE, make_cache, mismatches, poisoned_out, random_slots
+from .tune import geomean, variant_of
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
@@ -231,7 +232,7 @@ def _time_variants(label: str, cases: list, expected: list, variants: dict, work
                 raise AssertionError(f"{label} {name}: {bad} values differ from the torch path")
     timed[COPY] = same_bytes_copy(working_set, len(cases))
     seconds = graph_times(timed)
-    del timed
+    del timed  # frees the copy's buffers before the torch path runs
     # The torch path: eager (it synchronises), a few runs.
     seconds["torch"] = statistics.median(_event_times(lambda: reference(*cases[0]), reps=3, warmup=1))
     return {name: {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
@@ -270,6 +271,8 @@ class Workload:
     tokens: int  # tokens gathered (valid slots, for sparse)
     working_set: int  # bytes read + written by one call
     reference: Callable
+    num_reqs: int  # a sparse call is one request ...
+    max_rows: int  # ... of num_slots rows; a dense call's out rows bound every gather
     key: CallKey  # what dispatch sees (shape class included)
 
     @property
@@ -280,7 +283,6 @@ class Workload:
 def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
     from .reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 
-    capability = torch.cuda.get_device_capability()
     record = LAYOUTS[shape.layout].record_bytes
     if isinstance(shape, SparseShape):
         probe = gpu_sparse_case(shape, 0)
@@ -288,15 +290,18 @@ def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
         working_set = max(1, tokens) * (record + WRITE_BYTES)
         cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, _set_count(working_set, l2_bytes))]
         reference = dequantize_and_gather_sparse_torch
-        key = CallKey(shape.layout, shape.block_size, "sparse", False, capability, shape_class(1, shape.num_slots))
+        indexing, has_gather_lens, num_reqs, max_rows = "sparse", False, 1, shape.num_slots
     else:
         tokens = shape.tokens
         working_set = tokens * (record + WRITE_BYTES)
         cases = [gpu_case(shape, seed) for seed in range(_set_count(working_set, l2_bytes))]
         reference = dequantize_and_gather_torch
-        key = CallKey(shape.layout, shape.block_size, "dense", shape.window is not None, capability,
-                      shape_class(len(shape.seq_lens), shape.window or max(shape.seq_lens)))
-    return Workload(shape, cases, _expected(cases, reference), tokens, working_set, reference, key)
+        indexing, has_gather_lens = "dense", shape.window is not None
+        num_reqs, max_rows = len(shape.seq_lens), shape.window or max(shape.seq_lens)
+    key = CallKey(shape.layout, shape.block_size, indexing, has_gather_lens, torch.cuda.get_device_capability(),
+                  shape_class(num_reqs, max_rows))
+    return Workload(shape, cases, _expected(cases, reference), tokens, working_set, reference, num_reqs, max_rows,
+                    key)
 
 
 def entry_variants(rows, name: Callable | None = None) -> dict[str, Callable[[list], Callable[[], None]]]:
@@ -306,8 +311,6 @@ def entry_variants(rows, name: Callable | None = None) -> dict[str, Callable[[li
 
 
 def variant_name(entry) -> str:
-    from .tune import variant_of
-
     return f"{variant_of(entry.config)}p{int(entry.config['pdl'])}"
 
 
@@ -332,10 +335,8 @@ def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep
         variants["seed"] = lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1))
     if sweep:
         variants.update(entry_variants(rows))
-        num_reqs, rows_bound = (1, shape.num_slots) if w.sparse else (len(shape.seq_lens),
-                                                                       shape.window or max(shape.seq_lens))
         for target in grid_targets:
-            grid = launch_grid(chosen, num_reqs, rows_bound, target)
+            grid = launch_grid(chosen, w.num_reqs, w.max_rows, target)
             variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g, pdl=chosen.pdl)
 
     roofline_s = w.working_set / copy_bw
@@ -400,10 +401,6 @@ def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4",
     return report
 
 
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
-
-
 def _cell(b: dict, name: str, *fields: str) -> str:
     """`b[name]`'s fields as table cells ("–" where the report has no such backend)."""
     formats = {"us": "{:.2f}", "fraction": "{:.2f}", "gbps": "{:.0f}", "speedup_vs_seed": "{:.2f}"}
@@ -431,10 +428,10 @@ def markdown(report: dict) -> str:
             f"{_cell(b, NO_PDL, 'us', 'fraction')} | {_cell(b, 'triton', 'us', 'gbps')} | "
             f"{b['torch']['us']:.0f} | {s['eager_us']:.1f} |")
     if speedups:
-        lines += ["", f"Geomean speedup of kvgen over the seed config: {_geomean(speedups):.2f}×"]
+        lines += ["", f"Geomean speedup of kvgen over the seed config: {geomean(speedups):.2f}×"]
     if ceilings and len(ceilings) == len(speedups):
         lines += ["", f"Geomean speedup of a copy of the same bytes over the seed config (what a gather "
-                      f"as fast as a plain copy would reach): {_geomean(ceilings):.2f}×"]
+                      f"as fast as a plain copy would reach): {geomean(ceilings):.2f}×"]
     return "\n".join(lines)
 
 

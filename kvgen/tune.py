@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import math
 import platform
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
-from collections.abc import Iterable
 
 from .dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row
 from .paths import generated_dir
@@ -27,6 +27,11 @@ MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
 TUNED_FIELDS = ("num_stages", "num_warps", "schedule")
 MATCH_FIELDS = ("layout", "indexing", "shape_class")  # CallKey fields a rule matches
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def variant_of(config: dict) -> str:
@@ -43,9 +48,9 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
     w = bench.workload(shape, l2_bytes)
     rows = candidate_rows(registry().entries, w.key)
     default = choose_row(rows, DEFAULT_PREFERENCE)
-    rows = [e for e in rows if e.pdl == default.pdl]
-    variants = {variant_of(e.config): e for e in rows}
-    timed = bench._time_variants(shape.label, w.cases, w.expected, bench.entry_variants(rows, lambda e: variant_of(e.config)),
+    variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
+    timed = bench._time_variants(shape.label, w.cases, w.expected,
+                                 bench.entry_variants(variants.values(), lambda e: variant_of(e.config)),
                                  w.working_set, w.working_set / copy_bw, w.reference)
     return {
         "shape": shape.label,
@@ -69,8 +74,7 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
         common = set.intersection(*(set(m["us"]) for m in shapes))
         if not all(m["default"] in common for m in shapes):
             raise ValueError(f"{match}: the default variant was not timed on every shape")
-        relative = {v: math.exp(sum(math.log(m["us"][v] / m["us"][m["default"]]) for m in shapes) / len(shapes))
-                    for v in sorted(common)}
+        relative = {v: geomean(m["us"][v] / m["us"][m["default"]] for m in shapes) for v in sorted(common)}
         best = min(relative, key=lambda v: (relative[v], v))
         chosen = best if relative[best] < 1 - margin else None
         summary.append({"match": match, "shapes": [m["shape"] for m in shapes],
