@@ -74,13 +74,6 @@ ARCHS: dict[str, Arch] = {
 #   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
 SCHEDULES = ("strided", "contiguous")
 
-# How a warp moves a token record from the cache to its registers.
-#   ring: cp.async into a per-warp ring of num_stages records in shared memory
-#   regs: plain global loads straight into registers, num_stages tokens in
-#         flight per warp (all issued before the first is converted); no
-#         shared memory
-PIPELINES = ("ring", "regs")
-
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
 #   sparse: global slots (page * block_size + row) -> out row i; slot -1 leaves row i untouched
@@ -103,7 +96,6 @@ class DequantGatherConfig:
     block_size: int = _param("b", "tokens per cache page (power of two)")
     num_stages: int = _param("s", "cp.async ring depth per warp (tokens in flight)")
     num_warps: int = _param("w", "warps per CTA; one token per warp per stage")
-    pipeline: str = _param("", "how records reach registers (see PIPELINES)")
     indexing: str = _param("", "dense (block table) or sparse (slot indices); see INDEXING")
     gather_lens: bool = _param("g", "dense: kernel reads gather_lens (else gathers whole sequences)")
     schedule: str = _param("", "token-to-warp schedule (see SCHEDULES)")
@@ -159,8 +151,6 @@ class DequantGatherConfig:
 
     @property
     def smem_bytes(self) -> int:
-        if self.pipeline == "regs":
-            return 0
         return self.stage_bytes * self.num_stages * self.num_warps
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,7 +171,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int, "num_warps": int,
-             "pipeline": str, "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str}
+             "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str}
     for name, typ in types.items():
         value = getattr(c, name)
         if typ is int and isinstance(value, bool) or not isinstance(value, typ):
@@ -192,8 +182,6 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"unknown arch {c.arch!r}; known: {sorted(ARCHS)}")
     if c.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {c.schedule!r}; known: {list(SCHEDULES)}")
-    if c.pipeline not in PIPELINES:
-        raise ConfigError(f"unknown pipeline {c.pipeline!r}; known: {list(PIPELINES)}")
     if c.indexing not in INDEXING:
         raise ConfigError(f"unknown indexing {c.indexing!r}; known: {list(INDEXING)}")
     if c.indexing == "sparse" and c.gather_lens:
@@ -223,8 +211,7 @@ def _check(c: DequantGatherConfig) -> None:
 
 # The seed design, as one point of the config space (the seed has no PDL).
 SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4, num_warps=4,
-                           pipeline="ring", indexing="dense", gather_lens=True, schedule="strided", pdl=False,
-                           arch="sm_90a")
+                           indexing="dense", gather_lens=True, schedule="strided", pdl=False, arch="sm_90a")
 
 # What `make build` ships: the union of these cross products. In each, a
 # layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
@@ -233,7 +220,6 @@ _EVERY_BLOCK_SIZE = {
     "block_size": (16, 32, 64, 128, 256),
     "num_stages": (2, 4, 8),
     "num_warps": (4,),
-    "pipeline": ("ring",),
     "schedule": ("strided",),
     "arch": ("sm_90a",),
 }
@@ -243,7 +229,6 @@ _SPEED_ISSUE = {  # the block sizes of the speed issue's shapes, the seed's pipe
     "block_size": (64, 256),
     "num_stages": (4,),
     "num_warps": (4,),
-    "pipeline": ("ring",),
     "schedule": ("strided",),
     "arch": ("sm_90a",),
 }

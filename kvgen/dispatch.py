@@ -26,7 +26,7 @@ _FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": F
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
-DEFAULT_PREFERENCE = {"pipeline": "ring", "num_stages": 4, "num_warps": 4, "schedule": "strided", "pdl": True}
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "pdl": True}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
