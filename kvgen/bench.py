@@ -330,7 +330,7 @@ def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep
     }
     rows = candidate_rows(registry().entries, w.key)
     if not w.sparse:
-        seed_fields = ("num_stages", "num_warps", "schedule", "grid_x", "pdl")
+        seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
         seed_entry = choose_row([e for e in rows if all(e.config[f] == getattr(SEED, f) for f in seed_fields)])
         variants["seed"] = lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1))
     if sweep:

@@ -74,14 +74,6 @@ ARCHS: dict[str, Arch] = {
 #   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
 SCHEDULES = ("strided", "contiguous")
 
-# Which grid dimension holds the requests; the other holds each request's
-# workers. CTAs are launched x first, so this decides which CTAs are resident
-# together:
-#   request: blockIdx.x = request -- every request's first tokens at once
-#   worker:  blockIdx.x = worker  -- neighbouring tokens of one request at once
-#            (grid.y caps the requests at 65535)
-GRID_X = ("request", "worker")
-
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
 #   sparse: global slots (page * block_size + row) -> out row i; slot -1 leaves row i untouched
@@ -107,7 +99,6 @@ class DequantGatherConfig:
     indexing: str = _param("", "dense (block table) or sparse (slot indices); see INDEXING")
     gather_lens: bool = _param("g", "dense: kernel reads gather_lens (else gathers whole sequences)")
     schedule: str = _param("", "token-to-warp schedule (see SCHEDULES)")
-    grid_x: str = _param("x", "what blockIdx.x counts (see GRID_X)")
     pdl: bool = _param("p", "programmatic dependent launch: griddepcontrol.wait before any global "
                             "access, then launch_dependents (the runtime may then launch it with PDL)")
     arch: str = _param("", "target architecture (a row of ARCHS)")
@@ -180,8 +171,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     types = {"layout": str, "fp8_dim": int, "block_size": int, "num_stages": int, "num_warps": int,
-             "indexing": str, "gather_lens": bool, "schedule": str, "grid_x": str, "pdl": bool,
-             "arch": str}
+             "indexing": str, "gather_lens": bool, "schedule": str, "pdl": bool, "arch": str}
     for name, typ in types.items():
         value = getattr(c, name)
         if typ is int and isinstance(value, bool) or not isinstance(value, typ):
@@ -192,10 +182,6 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"unknown arch {c.arch!r}; known: {sorted(ARCHS)}")
     if c.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {c.schedule!r}; known: {list(SCHEDULES)}")
-    if c.grid_x not in GRID_X:
-        raise ConfigError(f"unknown grid_x {c.grid_x!r}; known: {list(GRID_X)}")
-    if c.indexing == "sparse" and c.grid_x != "request":
-        raise ConfigError("sparse kernels take grid (1, workers): grid_x must be 'request'")
     if c.indexing not in INDEXING:
         raise ConfigError(f"unknown indexing {c.indexing!r}; known: {list(INDEXING)}")
     if c.indexing == "sparse" and c.gather_lens:
@@ -225,8 +211,7 @@ def _check(c: DequantGatherConfig) -> None:
 
 # The seed design, as one point of the config space (the seed has no PDL).
 SEED = DequantGatherConfig(layout="dsv4_584", fp8_dim=448, block_size=64, num_stages=4, num_warps=4,
-                           indexing="dense", gather_lens=True, schedule="strided", grid_x="request", pdl=False,
-                           arch="sm_90a")
+                           indexing="dense", gather_lens=True, schedule="strided", pdl=False, arch="sm_90a")
 
 # What `make build` ships: the union of these cross products. In each, a
 # layout fixes fp8_dim and an indexing mode fixes the gather modes it takes.
@@ -236,7 +221,6 @@ _EVERY_BLOCK_SIZE = {
     "num_stages": (2, 4, 8),
     "num_warps": (4,),
     "schedule": ("strided",),
-    "grid_x": ("request",),
     "arch": ("sm_90a",),
 }
 _SPEED_ISSUE = {  # the block sizes of the speed issue's shapes, the seed's pipeline
@@ -246,7 +230,6 @@ _SPEED_ISSUE = {  # the block sizes of the speed issue's shapes, the seed's pipe
     "num_stages": (4,),
     "num_warps": (4,),
     "schedule": ("strided",),
-    "grid_x": ("request",),
     "arch": ("sm_90a",),
 }
 BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
@@ -261,7 +244,6 @@ BUILD_MATRIX: tuple[dict[str, tuple[Any, ...]], ...] = (
     {**_SPEED_ISSUE, "pdl": (False,)},
     # Launch-shape candidates for tuning (BENCHMARKS.md).
     {**_SPEED_ISSUE, "layout": ("dsv4_584",), "num_warps": (4, 8), "schedule": SCHEDULES, "pdl": (True,)},
-    {**_SPEED_ISSUE, "num_stages": (2, 4), "grid_x": ("worker",), "pdl": (True,)},
 )
 GATHER_MODES = {"dense": (False, True), "sparse": (False,)}
 

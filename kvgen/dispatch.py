@@ -26,7 +26,7 @@ _FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": F
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
-DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "grid_x": "request", "pdl": True}
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "pdl": True}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
@@ -34,7 +34,6 @@ DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "g
 # ([131072,100,2000,7]: 0.80 of roofline); 32768 gave 0.86 there and no loss elsewhere.
 TARGET_CTAS = 32768
 MAX_GRID_Y = 65535
-MAX_GRID_X = 2**31 - 1
 
 DISPATCH_TABLE = "dispatch.json"  # in generated/: the tuned rules, written by `kvgen tune`
 
@@ -56,9 +55,6 @@ class ShapeClass:
 
 # Rows of data; a call's class is the first row it matches.
 SHAPE_CLASSES = (
-    # More requests than grid.y holds: only rows with the requests on x launch,
-    # and no tuned rule is ever made for this class (no benchmark shape is in it).
-    ShapeClass("beyond_grid_y", min_reqs=MAX_GRID_Y + 1),
     ShapeClass("short", max_bound=16384),  # a few microseconds: launch and ramp dominate
     ShapeClass("many_requests", min_reqs=64),  # many short gathers side by side
     ShapeClass("long"),  # long gathers of a few requests: bandwidth-bound
@@ -140,11 +136,6 @@ def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int,
     (max_rows bounds every gather length), the whole grid held near target_ctas.
     A sparse call is one request of max_rows = number of slots."""
     warps = entry.config["num_warps"]
-    if entry.config.get("grid_x") == "worker":
-        if num_reqs > MAX_GRID_Y:
-            raise ValueError(f"{entry.name}: {num_reqs} requests exceed grid.y's {MAX_GRID_Y}")
-        workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_X)
-        return (max(1, workers), num_reqs, 1)
     workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)
 

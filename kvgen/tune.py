@@ -25,7 +25,7 @@ from .paths import generated_dir
 FORMAT = 1
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
-TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "grid_x")
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule")
 MATCH_FIELDS = ("layout", "indexing", "shape_class")  # CallKey fields a rule matches
 
 
@@ -35,9 +35,8 @@ def geomean(values) -> float:
 
 
 def variant_of(config: dict) -> str:
-    """A row's tuned fields as a short name, e.g. s4w8c (x = worker: s4w8cx)."""
-    worker_x = "x" if config.get("grid_x") == "worker" else ""
-    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}{worker_x}"
+    """A row's tuned fields as a short name, e.g. s4w8c."""
+    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}"
 
 
 def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:

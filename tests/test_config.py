@@ -21,7 +21,6 @@ def _alternatives(monkeypatch):
         "num_warps": [dict(num_warps=8)],
         "gather_lens": [dict(gather_lens=False)],
         "schedule": [dict(schedule="contiguous")],
-        "grid_x": [dict(grid_x="worker")],
         "pdl": [dict(pdl=True)],
         "arch": [dict(arch="sm_90x")],
     }
@@ -55,7 +54,7 @@ def test_matrix_names_are_unique_and_cover_the_issue():
 
 
 def test_name_is_readable():
-    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_xrequest_p0_sm_90a"
+    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -70,8 +69,6 @@ def test_name_is_readable():
     (dict(arch="sm_80"), "unknown arch"),
     (dict(layout="fp4"), "unknown layout"),
     (dict(schedule="random"), "unknown schedule"),
-    (dict(grid_x="token"), "unknown grid_x"),
-    (dict(indexing="sparse", gather_lens=False, grid_x="worker"), "grid_x must be 'request'"),
     (dict(indexing="ragged"), "unknown indexing"),
     (dict(indexing="sparse"), "gather_lens applies to dense indexing only"),
     (dict(layout="v41_528"), "does not fit layout"),
