@@ -25,7 +25,7 @@ import torch
 
 from .config import LAYOUTS, SEED
 from .dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
-from .testing import POISON_BF16, POISON_PAGE, make_cache, mismatches, poisoned_out, random_slots
+from .testing import POISON_BF16, make_cache, mismatches, poisoned_out, random_block_table, random_slots
 from .tune import geomean, variant_of
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
@@ -85,13 +85,7 @@ def gpu_case(shape: Shape, seed: int, device="cuda"):
     num_blocks = sum(pages)
     g = torch.Generator(device=device).manual_seed(seed)
     k_cache = make_cache(num_blocks, bs, layout, g)
-    width = max(pages) + 1
-    block_table = torch.full((len(pages), width), POISON_PAGE, dtype=torch.int32, device=device)
-    perm = torch.randperm(num_blocks, generator=g, device=device).to(torch.int32)
-    used = 0
-    for r, p in enumerate(pages):
-        block_table[r, :p] = perm[used: used + p]
-        used += p
+    block_table = random_block_table(pages, num_blocks, g)
     seq_lens = torch.tensor(shape.seq_lens, dtype=torch.int32, device=device)
     gather_lens = None
     if shape.window:

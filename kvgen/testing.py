@@ -109,14 +109,7 @@ def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_
     num_blocks = sum(pages_per_req) + extra_pages
     k_cache = make_cache(num_blocks, block_size, LAYOUTS[layout], g, raw_bytes, page_pad, value_scale)
 
-    width = max([1, *pages_per_req]) + 1
-    storage = torch.full((num_reqs, width + block_table_pad), POISON_PAGE, dtype=torch.int32)
-    block_table = storage[:, :width]  # stride(0) = width + pad
-    perm = torch.randperm(num_blocks, generator=g)
-    used = 0
-    for r, p in enumerate(pages_per_req):
-        block_table[r, :p] = perm[used: used + p].to(torch.int32)
-        used += p
+    block_table = random_block_table(pages_per_req, num_blocks, g, block_table_pad)
 
     rows = max([0, *(gather_lens if gather_lens is not None else seq_lens)])
     max_tokens = max_tokens if max_tokens is not None else offset + rows
@@ -126,6 +119,21 @@ def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_
         gather_lens=None if gather_lens is None else torch.tensor(gather_lens, dtype=torch.int32).reshape(num_reqs),
         block_table=block_table, block_size=block_size, offset=offset,
     )
+
+
+def random_block_table(pages_per_req: list[int], num_blocks: int, g: torch.Generator, pad: int = 0) -> torch.Tensor:
+    """int32 [requests, max pages + 1] on `g`'s device: each request's pages drawn
+    from one random permutation of the cache's pages, every unused entry
+    poisoned; rows `pad` entries apart (a strided table) on request."""
+    width = max([1, *pages_per_req]) + 1
+    storage = torch.full((len(pages_per_req), width + pad), POISON_PAGE, dtype=torch.int32, device=g.device)
+    block_table = storage[:, :width]  # stride(0) = width + pad
+    perm = torch.randperm(num_blocks, generator=g, device=g.device)
+    used = 0
+    for r, p in enumerate(pages_per_req):
+        block_table[r, :p] = perm[used: used + p].to(torch.int32)
+        used += p
+    return block_table
 
 
 @dataclass
