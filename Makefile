@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install generate build demo test test-gpu golden check-generated bench clean
+.PHONY: all install generate build prune demo test test-gpu golden check-generated bench sanitize clean
 
 all: install generate build demo
 
@@ -28,6 +28,10 @@ generate: $(STAMP)
 build: $(STAMP)
 	$(PY) -m kvgen build
 
+# Remove generated sources, cubins and manifest rows the build matrix no longer asks for.
+prune: $(STAMP)
+	$(PY) -m kvgen prune
+
 demo: $(STAMP)
 	$(PY) -m kvgen demo
 
@@ -35,6 +39,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # On a CUDA machine: the GPU-marked tests (cubin vs Triton vs torch, graphs, >4 GiB, threads, golden).
+# test-gpu and bench run the system interpreter $(PYTHON) (python3), not .venv: the
+# GPU machine has no .venv (its image brings torch 2.11 cu130, triton and
+# cuda-bindings, not CuteDSL), and it needs none -- the runtime is all they use,
+# and `-m` from the checkout's root imports kvgen from the checkout.
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu
 
@@ -45,9 +53,14 @@ golden: $(STAMP)
 check-generated: generate
 	@git status --porcelain -- generated/ | grep . && { echo "generated/ is stale: run make generate and commit"; exit 1; } || true
 
-# On a CUDA machine: the three benchmark families, then the plots.
+# On a CUDA machine, with $(PYTHON) as for test-gpu: the three benchmark families, then the plots.
 bench:
 	for family in dsv4 v41 sparse; do $(PYTHON) -m kvgen bench --family $$family --plot benchmarks/results/$$family.png || exit 1; done
+
+# On a CUDA machine, with $(PYTHON) as for test-gpu: compute-sanitizer's memcheck, racecheck,
+# initcheck and synccheck over every shipped cubin and every family; fails on any error.
+sanitize:
+	$(PYTHON) -m tests.sanitize
 
 clean:
 	rm -rf $(VENV) build *.egg-info

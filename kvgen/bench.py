@@ -201,12 +201,18 @@ def _runner(backend: str, args, entry=None, grid=None, pdl: bool = False, pdl_en
     op = kvgen.dequantize_and_gather_k_cache_sparse if sparse else kvgen.dequantize_and_gather_k_cache
 
     def call():
+        # The variables are set for this call only; the caller's environment is
+        # left as it was found (a value restored, an absent variable removed).
+        saved = {name: os.environ.get(name) for name in ("KVGEN_BACKEND", "KVGEN_PDL")}
         os.environ["KVGEN_BACKEND"], os.environ["KVGEN_PDL"] = backend, pdl_env
         try:
             op(*args)
         finally:
-            os.environ.pop("KVGEN_BACKEND", None)
-            os.environ.pop("KVGEN_PDL", None)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return call
 
 

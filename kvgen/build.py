@@ -5,6 +5,10 @@
 cubin with nvJitLink, and records it in generated/manifest.json. Builds run in
 parallel processes and skip a config whose build key (the hash of everything
 that goes into its cubin) matches the manifest's and whose cubin is intact.
+
+Neither removes anything it was not asked about: building a subset of the
+matrix leaves every other source, cubin and manifest row as it was. Removing
+what the matrix no longer asks for is `prune`, a separate, explicit act.
 """
 
 from __future__ import annotations
@@ -19,9 +23,7 @@ from typing import Any, Iterable
 
 from .config import DequantGatherConfig, build_matrix
 from .manifest import read_manifest, sha256_file, write_manifest, ManifestError
-from .paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
-
-HELPERS_FILE = "ptx_helpers.py"
+from .paths import HELPERS_FILE, KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -32,10 +34,9 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None,
-             prune: bool = True) -> list[Path]:
-    """Render sources; with `prune`, remove generated sources no config asks for
-    (only right when `configs` is the whole matrix). Returns changed files."""
+def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None) -> list[Path]:
+    """Render the sources of `configs` (default: the build matrix); returns the
+    files written. Sources of other configs are kept (see `prune`)."""
     from .render import render_helpers, render_kernel
 
     out_dir = out_dir or generated_dir()
@@ -48,12 +49,32 @@ def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path
     }
     for config in configs:
         wanted[kernels_dir / config.filename] = render_kernel(config)
-    changed = [path for path, text in wanted.items() if _write_if_changed(path, text)]
-    for stale in kernels_dir.glob("*.py") if prune else ():
-        if stale not in wanted:
-            stale.unlink()
-            changed.append(stale)
-    return changed
+    return [path for path, text in wanted.items() if _write_if_changed(path, text)]
+
+
+def prune(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None) -> list[Path]:
+    """Remove the generated sources, cubins and manifest rows that no config of
+    `configs` (default: the build matrix) asks for; returns what was removed
+    (a manifest row as `manifest.json#<name>`)."""
+    out_dir = out_dir or generated_dir()
+    names = {c.name for c in (configs if configs is not None else build_matrix())}
+    kernels_dir = out_dir / KERNELS_PACKAGE
+    keep_sources = {kernels_dir / "__init__.py", kernels_dir / HELPERS_FILE} | {kernels_dir / f"{n}.py" for n in names}
+    removed = [path for path in sorted(kernels_dir.glob("*.py")) if path not in keep_sources]
+    manifest_path = out_dir / MANIFEST_NAME
+    try:
+        rows = read_manifest(manifest_path)["kernels"]
+    except ManifestError:
+        rows = []
+    kept_rows = [row for row in rows if row["name"] in names]
+    keep_cubins = {out_dir / row["cubin"] for row in kept_rows}
+    removed += [path for path in sorted((out_dir / "cubins").glob("*/*.cubin")) if path not in keep_cubins]
+    for path in removed:
+        path.unlink()
+    if len(kept_rows) != len(rows):
+        write_manifest(manifest_path, kept_rows)
+        removed += [Path(f"{manifest_path}#{row['name']}") for row in rows if row["name"] not in names]
+    return removed
 
 
 def build_key(source_sha: str, helpers_sha: str, arch: str, toolchain: dict[str, str]) -> str:
@@ -111,19 +132,19 @@ def _build_row(out_dir: str, config_dict: dict[str, Any], toolchain: dict[str, s
 def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None,
           jobs: int | None = None, progress: bool = True, force: bool = False,
           only: Iterable[str] | None = None) -> dict[str, int]:
-    """Compile and link every config (default: the build matrix); returns
-    {"built": n, "skipped": m}. With `only` (kernel names), build just those
-    and keep every other row, source and cubin as it is."""
+    """Compile and link `configs` (default: the build matrix), or just the ones
+    named in `only`; returns {"built": n, "skipped": m}. Every other manifest
+    row, source and cubin in `out_dir` is kept as it is (see `prune`)."""
     from .link import toolchain_versions
 
+    if jobs is not None and (type(jobs) is not int or jobs < 1):
+        raise ValueError(f"jobs: expected a positive int, got {jobs!r}")
     out_dir = out_dir or generated_dir()
     configs = list(configs if configs is not None else build_matrix())
-    generate(configs, out_dir)
-    kept: list[DequantGatherConfig] = []
     if only is not None:
         only = set(only)
-        kept = [c for c in configs if c.name not in only]
         configs = [c for c in configs if c.name in only]
+    generate(configs, out_dir)
     toolchain = toolchain_versions()
     manifest_path = out_dir / MANIFEST_NAME
     try:
@@ -132,7 +153,7 @@ def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | 
         previous = {}
     helpers_sha = sha256_file(out_dir / KERNELS_PACKAGE / HELPERS_FILE)
 
-    rows: dict[str, dict[str, Any]] = {c.name: previous[c.name] for c in kept if c.name in previous}
+    rows: dict[str, dict[str, Any]] = dict(previous)  # rows not built here are kept
     todo: list[tuple[DequantGatherConfig, str]] = []
     for config in configs:
         source_sha = sha256_file(out_dir / KERNELS_PACKAGE / config.filename)
@@ -160,10 +181,5 @@ def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | 
                 row = done.result()
                 rows[row["name"]] = row
 
-    # Remove cubins that no config asks for any more.
-    wanted = {out_dir / row["cubin"] for row in rows.values()}
-    for stale in (out_dir / "cubins").glob("*/*.cubin"):
-        if stale not in wanted:
-            stale.unlink()
     write_manifest(manifest_path, list(rows.values()))
     return {"built": len(todo), "skipped": len(configs) - len(todo)}

@@ -1,12 +1,49 @@
-"""python -m kvgen generate | build | list | demo | bench | tune"""
+"""python -m kvgen generate | build | prune | list | demo | bench | tune"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+# No torch here, nor anything that imports it: `--help` and argument errors
+# answer at once; each command imports what it needs.
 from .config import BUILD_MATRIX, ConfigError, DequantGatherConfig, build_matrix
-from .tune import MARGIN
+from .errors import UsageError
+
+BUILD_EXTRAS = "pip install 'kvgen[build]'"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, `kvgen: error: ...`, exit status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _need(command: str, modules: dict[str, str]) -> None:
+    """Refuse `command` in one line where a package of the build extras is
+    missing (`modules`: distribution -> module it provides)."""
+    import importlib.util
+
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [dist for dist, module in modules.items() if not importable(module)]
+    if missing:
+        raise UsageError(f"{command} needs the build extras ({', '.join(missing)} not installed): {BUILD_EXTRAS}")
 
 
 def _configs(args) -> list[DequantGatherConfig]:
@@ -29,9 +66,10 @@ def _check_arch(args) -> None:
 
 
 def cmd_generate(args) -> int:
+    _need("generate", {"jinja2": "jinja2"})
     from .build import generate
 
-    changed = generate(_configs(args), prune=not args.kernel)
+    changed = generate(_configs(args))
     print(f"kvgen generate: {len(changed)} file(s) changed")
     for path in changed:
         print(f"  {path}")
@@ -39,9 +77,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_build(args) -> int:
+    _check_arch(args)
+    _need("build", {"jinja2": "jinja2", "nvidia-cutlass-dsl": "cutlass", "cuda-core": "cuda.core",
+                    **({} if args.quiet else {"tqdm": "tqdm"})})
     from .build import build
 
-    _check_arch(args)
     only = [c.name for c in _configs(args) if not args.arch or c.arch == args.arch]
     # The whole matrix stays in the manifest; only the selected kernels are (re)built.
     result = build(jobs=args.jobs, progress=not args.quiet, force=args.force,
@@ -50,14 +90,25 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .build import prune
+
+    removed = prune()
+    print(f"kvgen prune: {len(removed)} file(s) removed")
+    for path in removed:
+        print(f"  {path}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .loader import registry
 
     _check_arch(args)
     entries = [e for e in registry().entries if not args.arch or e.arch == args.arch]
-    print(f"{'kernel':<52} {'arch':<7} {'block':>5} {'regs':>4} {'spill':>5} {'smem':>6}")
+    width = max([len("kernel")] + [len(e.name) for e in entries])
+    print(f"{'kernel':<{width}} {'arch':<7} {'block':>5} {'regs':>4} {'spill':>5} {'smem':>6}")
     for e in entries:
-        print(f"{e.name:<52} {e.arch:<7} {e.block[0]:>5} {e.registers:>4} {e.spill_bytes:>5} {e.smem_bytes:>6}")
+        print(f"{e.name:<{width}} {e.arch:<7} {e.block[0]:>5} {e.registers:>4} {e.spill_bytes:>5} {e.smem_bytes:>6}")
     print(f"{len(entries)} kernel(s)")
     return 0
 
@@ -66,23 +117,27 @@ def cmd_demo(args) -> int:
     import torch
 
     import kvgen
-    from .reference import dequantize_and_gather_torch
+    from .oracle import dequantize_and_gather_oracle
     from .testing import make_case, mismatches
 
-    cmd_list(argparse.Namespace(arch=None))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     case = make_case(seq_lens=[300, 77, 1024], gather_lens=[300, 40, 512], block_size=64, offset=5, seed=1)
+    # Two independent paths: the op (cubin on a GPU, else whichever backend serves
+    # CPU tensors) against kvgen/oracle.py, a decoder that shares no code with any
+    # backend, run on the CPU copies.
     expected = case.out.clone()
-    dequantize_and_gather_torch(*case.args(out=expected))
+    dequantize_and_gather_oracle(*case.args(out=expected))
     out = case.out.to(device)
     kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
     if device == "cuda":
         torch.cuda.synchronize()
-    bad = mismatches(out, expected)
+    bad = mismatches(out.cpu(), expected)
+    cmd_list(argparse.Namespace(arch=None))  # after the call: a mistake in the environment is one line, first
     print(f"demo on {name}: backend={kvgen.last_backend()}, {out.shape[0]} requests, "
           f"{int(case.gather_lens.sum())} tokens gathered: "
-          f"{'bit-exact against the torch reference' if bad == 0 else f'{bad} MISMATCHED values'}")
+          f"{'bit-exact against' if bad == 0 else f'{bad} values MISMATCH'} the independent decoder "
+          "(kvgen.oracle, integer bit arithmetic on the CPU)")
     return 0 if bad == 0 else 1
 
 
@@ -90,16 +145,25 @@ def cmd_bench(args) -> int:
     import json
     from pathlib import Path
 
+    if args.report:
+        try:
+            report = json.loads(Path(args.report).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--report {args.report}: no such file (expected a JSON report written by "
+                             "`python -m kvgen bench`, e.g. benchmarks/results/*.json)") from None
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--report {args.report}: not a JSON report written by `python -m kvgen bench` "
+                             f"({err})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("shapes"), list):
+            raise UsageError(f"--report {args.report}: not a JSON report written by `python -m kvgen bench` "
+                             "(no \"shapes\" list)")
     from . import bench
 
-    if args.report:
-        report = json.loads(Path(args.report).read_text())
-    else:
+    if not args.report:
         import torch
 
         if not torch.cuda.is_available():
-            print("kvgen: error: bench needs a CUDA device", file=sys.stderr)
-            return 2
+            raise UsageError("bench needs a CUDA device (or --report FILE to render a saved report)")
         shapes = [s for s in bench.FAMILIES[args.family] if not args.shape or s.label in args.shape]
         report = bench.run(Path(args.out), shapes, sweep=args.sweep, family=args.family,
                            grid_targets=args.targets or bench.GRID_TARGETS)
@@ -118,14 +182,15 @@ def cmd_tune(args) -> int:
     from . import tune
 
     if not torch.cuda.is_available():
-        print("kvgen: error: tune needs a CUDA device", file=sys.stderr)
-        return 2
+        raise UsageError("tune needs a CUDA device")
     tune.tune(args.family, Path(args.out) if args.out else None, args.margin)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvgen", description=__doc__)
+    from .tune import MARGIN  # tune imports no torch at module level
+
+    parser = _Parser(prog="python -m kvgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, func, help_text):
@@ -139,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     p = add("build", cmd_build, f"Compile and link the matrix into cubins and generated/manifest.json. Matrix: {axes}")
     p.add_argument("--kernel", action="append", help="only (re)build this kernel (repeatable); the rest are kept")
     p.add_argument("--arch", help="only kernels for this arch (e.g. sm_90a)")
-    p.add_argument("--jobs", type=int, default=None, help="parallel build processes (default: cores)")
+    p.add_argument("--jobs", type=_positive_int, default=None, help="parallel build processes (default: cores)")
     p.add_argument("--force", action="store_true", help="rebuild even where inputs are unchanged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add("prune", cmd_prune, "Remove generated sources, cubins and manifest rows that the build matrix no longer "
+                            "asks for.")
     p = add("list", cmd_list, "List the kernels in the manifest.")
     p.add_argument("--arch", help="only kernels for this arch")
     p = add("bench", cmd_bench, "Benchmark every backend on the issue's shapes (GPU), or render a saved report.")
@@ -160,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"a variant must beat the default by more than this fraction (default {MARGIN})")
     p.add_argument("--out", help="write the table here instead of generated/dispatch.json")
     add("demo", cmd_demo, "List the kernels and check one gather against the torch reference on this machine's device.")
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # names the commands when none is given
 
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
-    except ConfigError as err:
+    except UsageError as err:  # only the user's mistakes: a bug keeps its traceback
         print(f"kvgen: error: {err}", file=sys.stderr)
         return 2

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import os
 import re
-import tempfile
 import sys
+import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from .paths import KERNELS_PACKAGE
+from .paths import HELPERS_FILE, KERNELS_PACKAGE
 
 # CuteDSL (4.8.1) writes --keep-ptx output to <dump dir>/<host function>.<arch>.ptx
 # and reads it back; the dump dir defaults to the working directory and every
@@ -46,18 +48,51 @@ def _fake_argument(ctype: str, align: int):
     return scalar[ctype](0)
 
 
-def import_generated(generated_dir: Path, name: str):
-    root = str(generated_dir)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"{KERNELS_PACKAGE}.{name}")
+def _exec_source(module_name: str, path: Path, package_path: Path | None = None) -> types.ModuleType:
+    """Execute `path` as module `module_name` from its current text: no
+    sys.modules entry, no __pycache__ bytecode (whose mtime/size check can miss
+    an edit that keeps the file's size within one second) is reused."""
+    module = types.ModuleType(module_name)
+    module.__file__ = str(path)
+    module.__package__ = KERNELS_PACKAGE
+    if package_path is not None:
+        module.__path__ = [str(package_path)]
+    sys.modules[module_name] = module
+    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def import_generated(generated_dir: Path, name: str) -> Iterator[types.ModuleType]:
+    """The generated module `name` of this tree, loaded afresh (with this tree's
+    helpers), registered in sys.modules while the block runs -- CuteDSL reads
+    the kernel's source and globals as it traces -- and unregistered after, so
+    that no later compile, of this tree or another, is handed it."""
+    kernels = Path(generated_dir) / KERNELS_PACKAGE
+    ours = lambda key: key == KERNELS_PACKAGE or key.startswith(KERNELS_PACKAGE + ".")  # noqa: E731
+    saved = {key: module for key, module in sys.modules.items() if ours(key)}
+    for key in saved:
+        del sys.modules[key]
+    try:
+        _exec_source(KERNELS_PACKAGE, kernels / "__init__.py", package_path=kernels)
+        _exec_source(f"{KERNELS_PACKAGE}.{Path(HELPERS_FILE).stem}", kernels / HELPERS_FILE)
+        yield _exec_source(f"{KERNELS_PACKAGE}.{name}", kernels / f"{name}.py")
+    finally:
+        for key in [key for key in sys.modules if ours(key)]:
+            del sys.modules[key]
+        sys.modules.update(saved)
 
 
 def compile_module(generated_dir: Path, name: str, arch: str) -> CompiledPTX:
-    """Trace and compile one generated module with CuteDSL for `arch`; return its PTX."""
+    """Trace and compile one generated module (the file as it is now) with
+    CuteDSL for `arch`; return its PTX."""
+    with import_generated(generated_dir, name) as module:
+        return _compile(module, name, arch)
+
+
+def _compile(module: types.ModuleType, name: str, arch: str) -> CompiledPTX:
     import cutlass.cute as cute
 
-    module = import_generated(generated_dir, name)
     args = [_fake_argument(ctype, module.POINTER_ALIGN.get(pname, 0)) for pname, ctype in module.PARAMS]
     with tempfile.TemporaryDirectory(prefix="kvgen-dump-") as dump_dir:
         options = f"--gpu-arch {arch} --keep-ptx --dump-dir {dump_dir}"

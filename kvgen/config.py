@@ -16,11 +16,13 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .errors import UsageError
+
 HEAD_DIM = 512  # bf16 values written per token, for every layout served here
 
 
-class ConfigError(ValueError):
-    """A configuration the templates cannot serve."""
+class ConfigError(UsageError):
+    """A configuration the templates cannot serve (a ValueError)."""
 
 
 @dataclass(frozen=True)

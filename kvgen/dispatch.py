@@ -10,11 +10,13 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from .config import ARCHS
+from .env import env_flag
+from .errors import UsageError
 from .manifest import KernelEntry
-from .paths import generated_dir
 
 BACKENDS = ("cubin", "triton", "torch")
 BACKEND_ENV = "KVGEN_BACKEND"
@@ -22,7 +24,6 @@ BACKEND_ENV = "KVGEN_BACKEND"
 # on griddepcontrol is launched so that its grid is scheduled while the
 # previous kernel in the stream drains, and lets the next kernel do the same.
 PDL_ENV = "KVGEN_PDL"
-_FLAGS = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
@@ -91,28 +92,47 @@ def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelE
     ]
 
 
-@functools.lru_cache(maxsize=1)
-def _tuned_rules() -> tuple[dict, ...]:
-    """Rules of generated/dispatch.json (written by `kvgen tune`), if present:
-    [{"match": {CallKey field: value}, "prefer": {config field: value}}, ...]."""
-    path = generated_dir() / DISPATCH_TABLE
+@dataclass(frozen=True)
+class TunedTable:
+    """The rules of a tree's dispatch.json (written by `kvgen tune`):
+    [{"match": {CallKey field: value}, "prefer": {config field: value}}, ...],
+    and the name of the device they were measured on. A rule steers calls on
+    a device of that exact name only (torch.cuda.get_device_name): two GPUs of
+    one compute capability (an H100 and an H200, say) can rank variants
+    differently, so a rule measured on one must not silently steer the other."""
+
+    device: str | None = None
+    rules: tuple[dict, ...] = ()
+
+    def rules_for(self, device_name: str | None) -> tuple[dict, ...]:
+        return self.rules if device_name is not None and device_name == self.device else ()
+
+
+def read_tuned_table(root: Path) -> TunedTable:
+    """The table of the tree at `root`; an empty one where it has none."""
+    path = root / DISPATCH_TABLE
     if not path.exists():
-        return ()
-    return tuple(json.loads(path.read_text()).get("rules", []))
+        return TunedTable()
+    try:
+        table = json.loads(path.read_text())
+        return TunedTable(table["tuned_on"]["device"], tuple(table.get("rules", [])))
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: not a kvgen dispatch table ({type(err).__name__}: {err}); "
+                         "rerun `python -m kvgen tune` or delete it") from None
 
 
-def preference_for(key: CallKey) -> dict | None:
-    """The first tuned rule matching the call, else None (DEFAULT_PREFERENCE)."""
-    for rule in _tuned_rules():
+def preference_for(key: CallKey, rules: Sequence[dict] = ()) -> dict | None:
+    """The first of `rules` matching the call, else None (DEFAULT_PREFERENCE)."""
+    for rule in rules:
         if all(getattr(key, k) == v for k, v in rule.get("match", {}).items()):
             return rule.get("prefer")
     return None
 
 
-def preference_with_pdl(key: CallKey) -> dict:
+def preference_with_pdl(key: CallKey, rules: Sequence[dict] = ()) -> dict:
     """The call's preference, with pdl as KVGEN_PDL asks: with it off, a row
     built without the griddepcontrol instructions is taken where one is shipped."""
-    return {**(preference_for(key) or DEFAULT_PREFERENCE), "pdl": pdl_requested()}
+    return {**(preference_for(key, rules) or DEFAULT_PREFERENCE), "pdl": pdl_requested()}
 
 
 def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> KernelEntry | None:
@@ -145,12 +165,9 @@ def forced_backend() -> str | None:
     if not value:
         return None
     if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
+        raise UsageError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
     return value
 
 
 def pdl_requested() -> bool:
-    value = os.environ.get(PDL_ENV, "1").strip().lower() or "1"
-    if value not in _FLAGS:
-        raise ValueError(f"{PDL_ENV}={value!r}: expected 1 or 0")
-    return _FLAGS[value]
+    return env_flag(PDL_ENV, default=True)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import UsageError
 
 FORMAT = 1
 
@@ -49,21 +52,33 @@ class KernelEntry:
                 cubin=row["cubin"], cubin_sha256=row["cubin_sha256"],
                 source=row["source"], source_sha256=row["source_sha256"],
             )
-        except (KeyError, TypeError) as err:
-            raise ManifestError(f"malformed manifest entry {row.get('name', '?')!r}: {err!r}") from err
+        except (KeyError, TypeError, ValueError) as err:
+            name = row.get("name", "?") if isinstance(row, dict) else "?"
+            raise ManifestError(f"malformed manifest entry {name!r}: {err!r}") from err
 
 
-class ManifestError(RuntimeError):
-    pass
+class ManifestError(UsageError):
+    """No kvgen manifest where one was looked for (KVGEN_GENERATED_DIR, or an
+    unbuilt tree), or a malformed one: the user's to fix, so a ValueError."""
+
+
+def _remedy(path: Path) -> str:
+    override = os.environ.get("KVGEN_GENERATED_DIR")
+    if override and Path(override) == path.parent:
+        return (f"KVGEN_GENERATED_DIR={override} must name a tree built by `python -m kvgen build`; "
+                "unset it to use the shipped one")
+    return "run `python -m kvgen build`"
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ManifestError(f"kvgen manifest not found: {path} (run `make build`)") from None
-    if data.get("format") != FORMAT or not isinstance(data.get("kernels"), list):
-        raise ManifestError(f"{path}: not a kvgen manifest of format {FORMAT}")
+        raise ManifestError(f"kvgen manifest not found: {path} ({_remedy(path)})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: not a readable kvgen manifest ({err}; {_remedy(path)})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("kernels"), list):
+        raise ManifestError(f"{path}: not a kvgen manifest of format {FORMAT} ({_remedy(path)})")
     return data
 
 

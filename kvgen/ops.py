@@ -24,6 +24,8 @@ import torch
 from .config import LAYOUTS, Layout
 from .dispatch import (BACKEND_ENV, PDL_ENV, CallKey, candidate_rows, choose_row, forced_backend, launch_grid,
                        pdl_requested, preference_with_pdl, shape_class)
+from .driver import driver
+from .index_check import check_dense, check_requested, check_slots
 from .manifest import KernelEntry
 
 _RECORD_TO_LAYOUT = {layout.record_bytes: layout for layout in LAYOUTS.values()}
@@ -156,11 +158,18 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def device_info(device: torch.device) -> tuple[str, Optional[tuple[int, int]]]:
-    """(device type, compute capability or None): all that dispatch asks of the device."""
+@functools.lru_cache(maxsize=None)
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_info(device: torch.device) -> tuple[str, Optional[tuple[int, int]], Optional[str]]:
+    """(device type, compute capability, device name; None for both off CUDA):
+    all that dispatch asks of the device."""
     if device.type != "cuda":
-        return device.type, None
-    return "cuda", _capability(device.index if device.index is not None else torch.cuda.current_device())
+        return device.type, None, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "cuda", _capability(index), _device_name(index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,16 +191,17 @@ class Decision:
     pdl: bool = False  # launch the cubin with programmatic dependent launch
 
 
-def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability,
+def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability, device_name,
                  call_class) -> tuple[Optional[KernelEntry], str]:
     if device_type != "cuda":
         return None, f"tensors are on {device_type}, not a CUDA device"
-    if not _available("cuda.bindings"):
-        return None, "cuda-python (cuda.bindings) is not installed"
+    if driver() is None:
+        return None, "the CUDA driver library (libcuda) could not be opened, or lacks cuLibraryLoadData"
     from .loader import registry
 
     key = CallKey(layout.name, block_size, indexing, has_gather_lens, capability, call_class)
-    entry = choose_row(candidate_rows(registry().entries, key), preference_with_pdl(key))
+    rules = registry().tuned.rules_for(device_name)
+    entry = choose_row(candidate_rows(registry().entries, key), preference_with_pdl(key, rules))
     if entry is None:
         return None, (f"no shipped cubin for layout={layout.name} block_size={block_size} {indexing} "
                       f"gather_lens={has_gather_lens} on compute capability {capability}")
@@ -200,14 +210,15 @@ def _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, cap
 
 def _decide(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool, call_class: str,
             device: torch.device, aligned: bool, forced: Optional[str]) -> Decision:
-    device_type, capability = device_info(device)
+    device_type, capability, device_name = device_info(device)
+    pdl = pdl_requested()  # read (and checked) whichever backend serves
     entry, why_not = None, "not asked for"
     if forced in (None, "cubin"):
         entry, why_not = _cubin_entry(layout, block_size, indexing, has_gather_lens, device_type, capability,
-                                      call_class)
+                                      device_name, call_class)
         if entry is not None and not aligned:
             entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
-    cubin = Decision("cubin", entry, pdl=entry.pdl and pdl_requested()) if entry is not None else None
+    cubin = Decision("cubin", entry, pdl=entry.pdl and pdl) if entry is not None else None
     if forced == "cubin":
         if cubin is None:
             raise BackendUnavailable(f"{BACKEND_ENV}=cubin, but {why_not}")
@@ -231,7 +242,9 @@ _decisions: dict[tuple, Decision] = {}
 
 
 def clear_dispatch_cache() -> None:
+    """Forget every decision, and which fallbacks were warned about (the registry changed)."""
     _decisions.clear()
+    _warned.clear()
 
 
 def _cached_decision(layout: Layout, block_size: int, indexing: str, has_gather_lens: bool,
@@ -309,14 +322,13 @@ def _launch(entry: KernelEntry, values: dict, grid: tuple[int, int, int], device
     kernel = registry().get(entry)
     args = [values[name] for name, _ in entry.params]
     stream = _current_stream(device)
-    pushed = _make_context_current(device)
+    cuda = driver()
+    pushed = _make_context_current(cuda, device)
     try:
         kernel.launch(grid, args, stream, device, pdl)
     finally:
         if pushed:
-            from .loader import _check, _driver
-
-            _check(_driver().cuCtxPopCurrent(), "cuCtxPopCurrent")
+            cuda.pop_context()
 
 
 def _current_stream(device: int) -> int:
@@ -324,23 +336,18 @@ def _current_stream(device: int) -> int:
     return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
-_primary_contexts: dict[int, tuple[object, int]] = {}  # device -> (CUcontext, its address)
+_primary_contexts: dict[int, int] = {}  # device -> its primary CUcontext (torch's)
 
 
-def _make_context_current(device: int) -> bool:
+def _make_context_current(cuda, device: int) -> bool:
     """Make `device`'s primary context (torch's) current for the launch; True if pushed."""
-    from .loader import _check, _driver
-
-    driver = _driver()
     primary = _primary_contexts.get(device)
     if primary is None:
         torch.cuda.init()
-        context = _check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
-        primary = _primary_contexts[device] = (context, int(context))
-    current = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
-    if int(current) == primary[1]:
+        primary = _primary_contexts[device] = cuda.primary_context(device)
+    if cuda.current_context() == primary:
         return False
-    _check(driver.cuCtxPushCurrent(primary[0]), "cuCtxPushCurrent")
+    cuda.push_context(primary)
     return True
 
 
@@ -372,6 +379,8 @@ def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -
     if checked.num_reqs == 0 or checked.max_rows == 0:
         _state.last_backend = None
         return  # empty batch: nothing to launch
+    if check_requested():
+        check_dense(k_cache, seq_lens, gather_lens, block_table, block_size, checked.max_rows)
     args = (out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     decision = decide(*args, checked=checked)
 
@@ -396,6 +405,8 @@ def _run_sparse(out, k_cache, slot_indices, block_size) -> None:
     if checked.num_slots == 0:
         _state.last_backend = None
         return
+    if check_requested():
+        check_slots(k_cache, slot_indices, block_size)
     decision = decide_sparse(out, k_cache, slot_indices, block_size, checked=checked)
 
     def triton_path():

@@ -3,11 +3,51 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
-TEMPLATES_DIR = REPO_DIR / "templates"
+
+
+def _is_checkout(root: Path) -> bool:
+    """Whether `root` is a kvgen source checkout (its pyproject.toml names the
+    kvgen project), not just any folder the package happens to sit in."""
+    try:
+        text = (root / "pyproject.toml").read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return re.search(r'^name\s*=\s*["\']kvgen["\']\s*$', text, re.M) is not None
+    try:
+        return tomllib.loads(text).get("project", {}).get("name") == "kvgen"
+    except tomllib.TOMLDecodeError:
+        return False
+
+
+# In a checkout (an editable install included) the build inputs and outputs are
+# <repo>/templates and <repo>/generated; in an installed wheel they are the
+# package data `kvgen.templates` and `kvgen.generated`.
+IN_CHECKOUT = _is_checkout(REPO_DIR)
+
+
+def _package_data(package: str, folder: str) -> Path:
+    import importlib.util
+
+    from .errors import UsageError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"no {folder}/ tree found: neither a kvgen checkout at {REPO_DIR} "
+                         f"nor the package data {package} (reinstall kvgen)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def templates_dir() -> Path:
+    """The jinja2 templates: <repo>/templates in a checkout, else the `kvgen.templates` package data."""
+    return REPO_DIR / "templates" if IN_CHECKOUT else _package_data("kvgen.templates", "templates")
 
 
 def generated_dir() -> Path:
@@ -20,16 +60,9 @@ def generated_dir() -> Path:
     override = os.environ.get("KVGEN_GENERATED_DIR")
     if override:
         return Path(override)
-    in_repo = REPO_DIR / "generated"
-    if in_repo.is_dir():
-        return in_repo
-    import importlib.util
-
-    spec = importlib.util.find_spec("kvgen.generated")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("kvgen: no generated/ tree found (was the package built?)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return REPO_DIR / "generated" if IN_CHECKOUT else _package_data("kvgen.generated", "generated")
 
 
 KERNELS_PACKAGE = "kvgen_kernels"  # generated/<this>/: the rendered CuteDSL modules
+HELPERS_FILE = "ptx_helpers.py"  # generated/<KERNELS_PACKAGE>/<this>: the inline-PTX helpers every kernel imports
 MANIFEST_NAME = "manifest.json"

@@ -8,7 +8,7 @@ import pprint
 import jinja2
 
 from .config import DequantGatherConfig
-from .paths import TEMPLATES_DIR
+from .paths import templates_dir
 
 # CuteDSL type of each ABI C type.
 DSL_TYPES = {
@@ -31,7 +31,7 @@ def _header(template: str) -> str:
 
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=False,

@@ -32,24 +32,28 @@ def quantize_ue8m0(k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch
     q = (x / torch.exp2(exponent)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     data = torch.empty((n, layout.data_bytes(fp8_dim)), dtype=torch.uint8, device=device)
     data[:, :fp8_dim] = q.reshape(n, fp8_dim).view(torch.uint8)
-    data[:, fp8_dim:] = k[:, fp8_dim:].contiguous().view(torch.uint8).reshape(n, -1)
+    data[:, fp8_dim:] = k[:, fp8_dim:].contiguous().view(torch.uint8).reshape(n, 2 * (HEAD_DIM - fp8_dim))
     codes = torch.zeros((n, layout.scale_bytes), dtype=torch.uint8, device=device)
     codes[:, : fp8_dim // group] = (exponent.squeeze(-1) + 127).clamp(0, 255).to(torch.uint8)
     return data, codes
 
 
 def write_pages(num_blocks: int, block_size: int, layout: Layout, data: torch.Tensor,
-                codes: torch.Tensor, page_pad: int = 0) -> torch.Tensor:
+                codes: torch.Tensor, g: torch.Generator, page_pad: int = 0) -> torch.Tensor:
     """Pack per-token rows (num_blocks*block_size of them) into a paged uint8 cache
-    [num_blocks, block_size, record_bytes] whose page stride is padded by `page_pad` bytes."""
+    [num_blocks, block_size, record_bytes] whose page stride is padded by `page_pad`
+    bytes of junk. The junk comes from a generator seeded from `g`'s seed, so a
+    case is the same whatever ran before it, and `g`'s own draws (block tables,
+    slots) are those the golden digests were made with."""
     record = layout.record_bytes
     page_bytes = block_size * record + page_pad
     assert page_pad % 16 == 0
-    storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8, device=data.device)  # padding is junk
+    junk = torch.Generator(device=g.device).manual_seed(g.initial_seed() ^ 0x9AD)
+    storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8, generator=junk, device=data.device)
     pages = storage.view(num_blocks, page_bytes)
     data_bytes = layout.data_bytes(layout.fp8_dim)
     pages[:, : block_size * data_bytes] = data.reshape(num_blocks, block_size * data_bytes)
-    pages[:, block_size * data_bytes: block_size * record] = codes.reshape(num_blocks, -1)
+    pages[:, block_size * data_bytes: block_size * record] = codes.reshape(num_blocks, block_size * layout.scale_bytes)
     return storage.as_strided((num_blocks, block_size, record), (page_bytes, record, 1))
 
 
@@ -65,7 +69,7 @@ def make_cache(num_blocks: int, block_size: int, layout: Layout, g: torch.Genera
     else:
         k = (torch.randn((n, HEAD_DIM), generator=g, device=device) * value_scale).to(torch.bfloat16)
         data, codes = quantize_ue8m0(k, layout)
-    return write_pages(num_blocks, block_size, layout, data, codes, page_pad)
+    return write_pages(num_blocks, block_size, layout, data, codes, g, page_pad)
 
 
 @dataclass
@@ -165,7 +169,7 @@ def make_sparse_case(*, num_slots: int, valid: float = 1.0, block_size: int = 64
 def random_slots(num_slots: int, cache_slots: int, valid: float, g: torch.Generator) -> torch.Tensor:
     """int32 slots drawn over the whole cache, on `g`'s device; a fraction
     `valid` of them real, the rest -1."""
-    slots = torch.randint(0, cache_slots, (num_slots,), generator=g, device=g.device, dtype=torch.int32)
+    slots = torch.randint(0, max(cache_slots, 1), (num_slots,), generator=g, device=g.device, dtype=torch.int32)
     slots[torch.rand(num_slots, generator=g, device=g.device) >= valid] = -1
     return slots
 
@@ -187,3 +191,21 @@ def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
     # The poison is a NaN too: it must match bit for bit (it marks unwritten rows).
     poison = (a.view(torch.int16) == POISON_BF16) | (b.view(torch.int16) == POISON_BF16)
     return int((~(same_bits | (both_nan & ~poison))).sum())
+
+
+def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """None if `a` and `b` agree under `mismatches`' rule, else where they first
+    differ: its index (request, row, column for a [requests, rows, 512] output)
+    and both bit patterns."""
+    bad = mismatches(a, b)
+    if bad == 0:
+        return None
+    a, b = a.detach().cpu(), b.detach().cpu()
+    both_nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    poison = (a.view(torch.int16) == POISON_BF16) | (b.view(torch.int16) == POISON_BF16)
+    differ = ~((a.view(torch.int16) == b.view(torch.int16)) | (both_nan & ~poison))
+    index = [int(i) for i in differ.nonzero()[0]]
+    names = {3: ("request", "row", "column"), 2: ("row", "column")}.get(a.dim())
+    where = ", ".join(f"{n} {i}" for n, i in zip(names, index)) if names else f"index {tuple(index)}"
+    bits = lambda t: f"0x{int(t[tuple(index)].view(torch.int16)) & 0xFFFF:04x}"  # noqa: E731
+    return f"{bad} element(s) differ; first at {where}: {bits(a)} vs {bits(b)}"

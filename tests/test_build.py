@@ -93,3 +93,58 @@ def test_building_named_kernels_keeps_every_other_kernel(tmp_path):
     after = read_manifest(tmp_path / MANIFEST_NAME)["kernels"]
     assert after == before  # the rebuilt seed reproduces its row; no other row lost
     assert all((tmp_path / row["cubin"]).exists() for row in after)
+
+
+def _copy_tree(dst):
+    shutil.copytree(COMMITTED, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_building_a_subset_removes_nothing(tmp_path):
+    """generate() or build() of one config against the whole tree keeps every
+    other source, cubin and manifest row; only prune() removes, and only what
+    its configs do not ask for."""
+    from kvgen.build import build, generate, prune
+
+    root = _copy_tree(tmp_path / "generated")
+    files, rows = _files(root), read_manifest(root / MANIFEST_NAME)["kernels"]
+    generate([SEED], root)
+    assert build([SEED], out_dir=root, progress=False) == {"built": 0, "skipped": 1}
+    assert _files(root) == files and read_manifest(root / MANIFEST_NAME)["kernels"] == rows
+
+    removed = prune([SEED], root)
+    left = read_manifest(root / MANIFEST_NAME)["kernels"]
+    assert [row["name"] for row in left] == [SEED.name]
+    assert sorted(p.name for p in (root / "cubins").glob("*/*.cubin")) == [f"{SEED.name}.cubin"]
+    assert sorted(p.name for p in (root / KERNELS_PACKAGE).glob("dqgk_*.py")) == [SEED.filename]
+    assert len(removed) == 3 * (len(rows) - 1)  # a source, a cubin and a manifest row each
+    assert prune([SEED], root) == []
+
+
+def test_compile_compiles_the_file_it_is_given(tmp_path):
+    """Two trees compiled in one process: each compile reads its own file, as it
+    is now, even after an edit that keeps the file's size (stale bytecode)."""
+    from kvgen.compile import compile_module
+
+    first = compile_module(_copy_tree(tmp_path / "a"), SEED.name, SEED.arch)
+    other = _copy_tree(tmp_path / "b")
+    source = other / KERNELS_PACKAGE / SEED.filename
+    text = source.read_text()
+    # A wider ring slot (STAGE_BYTES 592 -> 608: other shared-memory offsets in
+    # the PTX) and its SMEM_BYTES, with the same digit counts: the file keeps its size.
+    stage, smem = SEED.stage_bytes, first.smem_bytes
+    edits = {f"STAGE_BYTES = {stage} ": f"STAGE_BYTES = {stage + 16} ",
+             f"SMEM_BYTES = {smem} ": f"SMEM_BYTES = {smem + 256} "}
+    edited = text
+    for old, new in edits.items():
+        assert old in edited and len(old) == len(new)
+        edited = edited.replace(old, new)
+    source.write_text(edited)
+    second = compile_module(other, SEED.name, SEED.arch)
+    assert second.smem_bytes == smem + 256 and second.ptx != first.ptx
+    source.write_text(text)  # back as it was, at once: the same size, likely the same second
+    assert compile_module(other, SEED.name, SEED.arch).ptx == first.ptx

@@ -9,7 +9,8 @@ import torch
 import kvgen
 from kvgen.loader import registry
 from kvgen.testing import SparseCase
-from tests.golden.corpus import CASES, DIGESTS, EXPECTED_DIR, FULL_TENSOR_CASES, build_case, canonical_digest, expected_text, reference_output
+from tests.golden import corpus
+from tests.golden.corpus import CASES, DIGESTS, EXPECTED_DIR, FULL_TENSOR_CASES, build_case, canonical_digest, expected_text, oracle_output, reference_output
 
 DIGEST_TABLE = json.loads(DIGESTS.read_text())["cases"]
 
@@ -33,6 +34,40 @@ def test_corpus_covers_every_shipped_family_and_block_size():
 @pytest.mark.parametrize("name", FULL_TENSOR_CASES)
 def test_full_expected_tensors_match(name):
     assert (EXPECTED_DIR / f"{name}.txt").read_text() == expected_text(reference_output(build_case(name)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_oracle_vouches_for_the_digest(name):
+    """The digests come from the torch reference; the independent decoder (kvgen/oracle.py) must give them too."""
+    assert canonical_digest(oracle_output(build_case(name))) == DIGEST_TABLE[name]["sha256"]
+
+
+def test_a_disagreement_names_the_case_and_element_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    names = ["tiny_b16", "sparse_dsv4_584_b16"]
+    monkeypatch.setattr(corpus, "CASES", {n: CASES[n] for n in names})
+    digests, expected_dir = tmp_path / "digests.json", tmp_path / "expected"
+    monkeypatch.setattr(corpus, "DIGESTS", digests)
+    monkeypatch.setattr(corpus, "EXPECTED_DIR", expected_dir)
+    good = reference_output(build_case("tiny_b16"))[1, 1, 17].view(torch.int16).item() & 0xFFFF
+    assert good != 0x1234
+
+    def corrupted(case):
+        out = oracle_output(case)
+        if out.dim() == 3 and out.shape[:2] == (2, 2):  # tiny_b16 only
+            out[1, 1, 17] = torch.tensor(0x1234, dtype=torch.int16).view(torch.bfloat16)
+        return out
+
+    monkeypatch.setattr(corpus, "oracle_output", corrupted)
+    for argv in ([], ["--update"]):
+        assert corpus.main(argv) == 1
+        printed = capsys.readouterr().out
+        assert f"golden case 'tiny_b16': the torch reference and the oracle disagree: 1 element(s) differ; " \
+               f"first at request 1, row 1, column 17: 0x{good:04x} vs 0x1234" in printed, printed
+        assert "sparse_dsv4_584_b16" not in printed and "1 of 2 cases" in printed
+        assert not digests.exists() and not expected_dir.exists()
+    monkeypatch.setattr(corpus, "oracle_output", oracle_output)
+    assert corpus.main([]) == 1  # the two agree again; both cases are new to the empty tmp digests
+    assert "2 cases, reference and oracle agree on all; 2 differ" in capsys.readouterr().out
 
 
 def _run(backend: str, name: str, device: str, monkeypatch) -> torch.Tensor:

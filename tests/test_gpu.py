@@ -202,20 +202,51 @@ def test_every_shipped_kernel_bit_exact():
 
 
 @pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("path", ["ctypes", "cuda-python"])
-def test_launch_paths_bit_exact(path, pdl, monkeypatch):
-    """Both launchers (libcuda through ctypes; cuda-python's wrappers), with and
-    without programmatic dependent launch, give the reference bits."""
-    from kvgen import loader, ops
+def test_launch_paths_bit_exact(pdl, monkeypatch):
+    """Both launches (cuLaunchKernel; cuLaunchKernelEx with programmatic stream
+    serialization) give the reference bits."""
+    from kvgen import ops
 
-    if path == "cuda-python":
-        monkeypatch.setattr(loader, "_driver_launch", False)
     case = make_case(seq_lens=[700, 3, 129], gather_lens=[650, 3, 64], block_size=64, offset=5, seed=11)
     out, k_cache, seq_lens, gather_lens, block_table, block_size, offset = case.args("cuda")
     entry = ops.decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset).entry
     ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, pdl=pdl)
     torch.cuda.synchronize()
     assert mismatches(out.cpu(), reference(case)) == 0
+
+
+def test_a_cubin_the_driver_rejects_falls_back(tmp_path, monkeypatch):
+    """Bytes that pass their sha256 check but that this driver refuses to load:
+    the call falls back to Triton with a warning; forced, it is an error."""
+    import hashlib
+    import json
+    import shutil
+
+    from kvgen.loader import KvgenLoadError, reset_registry
+    from kvgen.paths import generated_dir
+
+    root = tmp_path / "generated"
+    shutil.copytree(generated_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
+    junk = b"\x7fELF" + bytes(range(256)) * 8
+    manifest = json.loads((root / "manifest.json").read_text())
+    for row in manifest["kernels"]:
+        (root / row["cubin"]).write_bytes(junk)
+        row["cubin_sha256"] = hashlib.sha256(junk).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    case = make_case(seq_lens=[300, 7], gather_lens=[200, 7], block_size=64, seed=12)
+    try:
+        reset_registry(root)
+        out = case.out.to("cuda")
+        with pytest.warns(RuntimeWarning, match="driver rejected"):
+            kvgen.dequantize_and_gather_k_cache(*case.args("cuda", out=out))
+        torch.cuda.synchronize()
+        assert kvgen.last_backend() == "triton"
+        assert mismatches(out.cpu(), reference(case)) == 0
+        monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+        with pytest.raises(KvgenLoadError, match="driver rejected"):
+            kvgen.dequantize_and_gather_k_cache(*case.args("cuda"))
+    finally:
+        reset_registry()
 
 
 def pdl_chain(iterations: int = 20, graph: bool = False) -> int:

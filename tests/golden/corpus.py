@@ -3,6 +3,11 @@
     python -m tests.golden.corpus            # check the torch reference against the digests
     python -m tests.golden.corpus --update   # rewrite them (`make golden`), printing what changed
 
+Each case is computed twice, by the torch reference and by kvgen/oracle.py (an
+independent decoder written from docs/semantics.md), and accepted only where
+the two agree: a disagreement names the case and its first differing element,
+and nothing is written.
+
 A digest is the sha256 of the whole `out` tensor (poisoned before the call,
 so untouched rows count too) after every NaN other than the poison is
 canonicalised to 0x7FC0: kvgen's comparison rule lets NaN payloads differ.
@@ -19,8 +24,9 @@ from typing import Callable
 
 import torch
 
+from kvgen.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
 from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch, layout_of
-from kvgen.testing import POISON_BF16, Case, SparseCase, make_case, make_sparse_case
+from kvgen.testing import POISON_BF16, Case, SparseCase, first_mismatch, make_case, make_sparse_case
 
 HERE = Path(__file__).resolve().parent
 DIGESTS = HERE / "digests.json"
@@ -160,6 +166,27 @@ def reference_output(case: Case | SparseCase) -> torch.Tensor:
     return out
 
 
+def oracle_output(case: Case | SparseCase) -> torch.Tensor:
+    out = case.out.clone()
+    oracle = dequantize_and_gather_sparse_oracle if isinstance(case, SparseCase) else dequantize_and_gather_oracle
+    oracle(*case.args(out=out))
+    return out
+
+
+class Disagreement(AssertionError):
+    """The reference and the oracle differ on a golden case: neither is accepted."""
+
+
+def agreed_output(name: str) -> torch.Tensor:
+    """The case's output, from the reference, after the oracle has given the same (else Disagreement)."""
+    case = build_case(name)
+    out = reference_output(case)
+    problem = first_mismatch(out, oracle_output(case))
+    if problem is not None:
+        raise Disagreement(f"golden case {name!r}: the torch reference and the oracle disagree: {problem}")
+    return out
+
+
 def expected_text(out: torch.Tensor) -> str:
     """One line per (request, row): 512 bf16 bit patterns in hex."""
     lines = []
@@ -171,12 +198,18 @@ def expected_text(out: torch.Tensor) -> str:
 
 
 def compute() -> dict[str, dict]:
-    table = {}
+    """Every case's digest; raises Disagreement (naming every case where reference and oracle differ)."""
+    table, disagreements = {}, []
     for name in CASES:
-        case = build_case(name)
-        out = reference_output(case)
+        try:
+            out = agreed_output(name)
+        except Disagreement as err:
+            disagreements.append(str(err))
+            continue
         written = int((out.view(torch.int16) != POISON_BF16).any(-1).sum())  # rows written
         table[name] = {"sha256": canonical_digest(out), "shape": list(out.shape), "rows_written": written}
+    if disagreements:
+        raise Disagreement("\n".join(disagreements))
     return table
 
 
@@ -184,7 +217,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update", action="store_true", help="rewrite digests and expected tensors")
     args = parser.parse_args(argv)
-    new = compute()
+    try:
+        new = compute()
+    except Disagreement as err:
+        print(f"{err}\n{len(str(err).splitlines())} of {len(CASES)} cases: the reference and the oracle disagree; "
+              "nothing compared or written")
+        return 1
     old = json.loads(DIGESTS.read_text())["cases"] if DIGESTS.exists() else {}
     changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
     for name in changed:
@@ -194,10 +232,10 @@ def main(argv=None) -> int:
         DIGESTS.write_text(json.dumps({"cases": new}, indent=1, sort_keys=True) + "\n")
         EXPECTED_DIR.mkdir(exist_ok=True)
         for name in FULL_TENSOR_CASES:
-            (EXPECTED_DIR / f"{name}.txt").write_text(expected_text(reference_output(build_case(name))))
-        print(f"{len(new)} cases, {len(changed)} changed; wrote {DIGESTS.relative_to(HERE.parent.parent)}")
+            (EXPECTED_DIR / f"{name}.txt").write_text(expected_text(agreed_output(name)))
+        print(f"{len(new)} cases, reference and oracle agree on all, {len(changed)} changed; wrote {DIGESTS.relative_to(HERE.parent.parent)}")
         return 0
-    print(f"{len(new)} cases, {len(changed)} differ from the committed digests")
+    print(f"{len(new)} cases, reference and oracle agree on all; {len(changed)} differ from the committed digests")
     return 1 if changed else 0
 
 

@@ -1,0 +1,87 @@
+"""KVGEN_CHECK=1: check every device-side index a call will use, before any launch.
+
+The default path cannot see values that live on the device (block-table
+entries, seq_lens, gather_lens, slots) without a synchronisation, so it
+trusts them, and an out-of-range value makes a kernel read outside the cache
+(docs/semantics.md says what the unchecked path does). With KVGEN_CHECK=1,
+read at each call, every op first checks them on the tensors' own device with
+a few vectorised torch ops and one device-to-host copy of the verdicts, and
+raises a ValueError naming the argument, the request (or row) and the value;
+nothing is written. Cost: one synchronisation per call plus elementwise work
+over the block table's used columns (or the slots) -- a debugging switch, not
+a serving mode, and it cannot run inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .env import env_flag
+from .errors import UsageError
+
+CHECK_ENV = "KVGEN_CHECK"
+
+
+def check_requested() -> bool:
+    return env_flag(CHECK_ENV, default=False)
+
+
+def _not_capturing(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise UsageError(f"{CHECK_ENV}=1 synchronises to read device values, which CUDA-graph capture forbids; "
+                         f"unset it while capturing")
+
+
+def _first(mask: torch.Tensor) -> list[int] | None:
+    """The index of mask's first True element (row-major), or None."""
+    hits = mask.nonzero()
+    return None if hits.shape[0] == 0 else hits[0].tolist()
+
+
+def check_dense(k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: torch.Tensor | None,
+                block_table: torch.Tensor, block_size: int, max_rows: int) -> None:
+    """For each request r: 0 <= gather_len <= seq_len <= block_table.shape[1] * block_size,
+    and every block-table entry the call reads (the pages of the last
+    min(gather_len, max_rows) positions) lies in [0, num_blocks)."""
+    _not_capturing(seq_lens.device)
+    num_blocks, width = k_cache.shape[0], block_table.shape[1]
+    seq = seq_lens.to(torch.int64)
+    gathered = seq if gather_lens is None else gather_lens.to(torch.int64)
+    capacity = width * block_size
+    rows = gathered.clamp(min=0, max=max(max_rows, 0))
+    start = seq - gathered
+    column = torch.arange(width, device=block_table.device)
+    read = ((column[None, :] >= start[:, None] // block_size)
+            & (column[None, :] <= (start + rows - 1)[:, None] // block_size) & (rows > 0)[:, None])
+    page = block_table.to(torch.int64)
+    checks = (  # (mask, message for its first hit): in the order a reader would ask
+        ((gathered < 0) | (gathered > seq) if gather_lens is not None else seq < 0,
+         lambda r: (f"gather_lens: request {r} gathers {int(gathered[r])} tokens of a seq_len of {int(seq[r])}; "
+                    f"expected 0 <= gather_len <= seq_len") if gather_lens is not None
+         else f"seq_lens: request {r} has seq_len {int(seq[r])}; expected >= 0"),
+        (seq > capacity,
+         lambda r: (f"seq_lens: request {r} has seq_len {int(seq[r])}, past its block-table row's capacity "
+                    f"({width} pages x block_size {block_size} = {capacity} tokens)")),
+        (read & ((page < 0) | (page >= num_blocks)),
+         lambda r, c: (f"block_table: request {r}, column {c} holds page {int(page[r, c])}, outside k_cache's "
+                       f"{num_blocks} pages [0, {num_blocks})")),
+    )
+    _raise_first(checks)
+
+
+def check_slots(k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
+    """Every slot lies in [-1, num_blocks * block_size)."""
+    _not_capturing(slot_indices.device)
+    slots = slot_indices.to(torch.int64)
+    limit = k_cache.shape[0] * block_size
+    _raise_first((((slots < -1) | (slots >= limit),
+                   lambda i: (f"slot_indices: row {i} holds slot {int(slots[i])}, outside [-1, {limit}) "
+                              f"(k_cache holds {k_cache.shape[0]} pages x block_size {block_size})")),))
+
+
+def _raise_first(checks) -> None:
+    # One device-to-host copy for every verdict; the offending index only on failure.
+    failed = torch.stack([mask.any() for mask, _ in checks]).tolist()
+    for (mask, message), bad in zip(checks, failed):
+        if bad:
+            raise ValueError(message(*_first(mask)))

@@ -1,0 +1,158 @@
+"""`make sanitize` (on a CUDA machine): compute-sanitizer over kvgen's cubins.
+
+    python -m tests.sanitize            # memcheck, racecheck, initcheck, synccheck; exit 1 on any error
+    python -m tests.sanitize --tool memcheck
+    python -m tests.sanitize --calls    # just the calls (what each tool runs)
+
+First it checks itself: memcheck must report an out-of-bounds gather (a
+block-table entry far past the cache, KVGEN_CHECK unset).
+
+The calls launch every shipped manifest row directly on a small case, and
+the public ops through the cubin backend for every family (layout x dense
+with and without gather_lens x sparse) and block size, each checked bit-exact
+against the torch reference. Every tool runs them in a fresh process; a run
+fails on any error the tool reports: a kernel error (out-of-bounds or
+misaligned access, a shared-memory race, a read of uninitialised device
+memory, a barrier misuse) or a CUDA API call that failed -- kvgen must add
+no driver-API error to a serving stack run under the sanitizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+# memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors";
+# racecheck: "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)".
+_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error")
+_API_ERROR = re.compile(r"Program hit (\w+) .* on CUDA API call to (\w+)")
+
+
+def calls() -> int:
+    """Run every call once; returns the number of mismatched values."""
+    import torch
+
+    import kvgen
+    from kvgen import ops
+    from kvgen.loader import registry
+    from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+    from kvgen.testing import make_case, make_sparse_case, mismatches
+
+    def dense_case(layout, bs, gather_lens, seed):
+        gl = [2 * bs + 1, 3] if gather_lens else None
+        return make_case(seq_lens=[3 * bs + 7, 5], gather_lens=gl, block_size=bs, layout=layout, offset=2, seed=seed)
+
+    def sparse_case(layout, bs, seed):
+        return make_sparse_case(num_slots=2 * bs + 5, valid=0.6, block_size=bs, layout=layout, seed=seed)
+
+    bad = 0
+    os.environ["KVGEN_BACKEND"] = "cubin"
+    entries = registry().entries
+    for i, entry in enumerate(entries):  # every shipped row, launched directly
+        c = entry.config
+        if c["indexing"] == "sparse":
+            case = sparse_case(c["layout"], c["block_size"], i)
+            expected = case.out.clone()
+            dequantize_and_gather_sparse_torch(*case.args(out=expected))
+            out, k_cache, slots, _ = case.args("cuda")
+            ops.launch_entry_sparse(entry, out, k_cache, slots, pdl=entry.pdl)
+        else:
+            case = dense_case(c["layout"], c["block_size"], c["gather_lens"], i)
+            expected = case.out.clone()
+            dequantize_and_gather_torch(*case.args(out=expected))
+            out, k_cache, seq_lens, gather_lens, block_table, _, offset = case.args("cuda")
+            ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, pdl=entry.pdl)
+        torch.cuda.synchronize()
+        bad += mismatches(out.cpu(), expected)
+    families = sorted({(e.config["layout"], e.config["indexing"], e.config["gather_lens"], e.config["block_size"])
+                       for e in entries})
+    for i, (layout, indexing, gather_lens, bs) in enumerate(families):  # the public ops, dispatched
+        if indexing == "sparse":
+            case = sparse_case(layout, bs, 1000 + i)
+            expected = case.out.clone()
+            dequantize_and_gather_sparse_torch(*case.args(out=expected))
+            out = case.out.to("cuda")
+            kvgen.dequantize_and_gather_k_cache_sparse(*case.args("cuda", out=out))
+        else:
+            case = dense_case(layout, bs, gather_lens, 1000 + i)
+            expected = case.out.clone()
+            dequantize_and_gather_torch(*case.args(out=expected))
+            out = case.out.to("cuda")
+            kvgen.dequantize_and_gather_k_cache(*case.args("cuda", out=out))
+        torch.cuda.synchronize()
+        assert kvgen.last_backend() == "cubin"
+        bad += mismatches(out.cpu(), expected)
+    print(f"sanitize calls: {len(entries)} rows launched directly, {len(families)} families through the ops, "
+          f"{bad} mismatched values")
+    return bad
+
+
+def out_of_bounds_call() -> int:
+    """The harness's own check: a block-table entry far past the cache, unchecked
+    (KVGEN_CHECK unset), read through a cubin -- memcheck must report it."""
+    import torch
+
+    import kvgen
+    from kvgen.testing import make_case
+
+    os.environ["KVGEN_BACKEND"] = "cubin"
+    os.environ.pop("KVGEN_CHECK", None)
+    case = make_case(seq_lens=[100], block_size=64, seed=1)
+    case.block_table[0, 1] = 1 << 20  # page 2^20: ~37 GiB past the cache's start
+    try:
+        kvgen.dequantize_and_gather_k_cache(*case.args("cuda"))
+        torch.cuda.synchronize()
+        outcome = "no error"
+    except RuntimeError as err:  # memcheck stops the kernel: the launch fails
+        outcome = str(err).splitlines()[0]
+    print(f"sanitize calls: one out-of-bounds gather ({outcome})")
+    return 0
+
+
+def run_tool(tool: str, mode: str = "--calls") -> tuple[int, list[str], float]:
+    """(errors the tool reported, the failed API calls among them, seconds)."""
+    command = ["compute-sanitizer", "--tool", tool, "--print-limit", "100", "--show-backtrace", "host",
+               sys.executable, "-m", "tests.sanitize", mode]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    text = done.stdout + done.stderr
+    summary = _SUMMARY.findall(text)
+    if not summary or "sanitize calls:" not in text:
+        raise SystemExit(f"{tool}: the run did not complete (exit {done.returncode}):\n{text[-4000:]}")
+    errors = int("".join(summary[-1]))
+    api = [f"{code} on {call}" for code, call in _API_ERROR.findall(text)]
+    if (errors or done.returncode) and mode == "--calls":
+        print(text[-6000:])
+    return errors, api, seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", action="store_true", help="run the calls only (under a tool)")
+    parser.add_argument("--tool", action="append", choices=TOOLS, help="only this tool (repeatable)")
+    parser.add_argument("--out-of-bounds", action="store_true",
+                        help="run one out-of-bounds gather (under a tool): the harness's self-test")
+    args = parser.parse_args(argv)
+    if args.calls:
+        return 1 if calls() else 0
+    if args.out_of_bounds:
+        return out_of_bounds_call()
+    errors, _, _ = run_tool("memcheck", "--out-of-bounds")  # a harness that cannot fail proves nothing
+    print(f"self-test: memcheck saw {errors} error(s) in an out-of-bounds gather (must be > 0)")
+    failed = errors == 0
+    for tool in args.tool or TOOLS:
+        errors, api, seconds = run_tool(tool)
+        print(f"{tool}: {errors} error(s), of which {len(api)} failed CUDA API call(s) "
+              f"{sorted(set(api)) if api else ''}({seconds:.0f} s)")
+        failed |= errors > 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
