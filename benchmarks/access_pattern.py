@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 import kvgen
-from kvgen import bench
-from kvgen.bench import Shape, gpu_case, graph_times
+from kvgen.tools import bench
+from kvgen.tools.bench import Shape, gpu_case, graph_times
 
 
 

@@ -15,11 +15,12 @@ Results: BENCHMARKS.md, log 13.
 
 import torch
 
-from kvgen import bench, ops
-from kvgen.bench import _time_variants, workload
-from kvgen.dispatch import CallKey, candidate_rows
-from kvgen.loader import registry
-from kvgen.tune import variant_of
+from kvgen.families.dequant_gather import op as ops
+from kvgen.tools import bench
+from kvgen.tools.bench import _time_variants, workload
+from kvgen.runtime.dispatch import CallKey, candidate_rows
+from kvgen.runtime.loader import registry
+from kvgen.tools.tune import variant_of
 
 LABELS = ("1x65536", "8x16384", "64x2048", "4x32768 b256")
 
@@ -42,7 +43,7 @@ for shape in (s for s in bench.SHAPES if s.label in LABELS):
     dense_rows = [e for e in candidate_rows(registry().entries, w.key)
                   if e.pdl and e.config["num_warps"] == 4 and e.config["num_stages"] in (2, 4)]
     variants = bench.entry_variants(dense_rows, lambda e: "dense_" + variant_of(e.config))
-    sparse_key = CallKey(shape.layout, shape.block_size, "sparse", False, w.key.capability)
+    sparse_key = CallKey(shape.format, shape.block_size, "sparse", False, w.key.capability)
     for e in candidate_rows(registry().entries, sparse_key):
         if e.config["num_stages"] in (2, 4):
             variants["sparse_" + variant_of(e.config)] = sparse_over_slots(e)

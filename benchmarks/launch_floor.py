@@ -10,21 +10,23 @@ import os
 import torch
 
 import kvgen
-from kvgen import bench, ops
-from kvgen.bench import Shape, gpu_case, graph_time
-from kvgen.dispatch import launch_grid
+from kvgen.runtime import backend
+from kvgen.families.dequant_gather import op as ops
+from kvgen.tools import bench
+from kvgen.tools.bench import Shape, gpu_case, graph_time
+from kvgen.runtime.dispatch import launch_grid
 
 bench.copy_bandwidth()  # ramps the clocks
 for label, seq_lens, window in [("1x8192", (8192,), None), ("32x8192 last128", (8192,) * 32, 128)]:
     shape = Shape(label, seq_lens, window=window)
     sets = [gpu_case(shape, seed) for seed in range(16)]
     empty = [[*a[:3], torch.zeros_like(a[2]), *a[4:]] for a in sets]
-    entry = ops.decide(*empty[0]).entry  # reads gather_lens
+    entry = ops.decide_dense(*empty[0]).entry  # reads gather_lens
     grid = launch_grid(entry, len(seq_lens), window or max(seq_lens))
     line = [f"{label} (grid {grid}):"]
     for pdl in (True, False):
         os.environ["KVGEN_PDL"] = "1" if pdl else "0"
-        ops.clear_dispatch_cache()
+        backend.clear_dispatch_cache()
         real = graph_time([lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in sets])
         floor = graph_time([lambda a=a: kvgen.dequantize_and_gather_k_cache(*a) for a in empty])
         one_cta = graph_time([lambda a=a, e=entry, p=pdl and entry.pdl: ops.launch_entry(

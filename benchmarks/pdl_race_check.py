@@ -17,7 +17,7 @@ os.environ["KVGEN_BACKEND"] = "cubin"
 
 import test_gpu  # noqa: E402
 
-from kvgen.loader import reset_registry  # noqa: E402
+from kvgen.runtime.loader import reset_registry  # noqa: E402
 from kvgen.paths import generated_dir  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def relabelled_tree(root: Path) -> Path:
     rows = []
     for row in manifest["kernels"]:
         c = row["config"]
-        target = (c["layout"], c["indexing"], c["block_size"], c["num_stages"], c["num_warps"], c["schedule"]) == \
+        target = (c["format"], c["indexing"], c["block_size"], c["num_stages"], c["num_warps"], c["schedule"]) == \
             ("dsv4_584", "dense", 64, 4, 4, "strided")
         if target and c["pdl"]:
             continue  # drop the real PDL row ...

@@ -8,8 +8,8 @@ import statistics
 
 import torch
 
-from kvgen import bench
-from kvgen.bench import _event_times, _set_count, graph_time
+from kvgen.tools import bench
+from kvgen.tools.bench import _event_times, _set_count, graph_time
 
 bench.copy_bandwidth()  # ramps the clocks
 n = 1 << 30

@@ -1,1 +1,1 @@
-"""Generated kvgen artefacts: cubins and manifest (package data)."""
+"""A kvgen kernel tree: cubins and manifest (package data)."""

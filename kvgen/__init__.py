@@ -1,8 +1,11 @@
 """kvgen: specialised, prebuilt CuteDSL kernels for paged FP8 KV caches.
 
-The runtime API needs torch and the NVIDIA driver (called through ctypes) only; the build tooling
-(kvgen.render/compile/link/build) needs jinja2, CuteDSL and nvJitLink and is
-imported only by `make generate` / `make build`.
+The package is laid out by stage:
+  kvgen/formats.py, config.py, spec.py   record formats, generator parameters, spec files (no torch)
+  kvgen/build/        render -> compile -> link -> tree (jinja2, CuteDSL, nvJitLink; build time only)
+  kvgen/runtime/      manifest -> load -> dispatch -> launch (torch and the NVIDIA driver only)
+  kvgen/families/     one folder per kernel family: its config and ABI, op, reference, fallback, oracle
+  kvgen/tools/        bench, tune (on a GPU, by hand)
 
 `import kvgen` imports torch and registers the custom ops torch.ops.kvgen.*,
 except where the package is imported to run the CLI (`python -m kvgen`, the
@@ -29,22 +32,25 @@ def _imported_by_the_cli() -> bool:
         _os.path.splitext(_os.path.basename(main_file))[0] in ("kvgen", "kvgen-script")
 
 
-if not _imported_by_the_cli():
-    from .ops import (
-        BackendUnavailable,
-        dequantize_and_gather_k_cache,
-        dequantize_and_gather_k_cache_sparse,
-        last_backend,
-        select_backend,
-        select_backend_sparse,
-    )
+# Every public name, and the module that defines it.
+_PUBLIC = {
+    "BackendUnavailable": "kvgen.runtime.backend",
+    "last_backend": "kvgen.runtime.backend",
+    "add_kernel_dir": "kvgen.runtime.loader",
+    "dequantize_and_gather_k_cache": "kvgen.families.dequant_gather.op",
+    "dequantize_and_gather_k_cache_sparse": "kvgen.families.dequant_gather.op",
+    "select_backend": "kvgen.families.dequant_gather.op",
+    "select_backend_sparse": "kvgen.families.dequant_gather.op",
+}
+__all__ = list(_PUBLIC)
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in __all__:  # every public name comes from kvgen.ops
-        from . import ops
+    if name in _PUBLIC:
+        import importlib
 
-        value = getattr(ops, name)
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -54,12 +60,13 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = [
-    "BackendUnavailable",
-    "dequantize_and_gather_k_cache",
-    "dequantize_and_gather_k_cache_sparse",
-    "last_backend",
-    "select_backend",
-    "select_backend_sparse",
-]
-__version__ = "0.1.0"
+if not _imported_by_the_cli():
+    # Registers torch.ops.kvgen.* at once, as users of `import kvgen` expect.
+    from .families.dequant_gather.op import (  # noqa: F401
+        dequantize_and_gather_k_cache,
+        dequantize_and_gather_k_cache_sparse,
+        select_backend,
+        select_backend_sparse,
+    )
+    from .runtime.backend import BackendUnavailable, last_backend  # noqa: F401
+    from .runtime.loader import add_kernel_dir  # noqa: F401

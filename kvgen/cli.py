@@ -7,7 +7,7 @@ import sys
 
 # No torch here, nor anything that imports it: `--help` and argument errors
 # answer at once; each command imports what it needs.
-from .config import BUILD_MATRIX, ConfigError, DequantGatherConfig, build_matrix
+from .config import ARCHS, ConfigError
 from .errors import UsageError
 
 BUILD_EXTRAS = "pip install 'kvgen[build]'"
@@ -46,30 +46,52 @@ def _need(command: str, modules: dict[str, str]) -> None:
         raise UsageError(f"{command} needs the build extras ({', '.join(missing)} not installed): {BUILD_EXTRAS}")
 
 
-def _configs(args) -> list[DequantGatherConfig]:
-    """The build matrix, or the named kernels (--kernel NAME, repeatable)."""
-    configs = list(build_matrix())
-    if not args.kernel:
-        return configs
-    by_name = {c.name: c for c in configs}
-    unknown = [n for n in args.kernel if n not in by_name]
-    if unknown:
-        raise ConfigError(f"unknown kernel name(s): {', '.join(unknown)} (see `python -m kvgen list`)")
-    return [by_name[n] for n in args.kernel]
+def _spec(args):
+    """The spec a command works from: --spec FILE, else the shipped one."""
+    from .spec import SHIPPED_SPEC, load_spec
+
+    return load_spec(args.spec or SHIPPED_SPEC)
+
+
+def _tree(args):
+    """The tree a command writes: --out DIR; the shipped tree only for the shipped spec."""
+    from pathlib import Path
+
+    from .paths import generated_dir
+
+    if args.out:
+        return Path(args.out)
+    if args.spec:
+        raise UsageError("--spec needs --out DIR: a user's spec builds its own tree, never the shipped one")
+    return generated_dir()
+
+
+def _configs(args) -> list:
+    """The spec's configs, or the named kernels (--kernel NAME, repeatable), for --arch if given."""
+    configs = list(_spec(args).configs)
+    if getattr(args, "kernel", None):
+        by_name = {c.name: c for c in configs}
+        unknown = [n for n in args.kernel if n not in by_name]
+        if unknown:
+            raise ConfigError(f"unknown kernel name(s): {', '.join(unknown)} (not in the spec; "
+                              "see `python -m kvgen list`)")
+        configs = [by_name[n] for n in args.kernel]
+    arch = getattr(args, "arch", None)
+    return [c for c in configs if not arch or c.arch == arch]
 
 
 def _check_arch(args) -> None:
-    from .config import ARCHS
-
     if args.arch and args.arch not in ARCHS:
         raise ConfigError(f"unknown arch {args.arch!r}; known: {', '.join(sorted(ARCHS))}")
 
 
 def cmd_generate(args) -> int:
     _need("generate", {"jinja2": "jinja2"})
-    from .build import generate
+    from .build.tree import generate
 
-    changed = generate(_configs(args))
+    _check_arch(args)
+    tree = _tree(args)
+    changed = generate(_configs(args), tree)
     print(f"kvgen generate: {len(changed)} file(s) changed")
     for path in changed:
         print(f"  {path}")
@@ -80,20 +102,20 @@ def cmd_build(args) -> int:
     _check_arch(args)
     _need("build", {"jinja2": "jinja2", "nvidia-cutlass-dsl": "cutlass", "cuda-core": "cuda.core",
                     **({} if args.quiet else {"tqdm": "tqdm"})})
-    from .build import build
+    from .build.tree import build
 
-    only = [c.name for c in _configs(args) if not args.arch or c.arch == args.arch]
-    # The whole matrix stays in the manifest; only the selected kernels are (re)built.
-    result = build(jobs=args.jobs, progress=not args.quiet, force=args.force,
-                   only=only if args.kernel or args.arch else None)
-    print(f"kvgen build: {result['built']} built, {result['skipped']} unchanged")
+    tree = _tree(args)
+    # Only the selected kernels are (re)built; every other row of the tree stays.
+    result = build(_configs(args), tree, jobs=args.jobs, progress=not args.quiet, force=args.force)
+    print(f"kvgen build: {result['built']} built, {result['skipped']} unchanged -> {tree}")
     return 0
 
 
 def cmd_prune(args) -> int:
-    from .build import prune
+    from .build.tree import prune
 
-    removed = prune()
+    tree = _tree(args)
+    removed = prune(_spec(args).configs, tree)
     print(f"kvgen prune: {len(removed)} file(s) removed")
     for path in removed:
         print(f"  {path}")
@@ -101,7 +123,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .loader import registry
+    from .runtime.loader import registry
 
     _check_arch(args)
     entries = [e for e in registry().entries if not args.arch or e.arch == args.arch]
@@ -117,7 +139,7 @@ def cmd_demo(args) -> int:
     import torch
 
     import kvgen
-    from .oracle import dequantize_and_gather_oracle
+    from .families.dequant_gather.oracle import dequantize_and_gather_oracle
     from .testing import make_case, mismatches
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,7 +159,7 @@ def cmd_demo(args) -> int:
     print(f"demo on {name}: backend={kvgen.last_backend()}, {out.shape[0]} requests, "
           f"{int(case.gather_lens.sum())} tokens gathered: "
           f"{'bit-exact against' if bad == 0 else f'{bad} values MISMATCH'} the independent decoder "
-          "(kvgen.oracle, integer bit arithmetic on the CPU)")
+          "(kvgen.families.dequant_gather.oracle, integer bit arithmetic on the CPU)")
     return 0 if bad == 0 else 1
 
 
@@ -157,7 +179,7 @@ def cmd_bench(args) -> int:
         if not isinstance(report, dict) or not isinstance(report.get("shapes"), list):
             raise UsageError(f"--report {args.report}: not a JSON report written by `python -m kvgen bench` "
                              "(no \"shapes\" list)")
-    from . import bench
+    from .tools import bench
 
     if not args.report:
         import torch
@@ -179,7 +201,7 @@ def cmd_tune(args) -> int:
 
     import torch
 
-    from . import tune
+    from .tools import tune
 
     if not torch.cuda.is_available():
         raise UsageError("tune needs a CUDA device")
@@ -188,7 +210,7 @@ def cmd_tune(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .tune import MARGIN  # tune imports no torch at module level
+    from .tools.tune import MARGIN  # tune imports no torch at module level
 
     parser = _Parser(prog="python -m kvgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,18 +220,27 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
         return p
 
-    axes = " + ".join("(" + ", ".join(f"{k}={list(v)}" for k, v in product.items()) + ")" for product in BUILD_MATRIX)
-    p = add("generate", cmd_generate, "Render the config matrix into generated/kvgen_kernels/ (deterministic).")
+    def tree_arguments(p, verb):
+        p.add_argument("--spec", help="the spec file (TOML) to work from (default: kvgen's shipped spec, "
+                                      "kvgen/specs/shipped.toml)")
+        p.add_argument("--out", help=f"the kernel tree to {verb} (default: the shipped tree; required with --spec)")
+
+    p = add("generate", cmd_generate, "Render the spec's configs into <tree>/kvgen_kernels/ (deterministic).")
+    tree_arguments(p, "write")
     p.add_argument("--kernel", action="append", help="only this kernel name (repeatable); others are kept")
-    p = add("build", cmd_build, f"Compile and link the matrix into cubins and generated/manifest.json. Matrix: {axes}")
+    p.add_argument("--arch", help="only kernels for this arch (e.g. sm_90a)")
+    p = add("build", cmd_build, "Render, compile and link the spec's configs into cubins and <tree>/manifest.json "
+                                "(no GPU needed).")
+    tree_arguments(p, "write")
     p.add_argument("--kernel", action="append", help="only (re)build this kernel (repeatable); the rest are kept")
     p.add_argument("--arch", help="only kernels for this arch (e.g. sm_90a)")
     p.add_argument("--jobs", type=_positive_int, default=None, help="parallel build processes (default: cores)")
     p.add_argument("--force", action="store_true", help="rebuild even where inputs are unchanged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add("prune", cmd_prune, "Remove generated sources, cubins and manifest rows that the build matrix no longer "
-                            "asks for.")
-    p = add("list", cmd_list, "List the kernels in the manifest.")
+    p = add("prune", cmd_prune, "Remove the generated sources, cubins and manifest rows of a tree that its spec "
+                                "no longer asks for.")
+    tree_arguments(p, "prune")
+    p = add("list", cmd_list, "List the kernels of the loaded trees (the shipped one, KVGEN_KERNEL_DIRS).")
     p.add_argument("--arch", help="only kernels for this arch")
     p = add("bench", cmd_bench, "Benchmark every backend on the issue's shapes (GPU), or render a saved report.")
     p.add_argument("--out", default="benchmarks/results", help="folder for <device>.json")
@@ -226,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"a variant must beat the default by more than this fraction (default {MARGIN})")
     p.add_argument("--out", help="write the table here instead of generated/dispatch.json")
-    add("demo", cmd_demo, "List the kernels and check one gather against the torch reference on this machine's device.")
+    add("demo", cmd_demo, "Check one gather on this machine's device against the independent decoder, and list "
+                          "the kernels.")
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # names the commands when none is given
 
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -13,17 +12,11 @@ REPO_DIR = PACKAGE_DIR.parent
 def _is_checkout(root: Path) -> bool:
     """Whether `root` is a kvgen source checkout (its pyproject.toml names the
     kvgen project), not just any folder the package happens to sit in."""
+    import tomllib
+
     try:
-        text = (root / "pyproject.toml").read_text()
-    except (OSError, UnicodeDecodeError):
-        return False
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        return re.search(r'^name\s*=\s*["\']kvgen["\']\s*$', text, re.M) is not None
-    try:
-        return tomllib.loads(text).get("project", {}).get("name") == "kvgen"
-    except tomllib.TOMLDecodeError:
+        return tomllib.loads((root / "pyproject.toml").read_text()).get("project", {}).get("name") == "kvgen"
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
 
 

@@ -11,13 +11,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import HEAD_DIM, LAYOUTS, Layout
+from .formats import Format
 
 POISON_BF16 = 0x7FBF  # a NaN with a payload no backend produces: "never written"
 POISON_PAGE = -0x55555556  # 0xAAAAAAAA as int32: an unused block-table entry
 
 
-def quantize_ue8m0(k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def as_format(fmt: "str | Format") -> Format:
+    """A format by name, from the loaded kernel trees (the shipped formats, and any user tree's)."""
+    if isinstance(fmt, Format):
+        return fmt
+    from .runtime.loader import registry
+
+    registry().entries  # load the trees
+    if fmt not in registry().formats:
+        raise ValueError(f"no loaded kernel tree defines format {fmt!r}; known: {sorted(registry().formats)}")
+    return registry().formats[fmt]
+
+
+def quantize_ue8m0(k: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 [n, 512] -> (data rows uint8 [n, data_bytes], scale rows uint8 [n, scale_bytes]).
 
     The reference UE8M0 quantizer: per group amax clamped at 1e-4,
@@ -25,51 +37,51 @@ def quantize_ue8m0(k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch
     """
     n = k.shape[0]
     device = k.device
-    fp8_dim, group = layout.fp8_dim, layout.scale_group
+    fp8_dim, group = fmt.values, fmt.scale_group
     x = k[:, :fp8_dim].float().reshape(n, fp8_dim // group, group)
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)
     exponent = torch.ceil(torch.log2(amax / 448.0))
     q = (x / torch.exp2(exponent)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    data = torch.empty((n, layout.data_bytes(fp8_dim)), dtype=torch.uint8, device=device)
+    data = torch.empty((n, fmt.data_bytes), dtype=torch.uint8, device=device)
     data[:, :fp8_dim] = q.reshape(n, fp8_dim).view(torch.uint8)
-    data[:, fp8_dim:] = k[:, fp8_dim:].contiguous().view(torch.uint8).reshape(n, 2 * (HEAD_DIM - fp8_dim))
-    codes = torch.zeros((n, layout.scale_bytes), dtype=torch.uint8, device=device)
+    data[:, fp8_dim:] = k[:, fp8_dim:].contiguous().view(torch.uint8).reshape(n, 2 * fmt.tail)
+    codes = torch.zeros((n, fmt.scale_bytes), dtype=torch.uint8, device=device)
     codes[:, : fp8_dim // group] = (exponent.squeeze(-1) + 127).clamp(0, 255).to(torch.uint8)
     return data, codes
 
 
-def write_pages(num_blocks: int, block_size: int, layout: Layout, data: torch.Tensor,
+def write_pages(num_blocks: int, block_size: int, fmt: Format, data: torch.Tensor,
                 codes: torch.Tensor, g: torch.Generator, page_pad: int = 0) -> torch.Tensor:
     """Pack per-token rows (num_blocks*block_size of them) into a paged uint8 cache
     [num_blocks, block_size, record_bytes] whose page stride is padded by `page_pad`
     bytes of junk. The junk comes from a generator seeded from `g`'s seed, so a
     case is the same whatever ran before it, and `g`'s own draws (block tables,
     slots) are those the golden digests were made with."""
-    record = layout.record_bytes
+    record = fmt.record_bytes
     page_bytes = block_size * record + page_pad
-    assert page_pad % 16 == 0
+    assert page_bytes % 16 == 0, "pages must start 16 bytes apart (the kernels copy 16-byte pieces)"
     junk = torch.Generator(device=g.device).manual_seed(g.initial_seed() ^ 0x9AD)
     storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8, generator=junk, device=data.device)
     pages = storage.view(num_blocks, page_bytes)
-    data_bytes = layout.data_bytes(layout.fp8_dim)
+    data_bytes = fmt.data_bytes
     pages[:, : block_size * data_bytes] = data.reshape(num_blocks, block_size * data_bytes)
-    pages[:, block_size * data_bytes: block_size * record] = codes.reshape(num_blocks, block_size * layout.scale_bytes)
+    pages[:, block_size * data_bytes: block_size * record] = codes.reshape(num_blocks, block_size * fmt.scale_bytes)
     return storage.as_strided((num_blocks, block_size, record), (page_bytes, record, 1))
 
 
-def make_cache(num_blocks: int, block_size: int, layout: Layout, g: torch.Generator, raw_bytes: bool = False,
+def make_cache(num_blocks: int, block_size: int, fmt: Format, g: torch.Generator, raw_bytes: bool = False,
                page_pad: int = 0, value_scale: float = 1.0) -> torch.Tensor:
     """A paged cache of random records, on `g`'s device: quantized from random
     bf16, or raw random bytes."""
     n, device = num_blocks * block_size, g.device
     if raw_bytes:
-        data = torch.randint(0, 256, (n, layout.data_bytes(layout.fp8_dim)), dtype=torch.uint8, generator=g,
+        data = torch.randint(0, 256, (n, fmt.data_bytes), dtype=torch.uint8, generator=g,
                              device=device)
-        codes = torch.randint(0, 256, (n, layout.scale_bytes), dtype=torch.uint8, generator=g, device=device)
+        codes = torch.randint(0, 256, (n, fmt.scale_bytes), dtype=torch.uint8, generator=g, device=device)
     else:
-        k = (torch.randn((n, HEAD_DIM), generator=g, device=device) * value_scale).to(torch.bfloat16)
-        data, codes = quantize_ue8m0(k, layout)
-    return write_pages(num_blocks, block_size, layout, data, codes, g, page_pad)
+        k = (torch.randn((n, fmt.head_dim), generator=g, device=device) * value_scale).to(torch.bfloat16)
+        data, codes = quantize_ue8m0(k, fmt)
+    return write_pages(num_blocks, block_size, fmt, data, codes, g, page_pad)
 
 
 @dataclass
@@ -101,7 +113,7 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     return moved.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
-def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_584",
+def make_case(*, seq_lens: list[int], block_size: int = 64, format: "str | Format" = "dsv4_584",
               gather_lens: list[int] | None = None, offset: int = 0, max_tokens: int | None = None,
               raw_bytes: bool = False, page_pad: int = 0, block_table_pad: int = 0,
               extra_pages: int = 3, seed: int = 0, value_scale: float = 1.0) -> Case:
@@ -111,13 +123,14 @@ def make_case(*, seq_lens: list[int], block_size: int = 64, layout: str = "dsv4_
     num_reqs = len(seq_lens)
     pages_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(pages_per_req) + extra_pages
-    k_cache = make_cache(num_blocks, block_size, LAYOUTS[layout], g, raw_bytes, page_pad, value_scale)
+    fmt = as_format(format)
+    k_cache = make_cache(num_blocks, block_size, fmt, g, raw_bytes, page_pad, value_scale)
 
     block_table = random_block_table(pages_per_req, num_blocks, g, block_table_pad)
 
     rows = max([0, *(gather_lens if gather_lens is not None else seq_lens)])
     max_tokens = max_tokens if max_tokens is not None else offset + rows
-    out = poisoned_out(num_reqs, max_tokens)
+    out = poisoned_out(num_reqs, max_tokens, head_dim=fmt.head_dim)
     return Case(
         out=out, k_cache=k_cache, seq_lens=torch.tensor(seq_lens, dtype=torch.int32).reshape(num_reqs),
         gather_lens=None if gather_lens is None else torch.tensor(gather_lens, dtype=torch.int32).reshape(num_reqs),
@@ -154,15 +167,16 @@ class SparseCase:
                 _to(self.slot_indices, device), self.block_size)
 
 
-def make_sparse_case(*, num_slots: int, valid: float = 1.0, block_size: int = 64, layout: str = "dsv4_584",
+def make_sparse_case(*, num_slots: int, valid: float = 1.0, block_size: int = 64, format: "str | Format" = "dsv4_584",
                      raw_bytes: bool = False, page_pad: int = 0, out_shape: tuple[int, ...] | None = None,
                      extra_pages: int = 3, seed: int = 0, value_scale: float = 1.0) -> SparseCase:
     """Random global slots over the whole cache, a fraction `valid` of them real, the rest -1."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = -(-num_slots // block_size) + extra_pages
-    k_cache = make_cache(num_blocks, block_size, LAYOUTS[layout], g, raw_bytes, page_pad, value_scale)
+    fmt = as_format(format)
+    k_cache = make_cache(num_blocks, block_size, fmt, g, raw_bytes, page_pad, value_scale)
     slots = random_slots(num_slots, num_blocks * block_size, valid, g)
-    out = poisoned_out(1, num_slots).reshape(*(out_shape or (num_slots,)), HEAD_DIM)
+    out = poisoned_out(1, num_slots, head_dim=fmt.head_dim).reshape(*(out_shape or (num_slots,)), fmt.head_dim)
     return SparseCase(out=out, k_cache=k_cache, slot_indices=slots, block_size=block_size)
 
 
@@ -174,8 +188,8 @@ def random_slots(num_slots: int, cache_slots: int, valid: float, g: torch.Genera
     return slots
 
 
-def poisoned_out(num_reqs: int, max_tokens: int, device="cpu") -> torch.Tensor:
-    out = torch.empty((num_reqs, max_tokens, HEAD_DIM), dtype=torch.bfloat16, device=device)
+def poisoned_out(num_reqs: int, max_tokens: int, device="cpu", head_dim: int = 512) -> torch.Tensor:
+    out = torch.empty((num_reqs, max_tokens, head_dim), dtype=torch.bfloat16, device=device)
     out.view(torch.int16).fill_(POISON_BF16)
     return out
 

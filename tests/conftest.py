@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_dispatch(monkeypatch):
     """Tests choose backends explicitly: a KVGEN_BACKEND in the caller's shell must not
     leak in, nor a dispatch decision cached under another test's mocks."""
-    from kvgen.ops import clear_dispatch_cache
+    from kvgen.runtime.backend import clear_dispatch_cache
 
     monkeypatch.delenv("KVGEN_BACKEND", raising=False)
     clear_dispatch_cache()

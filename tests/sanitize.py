@@ -38,17 +38,17 @@ def calls() -> int:
     import torch
 
     import kvgen
-    from kvgen import ops
-    from kvgen.loader import registry
-    from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+    from kvgen.families.dequant_gather import op as ops
+    from kvgen.runtime.loader import registry
+    from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
     from kvgen.testing import make_case, make_sparse_case, mismatches
 
     def dense_case(layout, bs, gather_lens, seed):
         gl = [2 * bs + 1, 3] if gather_lens else None
-        return make_case(seq_lens=[3 * bs + 7, 5], gather_lens=gl, block_size=bs, layout=layout, offset=2, seed=seed)
+        return make_case(seq_lens=[3 * bs + 7, 5], gather_lens=gl, block_size=bs, format=layout, offset=2, seed=seed)
 
     def sparse_case(layout, bs, seed):
-        return make_sparse_case(num_slots=2 * bs + 5, valid=0.6, block_size=bs, layout=layout, seed=seed)
+        return make_sparse_case(num_slots=2 * bs + 5, valid=0.6, block_size=bs, format=layout, seed=seed)
 
     bad = 0
     os.environ["KVGEN_BACKEND"] = "cubin"
@@ -56,20 +56,20 @@ def calls() -> int:
     for i, entry in enumerate(entries):  # every shipped row, launched directly
         c = entry.config
         if c["indexing"] == "sparse":
-            case = sparse_case(c["layout"], c["block_size"], i)
+            case = sparse_case(c["format"], c["block_size"], i)
             expected = case.out.clone()
             dequantize_and_gather_sparse_torch(*case.args(out=expected))
             out, k_cache, slots, _ = case.args("cuda")
             ops.launch_entry_sparse(entry, out, k_cache, slots, pdl=entry.pdl)
         else:
-            case = dense_case(c["layout"], c["block_size"], c["gather_lens"], i)
+            case = dense_case(c["format"], c["block_size"], c["gather_lens"], i)
             expected = case.out.clone()
             dequantize_and_gather_torch(*case.args(out=expected))
             out, k_cache, seq_lens, gather_lens, block_table, _, offset = case.args("cuda")
             ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, pdl=entry.pdl)
         torch.cuda.synchronize()
         bad += mismatches(out.cpu(), expected)
-    families = sorted({(e.config["layout"], e.config["indexing"], e.config["gather_lens"], e.config["block_size"])
+    families = sorted({(e.config["format"], e.config["indexing"], e.config["gather_lens"], e.config["block_size"])
                        for e in entries})
     for i, (layout, indexing, gather_lens, bs) in enumerate(families):  # the public ops, dispatched
         if indexing == "sparse":

@@ -6,19 +6,21 @@ import shutil
 
 import pytest
 
-from kvgen.config import KERNEL_PARAMS, SEED, build_matrix
-from kvgen.manifest import load_entries, read_manifest
+from kvgen.build.tree import shipped_configs
+from kvgen.families.dequant_gather.config import KERNEL_PARAMS
+from kvgen.runtime.manifest import read_manifest, read_tree
 from kvgen.paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
 
 pytest.importorskip("jinja2")
 pytest.importorskip("cutlass")
 
 COMMITTED = generated_dir()
+SEED = next(c for c in shipped_configs() if c.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a")
 
 
 def test_rendering_is_deterministic(tmp_path):
-    from kvgen.build import generate
-    from kvgen.render import render_kernel
+    from kvgen.build.tree import generate
+    from kvgen.build.render import render_kernel
 
     assert render_kernel(SEED) == render_kernel(SEED)
     generate(out_dir=tmp_path)
@@ -26,7 +28,7 @@ def test_rendering_is_deterministic(tmp_path):
 
 
 def test_committed_sources_are_what_generate_writes(tmp_path):
-    from kvgen.build import generate
+    from kvgen.build.tree import generate
 
     generate(out_dir=tmp_path)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
@@ -38,11 +40,11 @@ def test_committed_sources_are_what_generate_writes(tmp_path):
 
 def test_every_module_compiles_and_reproduces_the_committed_cubins(tmp_path):
     """A full rebuild from the committed sources gives the committed cubins, bit for bit."""
-    from kvgen.build import build
+    from kvgen.build.tree import build
 
     shutil.copytree(COMMITTED / KERNELS_PACKAGE, tmp_path / KERNELS_PACKAGE)
     result = build(out_dir=tmp_path, progress=False, jobs=2)
-    assert result["built"] == len(list(build_matrix()))
+    assert result["built"] == len(list(shipped_configs()))
     fresh = {row["name"]: row for row in read_manifest(tmp_path / MANIFEST_NAME)["kernels"]}
     committed = {row["name"]: row for row in read_manifest(COMMITTED / MANIFEST_NAME)["kernels"]}
     assert fresh.keys() == committed.keys()
@@ -54,10 +56,10 @@ def test_every_module_compiles_and_reproduces_the_committed_cubins(tmp_path):
 
 
 def test_manifest_matches_the_files():
-    entries = load_entries(COMMITTED / MANIFEST_NAME)
+    entries = list(read_tree(COMMITTED).entries)
     rows = read_manifest(COMMITTED / MANIFEST_NAME)["kernels"]
     assert len([e for e in entries if e.arch == "sm_90a"]) >= 20
-    assert {e.name for e in entries} == {c.name for c in build_matrix()}
+    assert {e.name for e in entries} == {c.name for c in shipped_configs()}
     for entry, row in zip(entries, rows):
         cubin = (COMMITTED / entry.cubin).read_bytes()
         assert hashlib.sha256(cubin).hexdigest() == entry.cubin_sha256, entry.name
@@ -68,11 +70,11 @@ def test_manifest_matches_the_files():
         assert entry.block == (32 * entry.config["num_warps"], 1, 1)
         assert entry.spill_bytes == 0 and row["stack_bytes"] == 0, entry.name
         assert set(row["toolchain"]) >= {"nvidia-cutlass-dsl", "cuda-core", "nvidia-nvjitlink"}
-        assert set(entry.config) == {f.name for f in dataclasses.fields(SEED)}
+        assert set(entry.config) == {f.name for f in dataclasses.fields(SEED)} and entry.family == "dqgk"
 
 
 def test_seed_ptx_has_the_seed_design():
-    from kvgen.compile import compile_module
+    from kvgen.build.compile import compile_module
 
     ptx = compile_module(COMMITTED, SEED.name, SEED.arch).ptx
     assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
@@ -84,11 +86,11 @@ def test_seed_ptx_has_the_seed_design():
 
 def test_building_named_kernels_keeps_every_other_kernel(tmp_path):
     """`kvgen build --kernel NAME` rebuilds NAME and leaves the rest of the tree as it was."""
-    from kvgen.build import build
+    from kvgen.build.tree import build
 
     shutil.copytree(COMMITTED, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     before = read_manifest(tmp_path / MANIFEST_NAME)["kernels"]
-    result = build(out_dir=tmp_path, progress=False, force=True, only=[SEED.name])
+    result = build([SEED], out_dir=tmp_path, progress=False, force=True)
     assert result == {"built": 1, "skipped": 0}
     after = read_manifest(tmp_path / MANIFEST_NAME)["kernels"]
     assert after == before  # the rebuilt seed reproduces its row; no other row lost
@@ -108,7 +110,7 @@ def test_building_a_subset_removes_nothing(tmp_path):
     """generate() or build() of one config against the whole tree keeps every
     other source, cubin and manifest row; only prune() removes, and only what
     its configs do not ask for."""
-    from kvgen.build import build, generate, prune
+    from kvgen.build.tree import build, generate, prune
 
     root = _copy_tree(tmp_path / "generated")
     files, rows = _files(root), read_manifest(root / MANIFEST_NAME)["kernels"]
@@ -128,7 +130,7 @@ def test_building_a_subset_removes_nothing(tmp_path):
 def test_compile_compiles_the_file_it_is_given(tmp_path):
     """Two trees compiled in one process: each compile reads its own file, as it
     is now, even after an edit that keeps the file's size (stale bytecode)."""
-    from kvgen.compile import compile_module
+    from kvgen.build.compile import compile_module
 
     first = compile_module(_copy_tree(tmp_path / "a"), SEED.name, SEED.arch)
     other = _copy_tree(tmp_path / "b")

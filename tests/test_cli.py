@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kvgen.build.tree import shipped_configs
+
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_HINT = "pip install 'kvgen[build]'"
 
@@ -100,9 +102,9 @@ def test_user_mistakes_are_one_line_with_status_2(tmp_path):
 
 
 def test_api_raises_value_errors_for_bad_environment(monkeypatch):
-    from kvgen import dispatch
+    from kvgen.runtime import dispatch
     from kvgen.errors import UsageError
-    from kvgen.manifest import ManifestError, read_manifest
+    from kvgen.runtime.manifest import ManifestError, read_manifest
 
     monkeypatch.setenv("KVGEN_BACKEND", "cuda")
     with pytest.raises(ValueError, match="expected one of cubin, triton, torch"):
@@ -130,7 +132,7 @@ def test_generate_and_build_without_the_build_extras_say_what_to_install(argv, t
 # ---------------------------------------------------------------- commands
 def test_list_sizes_the_name_column_to_the_longest_name(capsys):
     from kvgen import cli
-    from kvgen.loader import registry
+    from kvgen.runtime.loader import registry
 
     assert cli.main(["list"]) == 0
     header, *rows, total = capsys.readouterr().out.splitlines()
@@ -143,20 +145,21 @@ def test_list_sizes_the_name_column_to_the_longest_name(capsys):
 
 
 def test_generate_never_prunes_and_prune_is_its_own_command(monkeypatch, capsys):
-    from kvgen import build, cli
-    from kvgen.config import build_matrix
+    from kvgen import cli
+    from kvgen.build import tree as build
+    from kvgen.paths import generated_dir
 
+    shipped = list(build.shipped_configs())
     calls = []
     monkeypatch.setattr(build, "generate", lambda *a, **k: calls.append(("generate", a, k)) or [])
     monkeypatch.setattr(build, "prune", lambda *a, **k: calls.append(("prune", a, k)) or
                         [Path("gen/kvgen_kernels/old.py"), Path("gen/cubins/sm_90a/old.cubin")], raising=False)
     assert cli.main(["generate"]) == 0
-    name = next(iter(build_matrix())).name
-    assert cli.main(["generate", "--kernel", name]) == 0
+    assert cli.main(["generate", "--kernel", shipped[0].name]) == 0
     assert cli.main(["prune"]) == 0
-    assert calls == [("generate", (list(build_matrix()),), {}),
-                     ("generate", ([next(iter(build_matrix()))],), {}),
-                     ("prune", (), {})]
+    assert calls == [("generate", (shipped, generated_dir()), {}),
+                     ("generate", ([shipped[0]], generated_dir()), {}),
+                     ("prune", (tuple(shipped), generated_dir()), {})]
     out = capsys.readouterr().out
     assert "kvgen prune: 2 file(s) removed" in out
     assert "gen/kvgen_kernels/old.py" in out and "gen/cubins/sm_90a/old.cubin" in out
@@ -166,7 +169,7 @@ def test_generate_never_prunes_and_prune_is_its_own_command(monkeypatch, capsys)
 # ------------------------------------------------------------------- bench
 def test_bench_runner_leaves_the_environment_as_it_found_it(monkeypatch):
     import kvgen
-    from kvgen import bench
+    from kvgen.tools import bench
     from kvgen.testing import make_case
 
     args = list(make_case(seq_lens=[20, 7], block_size=16, seed=0).args())
@@ -182,6 +185,10 @@ def test_bench_runner_leaves_the_environment_as_it_found_it(monkeypatch):
 
 
 # ------------------------------------------------------------ installed wheel
+SEED = next(c for c in shipped_configs() if c.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a")
+
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The repo built into a wheel (~1 s: pure Python, no isolation, no network)
@@ -210,8 +217,10 @@ def installed(tmp_path_factory) -> Path:
 INSTALLED_CHECK = """
 import hashlib, importlib.resources, json, sys
 import kvgen, kvgen.paths
-from kvgen.config import SEED
-from kvgen.render import render_kernel
+from kvgen.build.render import render_kernel
+from kvgen.build.tree import shipped_configs
+
+SEED = next(c for c in shipped_configs() if c.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a")
 
 site = sys.argv[1]
 assert kvgen.__file__.startswith(site), kvgen.__file__
@@ -228,8 +237,8 @@ print(json.dumps({"kernels": len(manifest["kernels"]), "seed": seed}))
 
 
 def test_installed_wheel_generates_and_ships_its_package_data(installed, tmp_path):
-    from kvgen.config import SEED, build_matrix
-    from kvgen.render import render_kernel
+    from kvgen.build.render import render_kernel
+    from kvgen.build.tree import shipped_configs
 
     env = _env(PYTHONPATH=str(installed))
     done = _run(["-c", INSTALLED_CHECK, str(installed)], cwd=tmp_path, env=env)
@@ -242,7 +251,7 @@ def test_installed_wheel_generates_and_ships_its_package_data(installed, tmp_pat
     done = _run(["-m", "kvgen", "generate"], cwd=tmp_path, env=_env(PYTHONPATH=str(installed),
                                                                       KVGEN_GENERATED_DIR=str(out)))
     assert done.returncode == 0, done.stderr
-    expected = {c.filename for c in build_matrix()} | {"__init__.py", "ptx_helpers.py"}
+    expected = {c.filename for c in shipped_configs()} | {"__init__.py", "ptx_helpers.py"}
     assert {p.name for p in (out / "kvgen_kernels").iterdir()} == expected
 
     done = _run(["-m", "kvgen", "list"], cwd=tmp_path, env=env)  # the package data's manifest
@@ -262,8 +271,6 @@ def test_installed_console_script_answers_help_without_torch(installed, tmp_path
 def test_installed_wheel_builds_a_kernel(installed, tmp_path):
     import importlib.util
 
-    from kvgen.config import SEED
-
     if importlib.util.find_spec("cutlass") is None:
         pytest.skip("the build extras (CuteDSL) are not installed")
     out = tmp_path / "generated"
@@ -273,3 +280,13 @@ def test_installed_wheel_builds_a_kernel(installed, tmp_path):
     (row,) = [r for r in json.loads((out / "manifest.json").read_text())["kernels"] if r["name"] == SEED.name]
     cubin = (out / row["cubin"]).read_bytes()
     assert cubin[:4] == b"\x7fELF" and hashlib.sha256(cubin).hexdigest() == row["cubin_sha256"]
+
+    # A user's spec, built into the user's folder by the installed kvgen, then served by it.
+    mine = tmp_path / "my_kernels"
+    env = _env(PYTHONPATH=str(installed))
+    done = _run(["-m", "kvgen", "build", "--spec", str(REPO / "examples" / "fp8_384.toml"), "--out", str(mine),
+                 "--kernel", "dqgk_fp8_384_f384_b64_s3_w4_dense_g1_strided_p1_sm_90a", "--quiet"],
+                cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0 and "1 built" in done.stdout, done.stderr
+    done = _run(["-m", "kvgen", "list"], cwd=tmp_path, env=_env(PYTHONPATH=str(installed), KVGEN_KERNEL_DIRS=str(mine)))
+    assert done.returncode == 0 and "dqgk_fp8_384_f384_b64_s3_w4_dense_g1_strided_p1_sm_90a" in done.stdout

@@ -1,22 +1,62 @@
+"""Record formats, configs and spec files: what is accepted, and every refusal as one clear line."""
+
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
 from kvgen import config as cfg
-from kvgen.config import SEED, ConfigError, DequantGatherConfig, build_matrix
+from kvgen.build.tree import shipped_configs
+from kvgen.config import ConfigError
+from kvgen.families.dequant_gather.config import DequantGatherConfig
+from kvgen.formats import Format, FormatError
+from kvgen.spec import SpecError, load_spec
+
+SEED_NAME = "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a"
+SEED = next(c for c in shipped_configs() if c.name == SEED_NAME)
+DSV4 = SEED.format
+FP8_384 = Format("fp8_384", values=384, tail=128, scale_group=64)
 
 
-def _alternatives(monkeypatch):
-    """For each field, another value the templates can serve (registering an extra
-    layout/arch row where the tables hold only one)."""
-    layout = cfg.LAYOUTS["dsv4_584"]
-    monkeypatch.setitem(cfg.LAYOUTS, "alt_584", dataclasses.replace(layout, name="alt_584"))
-    monkeypatch.setitem(cfg.ARCHS, "sm_90x", dataclasses.replace(cfg.ARCHS["sm_90a"], name="sm_90x"))
-    return {
-        "layout": [dict(layout="alt_584"), dict(layout="v41_528", fp8_dim=512)],
-        "fp8_dim": [dict(layout="v41_528", fp8_dim=512)],  # fp8_dim is tied to the layout's record
+# ------------------------------------------------------------------ formats
+def test_formats_derive_what_they_do_not_state():
+    assert (DSV4.head_dim, DSV4.data_bytes, DSV4.scale_bytes, DSV4.record_bytes) == (512, 576, 8, 584)
+    assert (FP8_384.num_scales, FP8_384.scale_pad, FP8_384.record_bytes) == (6, 2, 648)
+    v41 = Format("v41", values=512, scale_group=32)
+    assert (v41.head_dim, v41.scale_bytes, v41.record_bytes) == (512, 16, 528)
+    assert Format("wide", values=512, scale_group=16).scale_bytes == 32  # two 16-byte pieces
+    assert Format.from_dict(FP8_384.to_dict(), record_bytes=648) == FP8_384
+
+
+@pytest.mark.parametrize("fields, record_bytes, message", [
+    (dict(name="v32_656", values=512, scale_group=128), 656, "does not add up to record_bytes=656"),
+    (dict(name="f", values=450, scale_group=64), None, "scale_group 64 does not divide values 450"),
+    (dict(name="f", values=392, tail=0, scale_group=8), None, "data row of 392 bytes cannot be moved in 16-byte"),
+    (dict(name="f", values=448, tail=64, scale_group=64, scale_pad=3), None, "scale row of 10 bytes .* cannot be moved"),
+    (dict(name="f", values=512, scale_group=32, value_kind="e5m2"), None, "value_kind 'e5m2'"),
+    (dict(name="f", values=512, scale_group=32, scale_kind="f32"), None, "scale_kind 'f32'"),
+    (dict(name="f", values=512, scale_group=32, placement="inline"), None, "placement 'inline'"),
+    (dict(name="f", values=0, scale_group=32), None, "must be positive"),
+    (dict(name="f", values=512, scale_group=32, tail=-8), None, "tail"),
+    (dict(name="Bad-Name", values=512, scale_group=32), None, "format name 'Bad-Name'"),
+    (dict(name="f", values=512), None, "missing 1 required positional argument: 'scale_group'"),
+    (dict(name="f", values=512, scale_group=32, group=4), None, "unknown field"),
+])
+def test_formats_that_do_not_add_up_are_refused_when_made(fields, record_bytes, message):
+    with pytest.raises(FormatError, match=message) as err:
+        Format.from_dict(fields, record_bytes)
+    assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
+
+
+# ------------------------------------------------------------------ configs
+def _alternatives():
+    """For each field, another value the templates can serve."""
+    extra_arch = dataclasses.replace(cfg.ARCHS["sm_90a"], name="sm_90x")
+    return extra_arch, {
+        "format": [dict(format=FP8_384), dict(format=Format("v41_528", values=512, scale_group=32))],
         "indexing": [dict(indexing="sparse", gather_lens=False)],
-        "block_size": [dict(block_size=16), dict(block_size=256)],
+        "block_size": [dict(block_size=1), dict(block_size=1024)],
         "num_stages": [dict(num_stages=1), dict(num_stages=8)],
         "num_warps": [dict(num_warps=8)],
         "gather_lens": [dict(gather_lens=False)],
@@ -26,55 +66,51 @@ def _alternatives(monkeypatch):
     }
 
 
-def test_every_field_has_an_alternative_under_test(monkeypatch):
-    assert set(_alternatives(monkeypatch)) == {f.name for f in dataclasses.fields(DequantGatherConfig)}
+def test_every_field_has_an_alternative_under_test():
+    assert set(_alternatives()[1]) == {f.name for f in dataclasses.fields(DequantGatherConfig)}
 
 
 def test_changing_any_field_changes_name_and_source(monkeypatch):
-    from kvgen.render import render_kernel, sha256_text
+    from kvgen.build.render import render_kernel, sha256_text
 
+    arch, alternatives = _alternatives()
+    monkeypatch.setitem(cfg.ARCHS, arch.name, arch)
     base_source = sha256_text(render_kernel(SEED))
-    for field, variants in _alternatives(monkeypatch).items():
+    for field, variants in alternatives.items():
         for change in variants:
             other = dataclasses.replace(SEED, **change)
             assert other.name != SEED.name, field
             assert sha256_text(render_kernel(other)) != base_source, field
 
 
-def test_matrix_names_are_unique_and_cover_the_issue():
-    configs = list(build_matrix())
-    assert len({c.name for c in configs}) == len(configs) >= 20
-    assert {c.block_size for c in configs} >= {16, 32, 64, 128, 256}
-    assert len({c.num_stages for c in configs}) >= 3
+def test_shipped_names_are_unique_and_cover_every_family():
+    configs = list(shipped_configs())
+    assert len({c.name for c in configs}) == len(configs) == 110
+    assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
-    assert {c.arch for c in configs} == {"sm_90a"}
-    families = {(c.layout, c.indexing) for c in configs}
+    families = {(c.format.name, c.indexing) for c in configs}
     assert families == {("dsv4_584", "dense"), ("dsv4_584", "sparse"), ("v41_528", "dense"), ("v41_528", "sparse")}
-    assert SEED in configs
-
-
-def test_name_is_readable():
-    assert SEED.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a"
+    assert SEED.name == SEED_NAME  # names are stable: the format's name and value count, then each field
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(fp8_dim=450), "multiple of the scale group"),
-    (dict(fp8_dim=384), "does not fit layout"),
     (dict(block_size=48), "power of two"),
     (dict(block_size=0), "power of two"),
+    (dict(block_size=2048), "power of two in 1..1024"),
     (dict(num_stages=0), "num_stages"),
     (dict(num_warps=0), "num_warps"),
     (dict(num_warps=33), "num_warps"),
     (dict(num_stages=16, num_warps=32), "shared memory"),
     (dict(arch="sm_80"), "unknown arch"),
-    (dict(layout="fp4"), "unknown layout"),
     (dict(schedule="random"), "unknown schedule"),
     (dict(indexing="ragged"), "unknown indexing"),
     (dict(indexing="sparse"), "gather_lens applies to dense indexing only"),
-    (dict(layout="v41_528"), "does not fit layout"),
     (dict(block_size="64"), "must be int"),
     (dict(gather_lens=1), "must be bool"),
     (dict(num_stages=True), "must be int"),
+    (dict(format="dsv4_584"), "must be a kvgen.formats.Format"),
+    (dict(format=Format("g4", values=448, tail=64, scale_group=4)), "multiples of 8"),
+    (dict(format=Format("big", values=1024, scale_group=32)), "at most 1024-byte data rows"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -85,3 +121,66 @@ def test_round_trip_through_dict():
     assert DequantGatherConfig.from_dict(SEED.to_dict()) == SEED
     with pytest.raises(ConfigError, match="unknown config field"):
         DequantGatherConfig.from_dict({**SEED.to_dict(), "tile": 3})
+    with pytest.raises(ConfigError, match="missing config field"):
+        DequantGatherConfig.from_dict({k: v for k, v in SEED.to_dict().items() if k != "arch"})
+
+
+# -------------------------------------------------------------------- specs
+GOOD = """
+[formats.fp8_384]
+values = 384
+tail = 128
+scale_group = 64
+record_bytes = 648
+
+[[dequant_gather]]
+format = "fp8_384"
+indexing = ["dense", "sparse"]
+block_size = [64, 512]
+num_stages = 3
+"""
+
+
+def _spec(tmp_path, text, name="spec.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_spec_expands_its_products_with_the_defaults(tmp_path):
+    spec = load_spec(_spec(tmp_path, GOOD))
+    assert spec.formats == {"fp8_384": FP8_384}
+    # dense takes both gather modes, sparse one; the defaults fill warps, schedule, pdl and arch.
+    assert len(spec.configs) == 2 * (2 + 1)
+    assert {(c.num_warps, c.schedule, c.pdl, c.arch) for c in spec.configs} == {(4, "strided", True, "sm_90a")}
+    assert "dqgk_fp8_384_f384_b512_s3_w4_sparse_g0_strided_p1_sm_90a" in spec.names
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[formats.f\nvalues = 1", "not valid TOML"),
+    (GOOD.replace("record_bytes = 648", "record_bytes = 640"), "does not add up to record_bytes=640"),
+    (GOOD.replace('format = "fp8_384"', 'format = "fp8_385"'), "format 'fp8_385' is not defined in this spec"),
+    (GOOD.replace("num_stages = 3", "num_stagez = 3"), "unknown field\\(s\\) \\['num_stagez'\\]"),
+    (GOOD.replace("num_stages = 3\n", ""), "no num_stages given"),
+    (GOOD.replace("block_size = [64, 512]", "block_size = [64, 96]"), "block_size=96 must be a power of two"),
+    (GOOD.replace("block_size = [64, 512]", "block_size = []"), "block_size is an empty list"),
+    (GOOD + "[[gather]]\nformat = 'x'\n", "unknown table\\(s\\) \\['gather'\\]"),
+    (GOOD + "[formats.other]\nvalues = 384\ntail = 128\nscale_group = 64\n",
+     "formats fp8_384 and other both have 648-byte records"),
+])
+def test_bad_specs_are_one_clear_line(tmp_path, text, message):
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(_spec(tmp_path, text))
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_the_cli_refuses_a_bad_spec_in_one_line(tmp_path):
+    bad = _spec(tmp_path, GOOD.replace("record_bytes = 648", "record_bytes = 640"))
+    for argv in (["build", "--spec", str(bad), "--out", str(tmp_path / "tree")],
+                 ["build", "--spec", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "tree")],
+                 ["build", "--spec", str(_spec(tmp_path, GOOD, "good.toml"))]):
+        done = subprocess.run([sys.executable, "-m", "kvgen", *argv], capture_output=True, text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("kvgen: error:"), done.stderr
+    assert "--spec needs --out" in lines[0]
+    assert not (tmp_path / "tree").exists()

@@ -24,9 +24,12 @@ import pytest
 import torch
 
 import kvgen
-from kvgen import oracle
-from kvgen.config import HEAD_DIM, LAYOUTS
-from kvgen.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
+from kvgen.families.dequant_gather import oracle
+from kvgen.testing import as_format
+
+HEAD_DIM = 512  # both shipped formats' head dim
+LAYOUTS = ("dsv4_584", "v41_528")
+from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
 from kvgen.testing import POISON_BF16, Case, SparseCase, first_mismatch, make_case, make_sparse_case
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -72,7 +75,7 @@ def fuzz_case(seed: int, indexing: str, layout: str) -> Fuzzed:
     rng = random.Random(seed)
     bs = BLOCK_SIZES[seed % len(BLOCK_SIZES)]
     raw = rng.random() < 0.75  # raw bytes: every e4m3 pattern and scale code, NaNs and edge codes included
-    data = dict(block_size=bs, layout=layout, raw_bytes=raw, page_pad=16 * rng.randint(0, 3), seed=seed,
+    data = dict(block_size=bs, format=layout, raw_bytes=raw, page_pad=16 * rng.randint(0, 3), seed=seed,
                 value_scale=rng.choice([1e-7, 1.0, 3e4]),
                 extra_pages=rng.randint(1, 3))  # >= 1: write_pages cannot build a cache of 0 pages
     row_pad = 8 * rng.randint(0, 2)  # out's row stride: 512 or 520 (16-byte multiples, so cubins serve it too)
@@ -130,7 +133,7 @@ def coverage(monkeypatch):
 
     def recording(k_cache, block_size, page, row):
         data, codes = read(k_cache, block_size, page, row)
-        seen["fp8"][data[:, : oracle._layout(k_cache).fp8_dim]] = True
+        seen["fp8"][data[:, : oracle.format_of(k_cache).values]] = True
         seen["codes"][codes] = True
         return data, codes
 
@@ -160,9 +163,9 @@ def test_fuzz_torch_and_triton_against_the_oracle(indexing, layout, coverage, mo
 @pytest.mark.parametrize("indexing, layout", FAMILIES)
 def test_fuzz_cubins_against_the_oracle(indexing, layout, monkeypatch):
     """The shipped cubins on the GPU against the oracle run on the CPU copies."""
-    from kvgen.loader import registry
+    from kvgen.runtime.loader import registry
 
-    shipped = {(e.config["layout"], e.config["indexing"], e.config["block_size"], e.config["gather_lens"])
+    shipped = {(e.config["format"], e.config["indexing"], e.config["block_size"], e.config["gather_lens"])
                for e in registry().entries}
     offset = 1000 * FAMILIES.index((indexing, layout))
     checked = 0
@@ -206,15 +209,15 @@ CONTRACT_VALUES = [
 def _gather_v41(fp8: torch.Tensor, codes: torch.Tensor, backend: str, monkeypatch) -> torch.Tensor:
     """Records with these fp8 bytes [n, 512] and scale codes [n, 16] (a 528-byte cache,
     16-token pages), gathered in order by a sparse call through `backend` or the oracle."""
-    layout, bs, n = LAYOUTS["v41_528"], 16, fp8.shape[0]
+    layout, bs, n = as_format("v41_528"), 16, fp8.shape[0]
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1")
     pages = -(-n // bs)
     k_cache = torch.zeros((pages, bs, layout.record_bytes), dtype=torch.uint8)
     page_bytes = k_cache.view(pages, -1)
     padded = lambda t: torch.cat([t, t.new_zeros(pages * bs - n, t.shape[1])]).view(pages, -1)  # noqa: E731
-    page_bytes[:, : bs * layout.fp8_dim] = padded(fp8)  # data rows first...
-    page_bytes[:, bs * layout.fp8_dim:] = padded(codes)  # ...then scale rows
+    page_bytes[:, : bs * layout.values] = padded(fp8)  # data rows first...
+    page_bytes[:, bs * layout.values:] = padded(codes)  # ...then scale rows
     out = _poisoned(n, HEAD_DIM)
     slots = torch.arange(n, dtype=torch.int32)
     if backend == "oracle":
@@ -255,7 +258,7 @@ def test_every_e4m3_byte_with_every_scale_code(backend, monkeypatch):
 
 
 def test_out_of_range_values_raise_like_the_torch_path():
-    from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+    from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 
     case = make_case(seq_lens=[40, 17], gather_lens=[30, 17], block_size=16, seed=3)
     bad = {

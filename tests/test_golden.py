@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvgen
-from kvgen.loader import registry
+from kvgen.runtime.loader import registry
 from kvgen.testing import SparseCase
 from tests.golden import corpus
 from tests.golden.corpus import CASES, DIGESTS, EXPECTED_DIR, FULL_TENSOR_CASES, build_case, canonical_digest, expected_text, oracle_output, reference_output
@@ -25,7 +25,7 @@ def test_corpus_covers_every_shipped_family_and_block_size():
         indexing = "sparse" if isinstance(case, SparseCase) else "dense"
         return case.k_cache.shape[-1], indexing, case.block_size
 
-    shipped = {(584 if e.config["layout"] == "dsv4_584" else 528, e.config["indexing"], e.config["block_size"])
+    shipped = {(584 if e.config["format"] == "dsv4_584" else 528, e.config["indexing"], e.config["block_size"])
                for e in registry().entries}
     covered = {family(build_case(name)) for name in CASES}
     assert shipped <= covered, shipped - covered

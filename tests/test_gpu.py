@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvgen
-from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 from kvgen.testing import make_case, make_sparse_case, mismatches, poisoned_out
 
 pytestmark = pytest.mark.gpu
@@ -43,7 +43,7 @@ def test_backends_bit_exact(layout, block_size, with_gather_lens, monkeypatch):
         seq = torch.randint(0, 700, (num_reqs,), generator=g).tolist()
         gl = [int(torch.randint(0, s + 1, (1,), generator=g)) for s in seq] if with_gather_lens else None
         case = make_case(seq_lens=seq, gather_lens=gl, block_size=block_size, offset=seed * 3,
-                         raw_bytes=seed == 2, page_pad=16 * seed, block_table_pad=seed, seed=seed, layout=layout)
+                         raw_bytes=seed == 2, page_pad=16 * seed, block_table_pad=seed, seed=seed, format=layout)
         expected = reference(case)
         for backend in ("cubin", "triton", "torch"):
             assert mismatches(run(backend, case, monkeypatch), expected) == 0, (backend, seq, gl)
@@ -53,7 +53,7 @@ def test_backends_bit_exact(layout, block_size, with_gather_lens, monkeypatch):
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_sparse_backends_bit_exact(layout, block_size, monkeypatch):
     for seed, valid in enumerate((0.03, 0.5, 1.0)):
-        case = make_sparse_case(num_slots=2000 + seed, valid=valid, block_size=block_size, layout=layout,
+        case = make_sparse_case(num_slots=2000 + seed, valid=valid, block_size=block_size, format=layout,
                                 raw_bytes=seed == 1, page_pad=16 * seed, seed=seed)
         expected = case.out.clone()
         dequantize_and_gather_sparse_torch(*case.args(out=expected))
@@ -71,7 +71,7 @@ def test_default_dispatch_serves_cubin_on_hopper():
         pytest.skip("cubins are sm_90a")
     case = make_case(seq_lens=[100], block_size=64)
     assert kvgen.select_backend(*case.args("cuda")) == "cubin"
-    case = make_sparse_case(num_slots=100, block_size=64, layout="v41_528")
+    case = make_sparse_case(num_slots=100, block_size=64, format="v41_528")
     assert kvgen.select_backend_sparse(*case.args("cuda")) == "cubin"
 
 
@@ -144,7 +144,7 @@ def test_first_use_from_eight_threads():
     script = textwrap.dedent("""
         import threading, torch, kvgen
         from kvgen.testing import make_case, mismatches
-        from kvgen.reference import dequantize_and_gather_torch
+        from kvgen.families.dequant_gather.reference import dequantize_and_gather_torch
         case = make_case(seq_lens=[500, 3, 64], gather_lens=[400, 3, 10], block_size=64, seed=3)
         expected = case.out.clone()
         dequantize_and_gather_torch(*case.args(out=expected))
@@ -178,21 +178,21 @@ def test_second_device_if_present(monkeypatch):
 
 def test_every_shipped_kernel_bit_exact():
     """Each cubin in the manifest, launched directly (not only the rows dispatch picks)."""
-    from kvgen import ops
-    from kvgen.loader import registry
+    from kvgen.families.dequant_gather import op as ops
+    from kvgen.runtime.loader import registry
 
     for i, entry in enumerate(registry().entries):
         c = entry.config
         bs = c["block_size"]
         if c["indexing"] == "sparse":
-            case = make_sparse_case(num_slots=3 * bs + 5, valid=0.6, block_size=bs, layout=c["layout"], seed=i)
+            case = make_sparse_case(num_slots=3 * bs + 5, valid=0.6, block_size=bs, format=c["format"], seed=i)
             expected = case.out.clone()
             dequantize_and_gather_sparse_torch(*case.args(out=expected))
             out, k_cache, slots, _ = case.args("cuda")
             ops.launch_entry_sparse(entry, out, k_cache, slots)
         else:
             gl = [2 * bs + 1, 3, bs] if c["gather_lens"] else None
-            case = make_case(seq_lens=[3 * bs + 7, 5, bs], gather_lens=gl, block_size=bs, layout=c["layout"],
+            case = make_case(seq_lens=[3 * bs + 7, 5, bs], gather_lens=gl, block_size=bs, format=c["format"],
                              offset=2, raw_bytes=i % 2 == 1, seed=i)
             expected = reference(case)
             out, k_cache, seq_lens, gather_lens, block_table, _, offset = case.args("cuda")
@@ -205,11 +205,11 @@ def test_every_shipped_kernel_bit_exact():
 def test_launch_paths_bit_exact(pdl, monkeypatch):
     """Both launches (cuLaunchKernel; cuLaunchKernelEx with programmatic stream
     serialization) give the reference bits."""
-    from kvgen import ops
+    from kvgen.families.dequant_gather import op as ops
 
     case = make_case(seq_lens=[700, 3, 129], gather_lens=[650, 3, 64], block_size=64, offset=5, seed=11)
     out, k_cache, seq_lens, gather_lens, block_table, block_size, offset = case.args("cuda")
-    entry = ops.decide(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset).entry
+    entry = ops.decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset).entry
     ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, pdl=pdl)
     torch.cuda.synchronize()
     assert mismatches(out.cpu(), reference(case)) == 0
@@ -222,7 +222,7 @@ def test_a_cubin_the_driver_rejects_falls_back(tmp_path, monkeypatch):
     import json
     import shutil
 
-    from kvgen.loader import KvgenLoadError, reset_registry
+    from kvgen.runtime.loader import KvgenLoadError, reset_registry
     from kvgen.paths import generated_dir
 
     root = tmp_path / "generated"
@@ -256,12 +256,12 @@ def pdl_chain(iterations: int = 20, graph: bool = False) -> int:
     `staging`'s bytes as its cache. B's grid runs beside A's on the idle SMs,
     so B is right only if it waits (griddepcontrol.wait) before reading.
     Returns the number of mismatching values."""
-    from kvgen import ops
+    from kvgen.families.dequant_gather import op as ops
 
     block_size, record = 64, 584
     a = make_case(seq_lens=[16384], block_size=16, seed=5)
     a_args = list(a.args("cuda"))
-    a_entry = ops.decide(*a_args).entry
+    a_entry = ops.decide_dense(*a_args).entry
     assert a_entry.pdl
     staging = a_args[0]  # [1, 16384, 512] bf16 = 16 MiB, written by A
     pages = staging.numel() * 2 // (block_size * record)

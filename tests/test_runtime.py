@@ -13,13 +13,15 @@ import pytest
 import torch
 
 import kvgen
-from kvgen import ops
-from kvgen import dispatch, tune
-from kvgen.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
-from kvgen.loader import KvgenLoadError, registry, reset_registry
+from kvgen.runtime import backend
+from kvgen.families.dequant_gather import op as ops
+from kvgen.runtime import dispatch
+from kvgen.tools import tune
+from kvgen.runtime.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
+from kvgen.runtime.loader import KvgenLoadError, registry, reset_registry
 from kvgen.paths import generated_dir
-from kvgen.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
-from kvgen.reference import dequantize_and_gather_torch
+from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
+from kvgen.families.dequant_gather.reference import dequantize_and_gather_torch
 from kvgen.testing import make_case, mismatches
 
 
@@ -98,7 +100,7 @@ def test_torch_path_rejects_out_of_range_values():
 
 # ------------------------------------------------------------------ dispatch
 def key(**kw):
-    base = dict(layout="dsv4_584", block_size=64, indexing="dense", gather_lens=True, capability=(9, 0))
+    base = dict(format="dsv4_584", block_size=64, indexing="dense", gather_lens=True, capability=(9, 0))
     return CallKey(**{**base, **kw})
 
 
@@ -133,7 +135,7 @@ def test_shape_classes_follow_host_known_sizes():
 def _measured(shape, cls, times, default="s4w4s"):
     prefer = {v: {"num_stages": int(v[1]), "num_warps": int(v[3]), "schedule": "strided" if v[4] == "s" else "contiguous"}
               for v in times}
-    return {"shape": shape, "match": {"layout": "dsv4_584", "indexing": "dense", "shape_class": cls},
+    return {"shape": shape, "match": {"format": "dsv4_584", "indexing": "dense", "shape_class": cls},
             "default": default, "us": times, "prefer": prefer}
 
 
@@ -144,7 +146,7 @@ def test_tune_writes_a_rule_only_past_the_margin():
         _measured("c", "short", {"s4w4s": 10.0, "s4w8c": 9.9, "s2w4s": 10.1}),  # 1%: noise, no rule
     ]
     rules, groups = tune.choose_rules(measured, margin=0.02)
-    assert rules == [{"match": {"layout": "dsv4_584", "indexing": "dense", "shape_class": "long"},
+    assert rules == [{"match": {"format": "dsv4_584", "indexing": "dense", "shape_class": "long"},
                       "prefer": {"num_stages": 4, "num_warps": 8, "schedule": "contiguous"}}]
     assert [g["rule"] for g in groups] == ["s4w8c", None]
     assert groups[0]["relative_time"]["s4w8c"] == pytest.approx((0.95 * 0.96) ** 0.5, abs=1e-4)
@@ -155,21 +157,22 @@ def test_tune_writes_a_rule_only_past_the_margin():
 
 
 TUNED_ON = "NVIDIA H100 80GB HBM3"  # the device of the committed dispatch table
-LONG_RULE = {"match": {"layout": "dsv4_584", "indexing": "dense", "shape_class": "long"},
+LONG_RULE = {"match": {"format": "dsv4_584", "indexing": "dense", "shape_class": "long"},
              "prefer": {"num_stages": 4, "num_warps": 8, "schedule": "contiguous"}}
 
 
 def test_tuned_rules_choose_the_row_for_their_class(fake_gpu, monkeypatch):
     fake_gpu((9, 0))
-    monkeypatch.setattr(registry(), "_tuned", dispatch.TunedTable(TUNED_ON, (LONG_RULE,)))
+    registry().entries  # load the trees, then give them one tuned rule
+    monkeypatch.setattr(registry(), "_tuned", [dispatch.TunedTable(TUNED_ON, (LONG_RULE,))])
     long_case = make_case(seq_lens=[20000], block_size=64)
     short_case = make_case(seq_lens=[70], block_size=64)
-    chosen = ops.decide(*long_case.args()).entry.config
+    chosen = ops.decide_dense(*long_case.args()).entry.config
     assert (chosen["num_warps"], chosen["schedule"], chosen["pdl"]) == (8, "contiguous", True)
-    assert ops.decide(*short_case.args()).entry.config["num_warps"] == 4  # another class: the default
+    assert ops.decide_dense(*short_case.args()).entry.config["num_warps"] == 4  # another class: the default
     # KVGEN_PDL=0 outranks the rule: a row built without griddepcontrol, where one is shipped.
     monkeypatch.setenv("KVGEN_PDL", "0")
-    assert ops.decide(*long_case.args()).entry.pdl is False
+    assert ops.decide_dense(*long_case.args()).entry.pdl is False
 
 
 def _tree_with_rule(tmp_path, device):
@@ -184,13 +187,13 @@ def test_tuned_rules_come_from_the_loaded_tree_and_its_device(tmp_path, fake_gpu
     """A tree's rules steer calls only while that tree is loaded, and only on a
     device of the name they were tuned on."""
     long_case = make_case(seq_lens=[20000], block_size=64)
-    warps = lambda: ops.decide(*long_case.args()).entry.config["num_warps"]  # noqa: E731
+    warps = lambda: ops.decide_dense(*long_case.args()).entry.config["num_warps"]  # noqa: E731
     fake_gpu((9, 0), TUNED_ON)
     try:
         reset_registry(_tree_with_rule(tmp_path / "a", TUNED_ON))
         assert warps() == 8
         fake_gpu((9, 0), "NVIDIA H200")  # same compute capability, another device
-        ops.clear_dispatch_cache()
+        backend.clear_dispatch_cache()
         assert warps() == 4
         reset_registry(_tree_with_rule(tmp_path / "b", "NVIDIA H200"))
         assert warps() == 8
@@ -221,7 +224,7 @@ def test_committed_dispatch_table_is_well_formed():
     import dataclasses
     import json
 
-    from kvgen.config import DequantGatherConfig
+    from kvgen.families.dequant_gather.config import DequantGatherConfig
 
     table = json.loads(path.read_text())
     assert table["format"] == tune.FORMAT
@@ -232,7 +235,7 @@ def test_committed_dispatch_table_is_well_formed():
     for rule in table["rules"]:
         assert set(rule["match"]) <= key_fields and set(rule["prefer"]) <= config_fields - {"pdl"}
         assert rule["match"].get("shape_class", "long") in classes
-        # Every rule prefers a row that is shipped for its layout and indexing.
+        # Every rule prefers a row that is shipped for its format and indexing.
         assert any(all(e.config[k] == v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields)
                    for e in entries), rule
     assert tune.choose_rules(table["measured"], table["margin"])[0] == table["rules"]
@@ -243,8 +246,8 @@ def fake_gpu(monkeypatch):
     """Pretend the CPU tensors live on a GPU of the given compute capability,
     with a CUDA driver to load cubins (no launch happens in these tests)."""
     def set_capability(capability, name=TUNED_ON):
-        monkeypatch.setattr(ops, "device_info", lambda device: ("cuda", capability, name))
-        monkeypatch.setattr(ops, "driver", lambda: "a driver")
+        monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", capability, name))
+        monkeypatch.setattr(backend, "driver", lambda: "a driver")
     return set_capability
 
 
@@ -258,8 +261,8 @@ def test_dispatch_by_capability(fake_gpu, capability, expected):
 def test_dispatch_without_a_cubin_for_the_shape(fake_gpu):
     fake_gpu((9, 0))
     case = make_case(seq_lens=[20], block_size=8)
-    decision = ops.decide(*case.args())
-    assert decision.backend == "triton" and "no shipped cubin" in decision.reason
+    decision = ops.decide_dense(*case.args())
+    assert decision.backend == "triton" and "no cubin for" in decision.reason
 
 
 def test_dispatch_misaligned_out_avoids_the_cubin(fake_gpu):
@@ -271,7 +274,7 @@ def test_dispatch_misaligned_out_avoids_the_cubin(fake_gpu):
 
 def test_dispatch_without_triton_goes_to_torch(fake_gpu, monkeypatch):
     fake_gpu((8, 0))
-    monkeypatch.setattr(ops, "_available", lambda m: m != "triton")
+    monkeypatch.setattr(backend, "_available", lambda m: m != "triton")
     assert kvgen.select_backend(*good_args()) == "torch"
 
 
@@ -284,13 +287,13 @@ def test_forced_backends(fake_gpu, monkeypatch):
     with pytest.raises(kvgen.BackendUnavailable, match="not a CUDA device"):
         kvgen.dequantize_and_gather_k_cache(*good_args())
     fake_gpu((8, 0))
-    with pytest.raises(kvgen.BackendUnavailable, match="no shipped cubin"):
+    with pytest.raises(kvgen.BackendUnavailable, match="no cubin for"):
         kvgen.select_backend(*good_args())
     monkeypatch.setenv("KVGEN_BACKEND", "torch")
     assert kvgen.select_backend(*good_args()) == "torch"
     monkeypatch.setenv("KVGEN_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(ops, "device_info", lambda device: ("cpu", None, None))
+    monkeypatch.setattr(backend, "device_info", lambda device: ("cpu", None, None))
     with pytest.raises(kvgen.BackendUnavailable, match="Triton cannot run"):
         kvgen.select_backend(*good_args())
     monkeypatch.setenv("KVGEN_BACKEND", "fastest")
@@ -300,22 +303,22 @@ def test_forced_backends(fake_gpu, monkeypatch):
 
 def test_pdl_is_decided_per_call_and_can_be_turned_off(fake_gpu, monkeypatch):
     fake_gpu((9, 0))
-    decision = ops.decide(*good_args())
+    decision = ops.decide_dense(*good_args())
     assert decision.backend == "cubin" and decision.entry.pdl and decision.pdl
     monkeypatch.setenv("KVGEN_PDL", "0")
-    assert ops.decide(*good_args()).pdl is False
+    assert ops.decide_dense(*good_args()).pdl is False
     # Where a row without the griddepcontrol instructions is shipped, KVGEN_PDL=0 takes it.
     case = make_case(seq_lens=[70], block_size=64)
-    assert ops.decide(*case.args()).entry.pdl is False
+    assert ops.decide_dense(*case.args()).entry.pdl is False
     monkeypatch.delenv("KVGEN_PDL")
-    assert ops.decide(*case.args()).entry.pdl is True
+    assert ops.decide_dense(*case.args()).entry.pdl is True
     monkeypatch.setenv("KVGEN_PDL", "sometimes")
     with pytest.raises(ValueError, match="KVGEN_PDL"):
-        ops.decide(*good_args())
+        ops.decide_dense(*good_args())
     monkeypatch.delenv("KVGEN_PDL")
     fake_gpu((8, 0))
-    ops.clear_dispatch_cache()  # decisions are cached per device, and this one changed capability
-    assert ops.decide(*good_args()).pdl is False  # Triton: nothing to launch with PDL
+    backend.clear_dispatch_cache()  # decisions are cached per device, and this one changed capability
+    assert ops.decide_dense(*good_args()).pdl is False  # Triton: nothing to launch with PDL
 
 
 # A PTX instruction's opcode (after an optional predicate guard), at the start of a line.
@@ -337,7 +340,7 @@ def _pdl_sample():
     """Two PDL and two non-PDL rows of each (layout, indexing) family, where shipped."""
     picked: dict[tuple, list] = {}
     for entry in registry().entries:
-        group = picked.setdefault((entry.config["layout"], entry.config["indexing"], entry.pdl), [])
+        group = picked.setdefault((entry.config["format"], entry.config["indexing"], entry.pdl), [])
         if len(group) < 2:
             group.append(entry)
     return [entry for group in picked.values() for entry in group]
@@ -374,7 +377,7 @@ def test_every_kernel_waits_before_touching_global_memory(entry):
     """PDL is only safe if griddepcontrol.wait comes before the first global
     access: checked in the PTX that CuteDSL compiles from the generated module."""
     pytest.importorskip("cutlass")
-    from kvgen.compile import compile_module
+    from kvgen.build.compile import compile_module
 
     assert _pdl_problems(compile_module(generated_dir(), entry.name, entry.arch).ptx, entry.pdl) == [], entry.name
 
@@ -402,7 +405,7 @@ def test_pdl_ptx_check_catches_misordered_kernels():
 def test_launch_structs_match_cuda_h():
     """CUlaunchAttribute and CUlaunchConfig as cuda.h lays them out (x86-64)."""
     import ctypes
-    from kvgen.driver import LaunchAttribute as _LaunchAttribute, LaunchConfig as _LaunchConfig
+    from kvgen.runtime.driver import LaunchAttribute as _LaunchAttribute, LaunchConfig as _LaunchConfig
 
     assert ctypes.sizeof(_LaunchAttribute) == 72 and _LaunchAttribute.value.offset == 8
     assert ctypes.sizeof(_LaunchConfig) == 56
@@ -410,7 +413,7 @@ def test_launch_structs_match_cuda_h():
 
 
 def test_pdl_launch_of_a_cubin_without_the_wait_is_refused():
-    from kvgen.loader import LoadedKernel
+    from kvgen.runtime.loader import LoadedKernel
 
     entry = next(e for e in registry().entries if not e.pdl)
     kernel = LoadedKernel(entry=entry, library=None, kernel=0, _prepared_devices=set())
@@ -464,7 +467,7 @@ class _RefusingDriver:
     another GPU or a file that is not a cubin."""
 
     def load_library(self, image, what):
-        from kvgen.driver import CudaError
+        from kvgen.runtime.driver import CudaError
 
         raise CudaError(f"cuLibraryLoadData({what}) failed: CUDA_ERROR_INVALID_IMAGE", 200)
 
@@ -474,7 +477,7 @@ def test_a_cubin_the_driver_rejects_falls_back(corrupt_tree, fake_gpu, monkeypat
     load error: the call falls back with a warning (an error when forced)."""
     import json
 
-    from kvgen import loader
+    from kvgen.runtime import loader
 
     root, reg = corrupt_tree
     manifest = json.loads((root / "manifest.json").read_text())
@@ -482,7 +485,7 @@ def test_a_cubin_the_driver_rejects_falls_back(corrupt_tree, fake_gpu, monkeypat
         (root / row["cubin"]).write_bytes(b"\x7fELF not a cubin")
         row["cubin_sha256"] = hashlib.sha256(b"\x7fELF not a cubin").hexdigest()
     (root / "manifest.json").write_text(json.dumps(manifest))
-    reg = reset_registry(root)
+    reset_registry(root)
     fake_gpu((9, 0))
     monkeypatch.setattr(loader, "driver", lambda: _RefusingDriver())
     args = good_args()
@@ -498,9 +501,9 @@ def test_a_cubin_the_driver_rejects_falls_back(corrupt_tree, fake_gpu, monkeypat
 
 
 def test_no_driver_library_means_no_cubin(monkeypatch):
-    monkeypatch.setattr(ops, "device_info", lambda device: ("cuda", (9, 0), TUNED_ON))
-    monkeypatch.setattr(ops, "driver", lambda: None)
-    decision = ops.decide(*good_args())
+    monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", (9, 0), TUNED_ON))
+    monkeypatch.setattr(backend, "driver", lambda: None)
+    decision = ops.decide_dense(*good_args())
     assert decision.backend == "triton" and "libcuda" in decision.reason
 
 
@@ -526,7 +529,7 @@ def test_triton_interpreter_matches_torch_on_random_calls(seed, monkeypatch):
 
 # ------------------------------------------------------------------ imports
 # Build-time only (kvgen/__init__.py): CuteDSL, jinja2, cuda.core and kvgen's own build stages.
-BUILD_TOOLING = ("cutlass", "jinja2", "cuda.core", "kvgen.render", "kvgen.compile", "kvgen.link", "kvgen.build")
+BUILD_TOOLING = ("cutlass", "jinja2", "cuda.core", "kvgen.build.render", "kvgen.build.compile", "kvgen.build.link", "kvgen.build")
 
 
 def _installed(module: str) -> bool:
@@ -548,7 +551,7 @@ def test_runtime_imports_no_build_tooling():
         "c = make_case(seq_lens=[20], block_size=16)\n"
         "kvgen.dequantize_and_gather_k_cache(*c.args())\n"
         "kvgen.dequantize_and_gather_k_cache_sparse(*make_sparse_case(num_slots=8, block_size=16).args())\n"
-        "import kvgen.loader; kvgen.loader.registry().entries\n"
+        "import kvgen.runtime.loader; kvgen.runtime.loader.registry().entries\n"
         f"TOOLING = {BUILD_TOOLING!r}\n"
         "tooling = lambda: sorted({t for m in list(sys.modules) for t in TOOLING if m == t or m.startswith(t + '.')})\n"
         "assert not tooling(), f'runtime imported build tooling: {tooling()}'\n"
@@ -640,7 +643,7 @@ def test_sparse_op_and_custom_op_match_the_oracle(backend, monkeypatch):
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     monkeypatch.setenv("KVGEN_BACKEND", backend)
     for layout in ("dsv4_584", "v41_528"):
-        case = make_sparse_case(num_slots=48, valid=0.5, block_size=16, layout=layout, raw_bytes=True,
+        case = make_sparse_case(num_slots=48, valid=0.5, block_size=16, format=layout, raw_bytes=True,
                                 out_shape=(4, 12), seed=4)
         args = list(case.args())
         expected = args[0].clone()

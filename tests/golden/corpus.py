@@ -24,8 +24,9 @@ from typing import Callable
 
 import torch
 
-from kvgen.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
-from kvgen.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch, layout_of
+from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
+from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+from kvgen.runtime.validate import format_of
 from kvgen.testing import POISON_BF16, Case, SparseCase, first_mismatch, make_case, make_sparse_case
 
 HERE = Path(__file__).resolve().parent
@@ -40,20 +41,20 @@ TAIL_SPECIALS = (0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0x0001, 0x8001, 0x8000,
 
 def _overwrite_records(case, fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]):
     """Rewrite every record in place: fill(fp8 bytes [n, fp8_dim], codes [n, groups], tail u16 [n, 64])."""
-    layout = layout_of(case.k_cache)
+    layout = format_of(case.k_cache)
     kc = case.k_cache
-    bs, data_bytes = case.block_size, layout.data_bytes(layout.fp8_dim)
+    bs, data_bytes = case.block_size, layout.data_bytes
     data = kc.as_strided((kc.shape[0], bs, data_bytes), (kc.stride(0), data_bytes, 1), kc.storage_offset())
     codes = kc.as_strided((kc.shape[0], bs, layout.scale_bytes), (kc.stride(0), layout.scale_bytes, 1),
                           kc.storage_offset() + bs * data_bytes)
     n = kc.shape[0] * bs
-    fp8 = torch.empty((n, layout.fp8_dim), dtype=torch.uint8)
-    scale = torch.empty((n, layout.fp8_dim // layout.scale_group), dtype=torch.uint8)
+    fp8 = torch.empty((n, layout.values), dtype=torch.uint8)
+    scale = torch.empty((n, layout.num_scales), dtype=torch.uint8)
     tail = torch.empty((n, 64), dtype=torch.int32)
     fill(fp8, scale, tail)
-    data[..., : layout.fp8_dim] = fp8.view(kc.shape[0], bs, -1)
-    tail_bytes = data_bytes - layout.fp8_dim
-    data[..., layout.fp8_dim:] = tail[:, : tail_bytes // 2].to(torch.int16).view(torch.uint8).view(kc.shape[0], bs, -1)
+    data[..., : layout.values] = fp8.view(kc.shape[0], bs, -1)
+    tail_bytes = data_bytes - layout.values
+    data[..., layout.values:] = tail[:, : tail_bytes // 2].to(torch.int16).view(torch.uint8).view(kc.shape[0], bs, -1)
     codes[..., : scale.shape[1]] = scale.view(kc.shape[0], bs, -1)
     return case
 
@@ -112,34 +113,34 @@ def _cases() -> dict[str, Callable[[], Case]]:
     # DeepSeek-V4.1 528-byte records, dense: the same edge classes.
     for bs in (16, 32, 64, 128, 256):
         c[f"v41_quantized_b{bs}"] = lambda bs=bs: make_case(seq_lens=[bs * 2 + 5, 9], block_size=bs,
-                                                            layout="v41_528", seed=100 + bs)
+                                                            format="v41_528", seed=100 + bs)
         c[f"v41_raw_partial_b{bs}"] = lambda bs=bs: make_case(
             seq_lens=[bs * 3 + 1, 2 * bs, 4], gather_lens=[bs + 3, 2 * bs, 0], block_size=bs, offset=1,
-            layout="v41_528", raw_bytes=True, seed=101 + bs)
+            format="v41_528", raw_bytes=True, seed=101 + bs)
     c["v41_padded_strided"] = lambda: make_case(seq_lens=[150, 70], gather_lens=[149, 1], block_size=64,
-                                                layout="v41_528", page_pad=32, block_table_pad=2, seed=102)
-    c["v41_empty_batch"] = lambda: make_case(seq_lens=[], block_size=32, layout="v41_528", seed=103)
+                                                format="v41_528", page_pad=32, block_table_pad=2, seed=102)
+    c["v41_empty_batch"] = lambda: make_case(seq_lens=[], block_size=32, format="v41_528", seed=103)
     c["v41_many_requests"] = lambda: make_case(seq_lens=[(i * 13) % 40 + 1 for i in range(256)], block_size=16,
-                                               layout="v41_528", seed=104)
+                                               format="v41_528", seed=104)
     c["v41_edge_fp8_bytes"] = lambda: _overwrite_records(
-        make_case(seq_lens=[40, 3], block_size=32, layout="v41_528", seed=105), _every_fp8_byte)
-    c["v41_tiny_values"] = lambda: make_case(seq_lens=[33], block_size=16, layout="v41_528", value_scale=1e-7, seed=106)
+        make_case(seq_lens=[40, 3], block_size=32, format="v41_528", seed=105), _every_fp8_byte)
+    c["v41_tiny_values"] = lambda: make_case(seq_lens=[33], block_size=16, format="v41_528", value_scale=1e-7, seed=106)
 
     # Sparse slot-index gathers, both layouts: -1 slots, random slots, [..., 512] outputs.
     for layout in ("dsv4_584", "v41_528"):
         for bs in (16, 32, 64, 128, 256):
             c[f"sparse_{layout}_b{bs}"] = lambda bs=bs, layout=layout: make_sparse_case(
-                num_slots=3 * bs + 7, valid=0.7, block_size=bs, layout=layout, seed=200 + bs)
+                num_slots=3 * bs + 7, valid=0.7, block_size=bs, format=layout, seed=200 + bs)
         c[f"sparse_{layout}_raw_3pct"] = lambda layout=layout: make_sparse_case(
-            num_slots=500, valid=0.03, block_size=64, layout=layout, raw_bytes=True, seed=201)
+            num_slots=500, valid=0.03, block_size=64, format=layout, raw_bytes=True, seed=201)
         c[f"sparse_{layout}_all_valid_3d_out"] = lambda layout=layout: make_sparse_case(
-            num_slots=96, valid=1.0, block_size=32, layout=layout, out_shape=(4, 24), page_pad=16, seed=202)
+            num_slots=96, valid=1.0, block_size=32, format=layout, out_shape=(4, 24), page_pad=16, seed=202)
         c[f"sparse_{layout}_none_valid"] = lambda layout=layout: make_sparse_case(
-            num_slots=40, valid=0.0, block_size=16, layout=layout, seed=203)
+            num_slots=40, valid=0.0, block_size=16, format=layout, seed=203)
         c[f"sparse_{layout}_empty"] = lambda layout=layout: make_sparse_case(num_slots=0, block_size=16,
-                                                                             layout=layout, seed=204)
+                                                                             format=layout, seed=204)
         c[f"sparse_{layout}_edge_bytes"] = lambda layout=layout: _overwrite_records(
-            make_sparse_case(num_slots=64, valid=0.9, block_size=16, layout=layout, seed=205), _every_fp8_byte)
+            make_sparse_case(num_slots=64, valid=0.9, block_size=16, format=layout, seed=205), _every_fp8_byte)
     c["sparse_dsv4_584_tail_specials"] = lambda: _overwrite_records(
         make_sparse_case(num_slots=20, valid=0.8, block_size=16, seed=206), _tail_specials)
     return c

@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import HEAD_DIM
-from .dispatch import MAX_GRID_Y
-from .reference import layout_of
+from ...runtime.dispatch import MAX_GRID_Y
+from ...runtime.validate import format_of
 
 TOKENS_PER_PROGRAM = 16
 NUM_WARPS = 8
@@ -28,17 +27,19 @@ MAX_GRID = 65535 * 16  # sparse: programs grid-stride past this
 @triton.jit
 def _dequant_tile(cache_ptr, page, row, tok_ok, page_stride,
                   BLOCK_SIZE: tl.constexpr, FP8_DIM: tl.constexpr, DATA_BYTES: tl.constexpr,
-                  SCALE_BYTES: tl.constexpr, SCALE_GROUP: tl.constexpr, HEAD: tl.constexpr):
-    """bf16 [tokens, HEAD] for the records at (page, row): kvgen's decoding, in integers."""
+                  SCALE_BYTES: tl.constexpr, SCALE_GROUP: tl.constexpr, HEAD: tl.constexpr,
+                  HEAD_P2: tl.constexpr):
+    """bf16 [tokens, HEAD_P2] for the records at (page, row): kvgen's decoding, in
+    integers; columns past HEAD (up to the power of two Triton needs) are zero."""
     # 64-bit page addressing: caches beyond 4 GiB.
     page_base = page.to(tl.int64) * page_stride
     record = tl.multiple_of(page_base + row * DATA_BYTES, 16)
     scale_row = page_base + BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES
 
-    col = tl.arange(0, HEAD)
+    col = tl.arange(0, HEAD_P2)
     is_fp8 = col < FP8_DIM
     m_fp8 = tok_ok[:, None] & is_fp8[None, :]
-    m_tail = tok_ok[:, None] & (col >= FP8_DIM)[None, :]
+    m_tail = tok_ok[:, None] & ((col >= FP8_DIM) & (col < HEAD))[None, :]
 
     raw = tl.load(cache_ptr + record[:, None] + col[None, :], mask=m_fp8, other=0).to(tl.int32)
     code = tl.load(cache_ptr + scale_row[:, None] + (col // SCALE_GROUP)[None, :], mask=m_fp8,
@@ -74,7 +75,7 @@ def _dequant_gather_kernel(
     out_stride_req, out_stride_row, page_stride, block_table_stride, offset, max_rows,
     HAS_GATHER_LENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_DIM: tl.constexpr,
     DATA_BYTES: tl.constexpr, SCALE_BYTES: tl.constexpr, SCALE_GROUP: tl.constexpr,
-    HEAD: tl.constexpr, TOKENS: tl.constexpr,
+    HEAD: tl.constexpr, HEAD_P2: tl.constexpr, TOKENS: tl.constexpr,
 ):
     req = tl.program_id(0)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -93,31 +94,33 @@ def _dequant_gather_kernel(
         page = tl.load(block_table_ptr + req.to(tl.int64) * block_table_stride + pos // BLOCK_SIZE,
                        mask=tok_ok, other=0)
         result = _dequant_tile(cache_ptr, page, pos % BLOCK_SIZE, tok_ok, page_stride, BLOCK_SIZE, FP8_DIM,
-                               DATA_BYTES, SCALE_BYTES, SCALE_GROUP, HEAD)
+                               DATA_BYTES, SCALE_BYTES, SCALE_GROUP, HEAD, HEAD_P2)
         dst = out_ptr + req.to(tl.int64) * out_stride_req + (offset + tok).to(tl.int64)[:, None] * out_stride_row
-        tl.store(dst + tl.arange(0, HEAD)[None, :], result, mask=tok_ok[:, None])
+        col = tl.arange(0, HEAD_P2)
+        tl.store(dst + col[None, :], result, mask=tok_ok[:, None] & (col < HEAD)[None, :])
 
 
 @triton.jit
 def _dequant_gather_sparse_kernel(
     out_ptr, cache_ptr, slot_ptr, out_stride_row, page_stride, num_slots,
     BLOCK_SIZE: tl.constexpr, FP8_DIM: tl.constexpr, DATA_BYTES: tl.constexpr, SCALE_BYTES: tl.constexpr,
-    SCALE_GROUP: tl.constexpr, HEAD: tl.constexpr, TOKENS: tl.constexpr,
+    SCALE_GROUP: tl.constexpr, HEAD: tl.constexpr, HEAD_P2: tl.constexpr, TOKENS: tl.constexpr,
 ):
     for tile in range(tl.program_id(0), tl.cdiv(num_slots, TOKENS), tl.num_programs(0)):
         idx = tile * TOKENS + tl.arange(0, TOKENS)
         slot = tl.load(slot_ptr + idx, mask=idx < num_slots, other=-1)
         ok = slot >= 0  # slot -1: no load, no store
         result = _dequant_tile(cache_ptr, slot // BLOCK_SIZE, slot % BLOCK_SIZE, ok, page_stride, BLOCK_SIZE,
-                               FP8_DIM, DATA_BYTES, SCALE_BYTES, SCALE_GROUP, HEAD)
-        dst = out_ptr + idx.to(tl.int64)[:, None] * out_stride_row + tl.arange(0, HEAD)[None, :]
-        tl.store(dst, result, mask=ok[:, None])
+                               FP8_DIM, DATA_BYTES, SCALE_BYTES, SCALE_GROUP, HEAD, HEAD_P2)
+        col = tl.arange(0, HEAD_P2)
+        dst = out_ptr + idx.to(tl.int64)[:, None] * out_stride_row + col[None, :]
+        tl.store(dst, result, mask=ok[:, None] & (col < HEAD)[None, :])
 
 
-def _layout_constants(k_cache: torch.Tensor) -> dict:
-    layout = layout_of(k_cache)
-    return dict(FP8_DIM=layout.fp8_dim, DATA_BYTES=layout.data_bytes(layout.fp8_dim),
-                SCALE_BYTES=layout.scale_bytes, SCALE_GROUP=layout.scale_group, HEAD=HEAD_DIM)
+def _format_constants(k_cache: torch.Tensor) -> dict:
+    fmt = format_of(k_cache)
+    return dict(FP8_DIM=fmt.values, DATA_BYTES=fmt.data_bytes, SCALE_BYTES=fmt.scale_bytes,
+                SCALE_GROUP=fmt.scale_group, HEAD=fmt.head_dim, HEAD_P2=triton.next_power_of_2(fmt.head_dim))
 
 
 def dequantize_and_gather_triton(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -134,18 +137,18 @@ def dequantize_and_gather_triton(out: torch.Tensor, k_cache: torch.Tensor, seq_l
         out, k_cache, seq_lens, gather_lens if gather_lens is not None else seq_lens, block_table,
         out.stride(0), out.stride(1), k_cache.stride(0), block_table.stride(0), offset, max_rows,
         HAS_GATHER_LENS=gather_lens is not None, BLOCK_SIZE=block_size, TOKENS=TOKENS_PER_PROGRAM,
-        num_warps=NUM_WARPS, **_layout_constants(k_cache),
+        num_warps=NUM_WARPS, **_format_constants(k_cache),
     )
 
 
 def dequantize_and_gather_sparse_triton(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
                                         block_size: int) -> None:
-    rows = out.view(-1, HEAD_DIM)
+    rows = out.view(-1, format_of(k_cache).head_dim)
     num_slots = slot_indices.shape[0]
     if num_slots == 0:
         return
     grid = (min(triton.cdiv(num_slots, TOKENS_PER_PROGRAM), MAX_GRID),)
     _dequant_gather_sparse_kernel[grid](
         rows, k_cache, slot_indices, rows.stride(0), k_cache.stride(0), num_slots,
-        BLOCK_SIZE=block_size, TOKENS=TOKENS_PER_PROGRAM, num_warps=NUM_WARPS, **_layout_constants(k_cache),
+        BLOCK_SIZE=block_size, TOKENS=TOKENS_PER_PROGRAM, num_warps=NUM_WARPS, **_format_constants(k_cache),
     )

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .env import env_flag
-from .errors import UsageError
+from ..env import env_flag
+from ..errors import UsageError
 
 CHECK_ENV = "KVGEN_CHECK"
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import ARCHS
-from .env import env_flag
-from .errors import UsageError
+from ..config import ARCHS
+from ..env import env_flag
+from ..errors import UsageError
 from .manifest import KernelEntry
 
 BACKENDS = ("cubin", "triton", "torch")
@@ -71,7 +71,7 @@ def shape_class(num_reqs: int, max_rows: int) -> str:
 class CallKey:
     """What a kernel must match: the call's host-known properties."""
 
-    layout: str
+    format: str  # the record format's name
     block_size: int
     indexing: str
     gather_lens: bool
@@ -80,11 +80,11 @@ class CallKey:
 
 
 def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
-    """Rows that can serve the call: same layout, block size, indexing and gather
+    """Rows that can serve the call: same format, block size, indexing and gather
     mode, and an arch whose cubins run on this exact compute capability."""
     return [
         e for e in entries
-        if e.config["layout"] == key.layout
+        if e.config["format"] == key.format
         and e.config["block_size"] == key.block_size
         and e.config["indexing"] == key.indexing
         and e.config["gather_lens"] == key.gather_lens

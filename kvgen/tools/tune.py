@@ -2,7 +2,7 @@
 
 Every shipped row that could serve a benchmark shape (bench.FAMILIES) is
 checked bit-exact and timed beside the others (bench's interleaved CUDA-graph
-replays). Shapes are grouped by what a dispatch rule can match -- layout,
+replays). Shapes are grouped by what a dispatch rule can match -- format,
 indexing and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
 rule only where it beats the untuned default on the geometric mean of its
 group's shapes by more than `margin` (run-to-run noise is about 2%). The table
@@ -13,37 +13,27 @@ the runtime reads its rules with no device synchronisation.
 from __future__ import annotations
 
 import json
-import math
 import platform
 from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
-from .dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row
-from .paths import generated_dir
+from ..paths import generated_dir
+from ..runtime.dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row
+from .variants import geomean, variant_of
 
 FORMAT = 1
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
 TUNED_FIELDS = ("num_stages", "num_warps", "schedule")
-MATCH_FIELDS = ("layout", "indexing", "shape_class")  # CallKey fields a rule matches
-
-
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(map(math.log, values)) / len(values))
-
-
-def variant_of(config: dict) -> str:
-    """A row's tuned fields as a short name, e.g. s4w8c."""
-    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}"
+MATCH_FIELDS = ("format", "indexing", "shape_class")  # CallKey fields a rule matches
 
 
 def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
     """Time every row that could serve `shape` (built with the default's PDL
     choice); returns {"shape", "match", "default", "us": {variant: us}, "prefer": {variant: fields}}."""
     from . import bench
-    from .loader import registry
+    from ..runtime.loader import registry
 
     w = bench.workload(shape, l2_bytes)
     rows = candidate_rows(registry().entries, w.key)

@@ -5,7 +5,7 @@ every value is decoded from its bits into an exact (sign, integer M, power of
 two E) triple, |x| = M * 2^E, and encoded into bf16 bits by integer
 arithmetic. So a bug in torch's float8 casts, its float -> bf16 rounding, or
 the reference's vectorised indexing cannot hide here. It reads only the
-record-format facts (LAYOUTS, which is data) from kvgen.
+record-format facts (the loaded Format rows, which are data) from kvgen.
 
 numpy, CPU torch tensors in; `out` is written through numpy views of its
 storage, so strides (padded rows, [..., 512] sparse outputs) are honoured and
@@ -17,18 +17,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import HEAD_DIM, LAYOUTS, Layout
+from ...formats import Format
+from ...runtime.validate import format_of
 
 BF16_NAN = 0x7FC0  # which NaN is free (the comparison rule matches any NaN with any NaN)
 BF16_INF = 0x7F80
 BF16_MIN_EXP = -126  # smallest normal bf16 exponent; below it the step is 2^-133
-
-
-def _layout(k_cache: torch.Tensor) -> Layout:
-    for layout in LAYOUTS.values():
-        if layout.record_bytes == k_cache.shape[-1]:
-            return layout
-    raise ValueError(f"k_cache: no layout has {k_cache.shape[-1]}-byte records")
 
 
 def _storage_bytes(k_cache: torch.Tensor) -> np.ndarray:
@@ -43,8 +37,8 @@ def read_records(k_cache: torch.Tensor, block_size: int, page: np.ndarray, row: 
     A page is `k_cache.stride(0)` bytes apart and holds block_size data rows,
     then block_size scale rows: the [.., record_bytes] shape is only a byte budget.
     """
-    layout = _layout(k_cache)
-    data_bytes = layout.data_bytes(layout.fp8_dim)
+    layout = format_of(k_cache)
+    data_bytes = layout.data_bytes
     page = np.asarray(page, dtype=np.int64)
     row = np.asarray(row, dtype=np.int64)
     if page.size and (page.min() < 0 or page.max() >= k_cache.shape[0]):
@@ -52,7 +46,7 @@ def read_records(k_cache: torch.Tensor, block_size: int, page: np.ndarray, row: 
     storage = _storage_bytes(k_cache)
     start = k_cache.storage_offset() + page * k_cache.stride(0)  # byte address of each page
     data_at = start[:, None] + row[:, None] * data_bytes + np.arange(data_bytes)
-    groups = layout.fp8_dim // layout.scale_group  # the padding codes are never read
+    groups = layout.num_scales  # the padding codes are never read
     codes_at = start[:, None] + block_size * data_bytes + row[:, None] * layout.scale_bytes + np.arange(groups)
     return storage[data_at], storage[codes_at]
 
@@ -95,9 +89,9 @@ def _bf16_from_exact(sign: np.ndarray, m: np.ndarray, e: np.ndarray) -> np.ndarr
     return (bits | (sign.astype(np.int64) << 15)).astype(np.uint16)
 
 
-def decode_records(data: np.ndarray, codes: np.ndarray, layout: Layout) -> np.ndarray:
-    """uint16 bf16 bits [n, 512] of each record (the contract's "Values" section)."""
-    fp8_dim = layout.fp8_dim
+def decode_records(data: np.ndarray, codes: np.ndarray, layout: Format) -> np.ndarray:
+    """uint16 bf16 bits [n, head_dim] of each record (the contract's "Values" section)."""
+    fp8_dim = layout.values
     sign, m, e, nan = _e4m3(data[:, :fp8_dim])
     code = np.repeat(codes.astype(np.int64), layout.scale_group, axis=1)  # one code per group of values
     # ue8m0(c) = 2^(c - 127) exactly, code 0 included (2^-127); code 255 is NaN.
@@ -136,7 +130,7 @@ def dequantize_and_gather_oracle(out: torch.Tensor, k_cache: torch.Tensor, seq_l
     if (col >= block_table.shape[1]).any():
         raise ValueError("block_table: a position lies past the request's last block-table column")
     page = block_table.numpy()[req, col].astype(np.int64)  # only the used entries are read
-    layout = _layout(k_cache)
+    layout = format_of(k_cache)
     values = decode_records(*read_records(k_cache, block_size, page, pos % block_size), layout)
     _bf16_rows(out)[req, offset + tok] = values
 
@@ -144,12 +138,12 @@ def dequantize_and_gather_oracle(out: torch.Tensor, k_cache: torch.Tensor, seq_l
 def dequantize_and_gather_sparse_oracle(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
                                         block_size: int) -> None:
     """Sparse: out row i <- global slot slot_indices[i]; a -1 slot leaves row i untouched."""
-    rows = _bf16_rows(out.view(-1, HEAD_DIM))  # a view, so it writes into out
+    rows = _bf16_rows(out.view(-1, format_of(k_cache).head_dim))  # a view, so it writes into out
     slots = slot_indices.numpy().astype(np.int64)
     (idx,) = np.nonzero(slots >= 0)
     if idx.size == 0:
         return
-    layout = _layout(k_cache)
+    layout = format_of(k_cache)
     values = decode_records(*read_records(k_cache, block_size, slots[idx] // block_size,
                                           slots[idx] % block_size), layout)
     rows[idx] = values

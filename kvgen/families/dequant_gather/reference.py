@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import HEAD_DIM, LAYOUTS, Layout
+from ...runtime.validate import format_of
 
 
 def decode_e4m3(raw: torch.Tensor) -> torch.Tensor:
@@ -39,14 +39,6 @@ def decode_ue8m0(codes: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def layout_of(k_cache: torch.Tensor) -> Layout:
-    for layout in LAYOUTS.values():
-        if layout.record_bytes == k_cache.shape[-1]:
-            return layout
-    raise ValueError(f"no layout has {k_cache.shape[-1]}-byte records; known: "
-                     f"{ {l.record_bytes: l.name for l in LAYOUTS.values()} }")
-
-
 def gather_plan(seq_lens: torch.Tensor, gather_lens: torch.Tensor | None, max_rows: int):
     """(request index, token index, position) of every row that is written."""
     seq = seq_lens.to(torch.int64)
@@ -60,26 +52,26 @@ def gather_plan(seq_lens: torch.Tensor, gather_lens: torch.Tensor | None, max_ro
 
 def dequantize_records(k_cache: torch.Tensor, block_size: int, page: torch.Tensor,
                        row: torch.Tensor) -> torch.Tensor:
-    """bf16 [n, 512] for the records at (page, row): the one decoding every path shares."""
-    layout = layout_of(k_cache)
-    fp8_dim, group = layout.fp8_dim, layout.scale_group
-    data_bytes = layout.data_bytes(fp8_dim)
+    """bf16 [n, head_dim] for the records at (page, row): the one decoding every path shares."""
+    fmt = format_of(k_cache)
+    fp8_dim, group, head_dim = fmt.values, fmt.scale_group, fmt.head_dim
+    data_bytes = fmt.data_bytes
     if bool(((page < 0) | (page >= k_cache.shape[0])).any()):
         raise ValueError("a page index lies outside k_cache")
     # Views of each page's two regions (data rows, then scale rows) over k_cache's storage.
     page_stride = k_cache.stride(0)
     base = k_cache.storage_offset()
     data = k_cache.as_strided((k_cache.shape[0], block_size, data_bytes), (page_stride, data_bytes, 1), base)
-    scale = k_cache.as_strided((k_cache.shape[0], block_size, layout.scale_bytes),
-                               (page_stride, layout.scale_bytes, 1), base + block_size * data_bytes)
+    scale = k_cache.as_strided((k_cache.shape[0], block_size, fmt.scale_bytes),
+                               (page_stride, fmt.scale_bytes, 1), base + block_size * data_bytes)
     records = data[page, row]  # [n, data_bytes]
     codes = scale[page, row, : fp8_dim // group]  # the padding codes are never read
 
     values = decode_e4m3(records[:, :fp8_dim].contiguous())
     values = values * decode_ue8m0(codes).repeat_interleave(group, dim=1)
-    result = torch.empty((records.shape[0], HEAD_DIM), dtype=torch.bfloat16, device=k_cache.device)
+    result = torch.empty((records.shape[0], head_dim), dtype=torch.bfloat16, device=k_cache.device)
     result[:, :fp8_dim] = values.to(torch.bfloat16)
-    if fp8_dim < HEAD_DIM:
+    if fp8_dim < head_dim:
         result[:, fp8_dim:] = records[:, fp8_dim:].contiguous().view(torch.bfloat16)
     return result
 
@@ -104,7 +96,7 @@ def dequantize_and_gather_torch(out: torch.Tensor, k_cache: torch.Tensor, seq_le
 def dequantize_and_gather_sparse_torch(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
                                        block_size: int) -> None:
     """Sparse reference: out row i <- slot slot_indices[i]; slot -1 leaves row i untouched."""
-    rows = out.view(-1, HEAD_DIM)
+    rows = out.view(-1, format_of(k_cache).head_dim)
     (idx,) = (slot_indices >= 0).nonzero(as_tuple=True)
     if idx.numel() == 0:
         return

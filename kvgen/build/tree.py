@@ -1,14 +1,17 @@
-"""Generate and build: config matrix -> generated sources -> cubins + manifest.
+"""Generate and build a kernel tree: configs -> rendered sources -> cubins + manifest.
 
-`generate` renders every config of the matrix into generated/kvgen_kernels/.
-`build` compiles each generated module with CuteDSL, links its PTX into a
-cubin with nvJitLink, and records it in generated/manifest.json. Builds run in
-parallel processes and skip a config whose build key (the hash of everything
-that goes into its cubin) matches the manifest's and whose cubin is intact.
+`generate` renders each config into <tree>/kvgen_kernels/. `build` compiles
+each generated module with CuteDSL, links its PTX into a cubin with
+nvJitLink, and records it in <tree>/manifest.json, with the formats its rows
+use. Builds run in parallel processes and skip a config whose build key (the
+hash of everything that goes into its cubin) matches the manifest's and whose
+cubin is intact. The configs come from a spec (kvgen/spec.py); by default
+the shipped one, into the shipped tree (generated/).
 
-Neither removes anything it was not asked about: building a subset of the
-matrix leaves every other source, cubin and manifest row as it was. Removing
-what the matrix no longer asks for is `prune`, a separate, explicit act.
+Neither removes anything it was not asked about: building a subset leaves
+every other source, cubin and manifest row of the tree as it was, and no
+other tree is touched. Removing what the spec no longer asks for is `prune`,
+a separate, explicit act.
 """
 
 from __future__ import annotations
@@ -21,9 +24,26 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DequantGatherConfig, build_matrix
-from .manifest import read_manifest, sha256_file, write_manifest, ManifestError
-from .paths import HELPERS_FILE, KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
+from ..families import FAMILIES
+from ..formats import Format
+from ..paths import HELPERS_FILE, KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
+from ..runtime.manifest import ManifestError, read_manifest, sha256_file, write_manifest
+from ..spec import SHIPPED_SPEC, load_spec
+
+
+def shipped_configs() -> tuple:
+    """The configs of the shipped spec (kvgen/specs/shipped.toml)."""
+    return load_spec(SHIPPED_SPEC).configs
+
+
+def _previous(manifest_path: Path) -> tuple[list[dict[str, Any]], dict[str, Format]]:
+    """The rows and formats of a tree's manifest; none where it has none."""
+    try:
+        data = read_manifest(manifest_path)
+    except ManifestError:
+        return [], {}
+    formats = {name: Format.from_dict({**fields, "name": name}) for name, fields in data["formats"].items()}
+    return data["kernels"], formats
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -34,16 +54,16 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None) -> list[Path]:
-    """Render the sources of `configs` (default: the build matrix); returns the
+def generate(configs: Iterable | None = None, out_dir: Path | None = None) -> list[Path]:
+    """Render the sources of `configs` (default: the shipped spec's); returns the
     files written. Sources of other configs are kept (see `prune`)."""
     from .render import render_helpers, render_kernel
 
     out_dir = out_dir or generated_dir()
-    configs = list(configs if configs is not None else build_matrix())
+    configs = list(configs if configs is not None else shipped_configs())
     kernels_dir = out_dir / KERNELS_PACKAGE
     wanted = {
-        out_dir / "__init__.py": '"""Generated kvgen artefacts: cubins and manifest (package data)."""\n',
+        out_dir / "__init__.py": '"""A kvgen kernel tree: cubins and manifest (package data)."""\n',
         kernels_dir / "__init__.py": '"""Generated CuteDSL kernel modules (build inputs, kept for review)."""\n',
         kernels_dir / HELPERS_FILE: render_helpers(),
     }
@@ -52,27 +72,24 @@ def generate(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path
     return [path for path, text in wanted.items() if _write_if_changed(path, text)]
 
 
-def prune(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None) -> list[Path]:
+def prune(configs: Iterable | None = None, out_dir: Path | None = None) -> list[Path]:
     """Remove the generated sources, cubins and manifest rows that no config of
-    `configs` (default: the build matrix) asks for; returns what was removed
+    `configs` (default: the shipped spec's) asks for; returns what was removed
     (a manifest row as `manifest.json#<name>`)."""
     out_dir = out_dir or generated_dir()
-    names = {c.name for c in (configs if configs is not None else build_matrix())}
+    names = {c.name for c in (configs if configs is not None else shipped_configs())}
     kernels_dir = out_dir / KERNELS_PACKAGE
     keep_sources = {kernels_dir / "__init__.py", kernels_dir / HELPERS_FILE} | {kernels_dir / f"{n}.py" for n in names}
     removed = [path for path in sorted(kernels_dir.glob("*.py")) if path not in keep_sources]
     manifest_path = out_dir / MANIFEST_NAME
-    try:
-        rows = read_manifest(manifest_path)["kernels"]
-    except ManifestError:
-        rows = []
+    rows, formats = _previous(manifest_path)
     kept_rows = [row for row in rows if row["name"] in names]
     keep_cubins = {out_dir / row["cubin"] for row in kept_rows}
     removed += [path for path in sorted((out_dir / "cubins").glob("*/*.cubin")) if path not in keep_cubins]
     for path in removed:
         path.unlink()
     if len(kept_rows) != len(rows):
-        write_manifest(manifest_path, kept_rows)
+        write_manifest(manifest_path, kept_rows, formats)
         removed += [Path(f"{manifest_path}#{row['name']}") for row in rows if row["name"] not in names]
     return removed
 
@@ -86,20 +103,21 @@ class BuildError(RuntimeError):
     pass
 
 
-def _build_one(out_dir: str, config_dict: dict[str, Any], toolchain: dict[str, str], key: str) -> dict[str, Any]:
+def _build_one(out_dir: str, family: str, config_dict: dict[str, Any], toolchain: dict[str, str],
+               key: str) -> dict[str, Any]:
     """Runs in a worker process; errors come back as plain text (CuteDSL's do not pickle)."""
+    config = FAMILIES[family].from_dict(config_dict)
     try:
-        return _build_row(out_dir, config_dict, toolchain, key)
+        return _build_row(out_dir, config, toolchain, key)
     except Exception as err:  # noqa: BLE001 - re-raised with its text, in the parent
-        raise BuildError(f"{DequantGatherConfig.from_dict(config_dict).name}: {type(err).__name__}: {err}") from None
+        raise BuildError(f"{config.name}: {type(err).__name__}: {err}") from None
 
 
-def _build_row(out_dir: str, config_dict: dict[str, Any], toolchain: dict[str, str], key: str) -> dict[str, Any]:
+def _build_row(out_dir: str, config, toolchain: dict[str, str], key: str) -> dict[str, Any]:
     """Compile + link one config, write its cubin, return its manifest row."""
     from .compile import compile_module
     from .link import link_ptx
 
-    config = DequantGatherConfig.from_dict(config_dict)
     root = Path(out_dir)
     compiled = compile_module(root, config.name, config.arch)
     linked = link_ptx(compiled.ptx, config.arch)
@@ -110,7 +128,8 @@ def _build_row(out_dir: str, config_dict: dict[str, Any], toolchain: dict[str, s
     source_rel = f"{KERNELS_PACKAGE}/{config.filename}"
     return {
         "name": config.name,
-        "config": config.to_dict(),
+        "family": config.family,
+        "config": {**config.to_dict(), "format": config.format.name},  # the format itself: the formats table
         "arch": config.arch,
         "symbol": compiled.symbol,
         "params": [{"name": n, "ctype": t} for n, t in compiled.params],
@@ -129,32 +148,32 @@ def _build_row(out_dir: str, config_dict: dict[str, Any], toolchain: dict[str, s
     }
 
 
-def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | None = None,
-          jobs: int | None = None, progress: bool = True, force: bool = False,
-          only: Iterable[str] | None = None) -> dict[str, int]:
-    """Compile and link `configs` (default: the build matrix), or just the ones
-    named in `only`; returns {"built": n, "skipped": m}. Every other manifest
-    row, source and cubin in `out_dir` is kept as it is (see `prune`)."""
+def build(configs: Iterable | None = None, out_dir: Path | None = None,
+          jobs: int | None = None, progress: bool = True, force: bool = False) -> dict[str, int]:
+    """Compile and link `configs` (default: the shipped spec's) into the tree at
+    `out_dir` (default: the shipped tree); returns {"built": n, "skipped": m}.
+    Every other manifest row, source and cubin of the tree is kept as it is
+    (see `prune`), and no other tree is touched."""
     from .link import toolchain_versions
 
     if jobs is not None and (type(jobs) is not int or jobs < 1):
         raise ValueError(f"jobs: expected a positive int, got {jobs!r}")
     out_dir = out_dir or generated_dir()
-    configs = list(configs if configs is not None else build_matrix())
-    if only is not None:
-        only = set(only)
-        configs = [c for c in configs if c.name in only]
+    configs = list(configs if configs is not None else shipped_configs())
     generate(configs, out_dir)
     toolchain = toolchain_versions()
     manifest_path = out_dir / MANIFEST_NAME
-    try:
-        previous = {row["name"]: row for row in read_manifest(manifest_path)["kernels"]}
-    except ManifestError:
-        previous = {}
+    previous_rows, formats = _previous(manifest_path)
+    previous = {row["name"]: row for row in previous_rows}
+    for config in configs:
+        if formats.get(config.format.name, config.format) != config.format:
+            raise ManifestError(f"{manifest_path}: this tree defines format {config.format.name} otherwise than the "
+                                "spec does; build into another folder, or prune the tree first")
+        formats[config.format.name] = config.format
     helpers_sha = sha256_file(out_dir / KERNELS_PACKAGE / HELPERS_FILE)
 
     rows: dict[str, dict[str, Any]] = dict(previous)  # rows not built here are kept
-    todo: list[tuple[DequantGatherConfig, str]] = []
+    todo: list[tuple[Any, str]] = []
     for config in configs:
         source_sha = sha256_file(out_dir / KERNELS_PACKAGE / config.filename)
         key = build_key(source_sha, helpers_sha, config.arch, toolchain)
@@ -171,7 +190,7 @@ def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | 
         # spawn: workers import CuteDSL fresh rather than fork MLIR state.
         context = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            pending = [pool.submit(_build_one, str(out_dir), c.to_dict(), toolchain, key) for c, key in todo]
+            pending = [pool.submit(_build_one, str(out_dir), c.family, c.to_dict(), toolchain, key) for c, key in todo]
             iterator = futures.as_completed(pending)
             if progress:
                 from tqdm import tqdm
@@ -181,5 +200,5 @@ def build(configs: Iterable[DequantGatherConfig] | None = None, out_dir: Path | 
                 row = done.result()
                 rows[row["name"]] = row
 
-    write_manifest(manifest_path, list(rows.values()))
+    write_manifest(manifest_path, list(rows.values()), formats)
     return {"built": len(todo), "skipped": len(configs) - len(todo)}

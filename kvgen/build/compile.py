@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .paths import HELPERS_FILE, KERNELS_PACKAGE
+from ..paths import HELPERS_FILE, KERNELS_PACKAGE
 
 # CuteDSL (4.8.1) writes --keep-ptx output to <dump dir>/<host function>.<arch>.ptx
 # and reads it back; the dump dir defaults to the working directory and every

@@ -1,8 +1,9 @@
 """Stage 4: the manifest -- what was built, as rows of data.
 
-`generated/manifest.json` = {"format": 1, "kernels": [entry, ...]}; each entry
-names one cubin: its config, arch, symbol, ABI, launch shape, resources,
-hashes and toolchain. The runtime reads it with nothing but the standard
+<tree>/manifest.json = {"format": 2, "formats": {name: Format fields},
+"kernels": [entry, ...]}: the record formats the tree defines, and one entry
+per cubin -- its family, config (naming its format), arch, symbol, ABI,
+launch shape, resources, hashes and toolchain. The runtime reads it with nothing but the standard
 library, so this module imports no build tooling.
 """
 
@@ -15,15 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..formats import Format, FormatError
+from ..paths import MANIFEST_NAME
 
-FORMAT = 1
+FORMAT = 2  # 2: the formats a tree defines, in a table of their own; rows name theirs
 
 
 @dataclass(frozen=True)
 class KernelEntry:
     name: str
-    config: dict[str, Any]
+    family: str  # the config class's prefix (kvgen.families.FAMILIES)
+    config: dict[str, Any]  # its "format" is the format's name
+    format: Format
     arch: str
     symbol: str
     params: tuple[tuple[str, str], ...]  # (name, C type), in ABI order
@@ -35,26 +40,32 @@ class KernelEntry:
     cubin_sha256: str
     source: str
     source_sha256: str
+    root: Path  # the tree (folder of the manifest) this row came from
 
     @property
     def pdl(self) -> bool:
         """Built to wait on griddepcontrol: may be launched with programmatic dependent launch."""
         return bool(self.config.get("pdl", False))
 
+    @property
+    def cubin_path(self) -> Path:
+        return self.root / self.cubin
+
     @classmethod
-    def from_json(cls, row: dict[str, Any]) -> "KernelEntry":
+    def from_json(cls, row: dict[str, Any], formats: dict[str, Format], root: Path) -> "KernelEntry":
         try:
             return cls(
-                name=row["name"], config=dict(row["config"]), arch=row["arch"], symbol=row["symbol"],
+                name=row["name"], family=row["family"], config=dict(row["config"]),
+                format=formats[row["config"]["format"]], arch=row["arch"], symbol=row["symbol"],
                 params=tuple((p["name"], p["ctype"]) for p in row["params"]),
                 block=tuple(row["block"]), smem_bytes=int(row["smem_bytes"]),
                 registers=int(row["registers"]), spill_bytes=int(row["spill_bytes"]),
                 cubin=row["cubin"], cubin_sha256=row["cubin_sha256"],
-                source=row["source"], source_sha256=row["source_sha256"],
+                source=row["source"], source_sha256=row["source_sha256"], root=root,
             )
         except (KeyError, TypeError, ValueError) as err:
             name = row.get("name", "?") if isinstance(row, dict) else "?"
-            raise ManifestError(f"malformed manifest entry {name!r}: {err!r}") from err
+            raise ManifestError(f"{root / MANIFEST_NAME}: malformed entry {name!r}: {err!r}") from err
 
 
 class ManifestError(UsageError):
@@ -79,15 +90,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ManifestError(f"{path}: not a readable kvgen manifest ({err}; {_remedy(path)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("kernels"), list):
         raise ManifestError(f"{path}: not a kvgen manifest of format {FORMAT} ({_remedy(path)})")
+    if not isinstance(data.get("formats"), dict):
+        raise ManifestError(f"{path}: no formats table ({_remedy(path)})")
     return data
 
 
-def load_entries(path: Path) -> list[KernelEntry]:
-    return [KernelEntry.from_json(row) for row in read_manifest(path)["kernels"]]
+@dataclass(frozen=True)
+class Tree:
+    """One kernel tree as its manifest describes it: its formats and its rows."""
+
+    root: Path
+    formats: dict[str, Format]
+    entries: tuple[KernelEntry, ...]
 
 
-def write_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
-    data = {"format": FORMAT, "kernels": sorted(entries, key=lambda e: e["name"])}
+def read_tree(root: Path) -> Tree:
+    path = root / MANIFEST_NAME
+    data = read_manifest(path)
+    try:
+        formats = {name: Format.from_dict({**fields, "name": name}) for name, fields in data["formats"].items()}
+    except (AttributeError, TypeError, FormatError) as err:
+        raise ManifestError(f"{path}: malformed formats table ({err})") from None
+    return Tree(root, formats, tuple(KernelEntry.from_json(row, formats, root) for row in data["kernels"]))
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]], formats: dict[str, Format]) -> None:
+    """Rows sorted by name; the formats table holds the formats the rows name."""
+    used = sorted({row["config"]["format"] for row in rows})
+    table = {name: {k: v for k, v in formats[name].to_dict().items() if k != "name"} for name in used}
+    data = {"format": FORMAT, "formats": table, "kernels": sorted(rows, key=lambda e: e["name"])}
     text = json.dumps(data, indent=1, sort_keys=False) + "\n"
     if not path.exists() or path.read_text() != text:
         path.write_text(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ from pathlib import Path
 
 from .driver import (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, IMAGE_ERRORS, CudaError, Driver,
                      LaunchAttribute, LaunchConfig, driver)
+from ..errors import UsageError
+from ..formats import Format
+from ..paths import generated_dir
 from .dispatch import TunedTable, read_tuned_table
-from .manifest import KernelEntry, load_entries
-from .paths import MANIFEST_NAME, generated_dir
+from .manifest import KernelEntry, Tree, read_tree
 
 
 class KvgenLoadError(RuntimeError):
@@ -110,32 +113,88 @@ def _launch_buffers(kernel: LoadedKernel):
     return buffers
 
 
+KERNEL_DIRS_ENV = "KVGEN_KERNEL_DIRS"  # user trees, os.pathsep-separated, beside the shipped one
+
+
+class TreeConflict(UsageError):
+    """Two kernel trees that cannot be served side by side."""
+
+
 class Registry:
-    """The manifest's kernels, loaded on first use."""
+    """The kernel trees of this process -- the shipped one, then the user's
+    (KVGEN_KERNEL_DIRS, add_kernel_dir) -- their formats, their rows, their
+    tuned rules; cubins loaded on first use. Dispatch decisions are cached
+    here, so a new registry starts with none."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, user_roots: list[Path] | None = None):
         self.root = root or generated_dir()
-        self._entries: list[KernelEntry] | None = None
-        self._tuned: TunedTable | None = None
+        self.trees: list[Tree] = []
+        self.formats: dict[str, Format] = {}  # by name
+        self.by_record: dict[int, Format] = {}  # by record bytes: how calls tell formats apart
+        self._entries: dict[str, KernelEntry] = {}
+        self._tuned: list[TunedTable] = []
         self._loaded: dict[str, LoadedKernel] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._pending = [self.root, *(user_roots if user_roots is not None else kernel_dirs_from_env())]
+        self.decisions: dict[tuple, object] = {}  # dispatch's cache: call key -> decision
+        self.warned: set[str] = set()  # rows whose fallback was warned about
 
-    @property
-    def tuned(self) -> TunedTable:
-        """This tree's tuned dispatch rules (its own dispatch.json, never another tree's)."""
-        if self._tuned is None:
+    def _ensure(self) -> None:
+        if self._pending:
             with self._lock:
-                if self._tuned is None:
-                    self._tuned = read_tuned_table(self.root)
-        return self._tuned
+                while self._pending:
+                    self._add(self._pending.pop(0))
+
+    def add(self, root: Path) -> Tree:
+        """Add a tree (a folder with a manifest); its formats and rows join at once."""
+        self._ensure()
+        with self._lock:
+            tree = self._add(Path(root))
+            self.decisions.clear()
+        return tree
+
+    def _add(self, root: Path) -> Tree:
+        root = Path(root)
+        if any(t.root.resolve() == root.resolve() for t in self.trees):
+            return next(t for t in self.trees if t.root.resolve() == root.resolve())
+        tree = read_tree(root)
+        for fmt in tree.formats.values():
+            for known in (self.formats.get(fmt.name), self.by_record.get(fmt.record_bytes)):
+                if known is not None and known != fmt:
+                    raise TreeConflict(
+                        f"kernel trees {self._tree_of_format(known)} and {root} define different formats "
+                        f"{known.name} and {fmt.name} ({known.record_bytes} and {fmt.record_bytes}-byte records): "
+                        "calls could not tell them apart")
+        for entry in tree.entries:
+            known = self._entries.get(entry.name)
+            if known is not None and known.cubin_sha256 != entry.cubin_sha256:
+                raise TreeConflict(f"kernel trees {known.root} and {root} both hold {entry.name}, with different "
+                                   "cubins")
+        self.trees.append(tree)
+        for fmt in tree.formats.values():
+            self.formats[fmt.name] = self.by_record[fmt.record_bytes] = fmt
+        for entry in tree.entries:
+            self._entries.setdefault(entry.name, entry)
+        self._tuned.append(read_tuned_table(root))
+        return tree
+
+    def _tree_of_format(self, fmt: Format) -> Path:
+        return next(t.root for t in self.trees if fmt in t.formats.values())
 
     @property
     def entries(self) -> list[KernelEntry]:
-        if self._entries is None:
-            with self._lock:
-                if self._entries is None:
-                    self._entries = load_entries(self.root / MANIFEST_NAME)
-        return self._entries
+        self._ensure()
+        return list(self._entries.values())
+
+    def format_for_record(self, record_bytes: int) -> Format | None:
+        self._ensure()
+        return self.by_record.get(record_bytes)
+
+    def tuned_rules(self, device_name: str | None) -> tuple[dict, ...]:
+        """The tuned rules of every tree, for calls on the device named (each tree's
+        rules steer only the device they were tuned on), the shipped tree's first."""
+        self._ensure()
+        return tuple(rule for table in self._tuned for rule in table.rules_for(device_name))
 
     def get(self, entry: KernelEntry) -> LoadedKernel:
         loaded = self._loaded.get(entry.name)
@@ -147,7 +206,7 @@ class Registry:
         return loaded
 
     def _load(self, entry: KernelEntry) -> LoadedKernel:
-        path = self.root / entry.cubin
+        path = entry.cubin_path
         try:
             image = path.read_bytes()
         except OSError as err:
@@ -165,6 +224,11 @@ class Registry:
         return LoadedKernel(entry=entry, library=library, kernel=kernel, _prepared_devices=set())
 
 
+def kernel_dirs_from_env() -> list[Path]:
+    value = os.environ.get(KERNEL_DIRS_ENV, "")
+    return [Path(p) for p in value.split(os.pathsep) if p]
+
+
 _registry: Registry | None = None
 _registry_lock = threading.Lock()
 
@@ -179,11 +243,18 @@ def registry() -> Registry:
 
 
 def reset_registry(root: Path | None = None) -> Registry:
-    """Point the process at another generated tree (tests)."""
+    """A fresh registry: the shipped tree at `root` (default: generated_dir()),
+    the user trees of KVGEN_KERNEL_DIRS as it is now; no decision cached."""
     global _registry
-    from .ops import clear_dispatch_cache
-
     with _registry_lock:
         _registry = Registry(root)
-    clear_dispatch_cache()
     return _registry
+
+
+def add_kernel_dir(path) -> None:
+    """Serve the kernel tree at `path` (built with `python -m kvgen build --spec
+    FILE --out DIR`) beside the shipped one: its formats become known to every
+    op, its rows join dispatch, its cubins are sha256-checked like the shipped
+    ones. A tree whose formats or kernels clash with a loaded tree's is an error
+    naming both."""
+    registry().add(Path(path))

@@ -23,10 +23,12 @@ from typing import Callable
 
 import torch
 
-from .config import LAYOUTS, SEED
-from .dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
-from .testing import POISON_BF16, make_cache, mismatches, poisoned_out, random_block_table, random_slots
-from .tune import geomean, variant_of
+from ..runtime.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
+from ..testing import POISON_BF16, as_format, make_cache, mismatches, poisoned_out, random_block_table, random_slots
+from .variants import geomean, variant_of
+
+# The seed design, as one row of the shipped tree (the seed has no PDL).
+SEED_NAME = "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a"
 
 WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
@@ -41,7 +43,7 @@ class Shape:
     seq_lens: tuple[int, ...]
     window: int | None = None  # gather the last `window` tokens (gather_lens), else whole sequences
     block_size: int = 64
-    layout: str = "dsv4_584"
+    format: str = "dsv4_584"
 
     @property
     def tokens(self) -> int:
@@ -53,7 +55,7 @@ class SparseShape:
     label: str
     num_slots: int
     valid: float  # fraction of slots that are not -1
-    layout: str = "dsv4_584"
+    format: str = "dsv4_584"
     block_size: int = 64
 
 
@@ -79,7 +81,7 @@ FAMILIES = {
 
 def gpu_case(shape: Shape, seed: int, device="cuda"):
     """One call's arguments, built on the GPU."""
-    layout = LAYOUTS[shape.layout]
+    layout = as_format(shape.format)
     bs = shape.block_size
     pages = [-(-s // bs) for s in shape.seq_lens]
     num_blocks = sum(pages)
@@ -96,7 +98,7 @@ def gpu_case(shape: Shape, seed: int, device="cuda"):
 
 
 def gpu_sparse_case(shape: SparseShape, seed: int, device="cuda"):
-    layout = LAYOUTS[shape.layout]
+    layout = as_format(shape.format)
     bs = shape.block_size
     num_blocks = -(-shape.num_slots // bs) + 1
     g = torch.Generator(device=device).manual_seed(seed)
@@ -190,7 +192,7 @@ def _runner(backend: str, args, entry=None, grid=None, pdl: bool = False, pdl_en
     or with backend "entry", a direct launch of one manifest kernel (grid from
     dispatch unless given)."""
     import kvgen
-    from . import ops
+    from ..families.dequant_gather import op as ops
 
     sparse = len(args) == 4
     if backend == "entry":
@@ -281,9 +283,9 @@ class Workload:
 
 
 def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
-    from .reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+    from ..families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 
-    record = LAYOUTS[shape.layout].record_bytes
+    record = as_format(shape.format).record_bytes
     if isinstance(shape, SparseShape):
         probe = gpu_sparse_case(shape, 0)
         tokens = int((probe[2] >= 0).sum())
@@ -298,7 +300,7 @@ def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
         reference = dequantize_and_gather_torch
         indexing, has_gather_lens = "dense", shape.window is not None
         num_reqs, max_rows = len(shape.seq_lens), shape.window or max(shape.seq_lens)
-    key = CallKey(shape.layout, shape.block_size, indexing, has_gather_lens, torch.cuda.get_device_capability(),
+    key = CallKey(shape.format, shape.block_size, indexing, has_gather_lens, torch.cuda.get_device_capability(),
                   shape_class(num_reqs, max_rows))
     return Workload(shape, cases, _expected(cases, reference), tokens, working_set, reference, num_reqs, max_rows,
                     key)
@@ -318,11 +320,11 @@ def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep
                 grid_targets: tuple[int, ...] = GRID_TARGETS) -> dict:
     """Every backend on one shape (the seed config for dense shapes; with
     `sweep`, every shipped row and grid size too), checked, then timed."""
-    from . import ops
-    from .loader import registry
+    from ..families.dequant_gather import op as ops
+    from ..runtime.loader import registry
 
     w = workload(shape, l2_bytes)
-    chosen = (ops.decide_sparse if w.sparse else ops.decide)(*w.cases[0]).entry
+    chosen = (ops.decide_sparse if w.sparse else ops.decide_dense)(*w.cases[0]).entry
     variants: dict[str, Callable[[list], Callable[[], None]]] = {
         "kvgen": lambda a: _runner("cubin", a),
         NO_PDL: lambda a: _runner("cubin", a, pdl_env="0"),
@@ -331,7 +333,8 @@ def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep
     rows = candidate_rows(registry().entries, w.key)
     if not w.sparse:
         seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
-        seed_entry = choose_row([e for e in rows if all(e.config[f] == getattr(SEED, f) for f in seed_fields)])
+        seed = next(e for e in registry().entries if e.name == SEED_NAME).config
+        seed_entry = choose_row([e for e in rows if all(e.config[f] == seed[f] for f in seed_fields)])
         variants["seed"] = lambda a: _runner("entry", a, seed_entry, (len(shape.seq_lens), SEED_GRID_Y, 1))
     if sweep:
         variants.update(entry_variants(rows))
@@ -362,9 +365,9 @@ def host_overhead_us(calls: int = 2000) -> dict:
         kvgen.dequantize_and_gather_k_cache(*args)
     api = (time.perf_counter() - t0) / calls
     torch.cuda.synchronize()
-    from . import ops
+    from ..families.dequant_gather import op as ops
 
-    entry = ops.decide(*args).entry
+    entry = ops.decide_dense(*args).entry
     t0 = time.perf_counter()
     for _ in range(calls):
         ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6])

@@ -1,0 +1,196 @@
+"""The dequantize-and-gather family's configuration: every generator
+parameter, named once, and the kernel ABI.
+
+A `DequantGatherConfig` is a frozen value; its record format is embedded (a
+`kvgen.formats.Format` row), so a config carries everything its kernel needs
+into a build worker, a manifest row and the runtime, with no registry to
+consult. Imported by the runtime too: no torch, no jinja2, no CuteDSL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ...config import ARCHS, Arch, ConfigError, KernelParam, check_choice, check_types, param
+from ...formats import Format
+
+# How a request's tokens are split over its CTAs' warps.
+#   strided:    warp k of CTA y takes tokens (y*W + k) + n*(Y*W)  (the seed's order)
+#   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
+SCHEDULES = ("strided", "contiguous")
+
+# Which tokens a call gathers.
+#   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
+#   sparse: global slots (page * block_size + row) -> out row i; slot -1 leaves row i untouched
+INDEXING = ("dense", "sparse")
+GATHER_MODES = {"dense": (False, True), "sparse": (False,)}  # the gather_lens values each indexing takes
+
+MAX_STAGES = 16
+MAX_BLOCK_SIZE = 1024
+# What the template can move: each lane copies at most two 16-byte pieces of a
+# data row and stores at most two 16-byte chunks (8 bf16) of an output row; one
+# lane copies the scale row in one cp.async (4, 8 or 16 bytes).
+MAX_DATA_BYTES = 2 * 32 * 16
+MAX_HEAD_DIM = 2 * 32 * 8
+MAX_SCALE_BYTES = 16
+
+
+@dataclass(frozen=True)
+class DequantGatherConfig:
+    """One specialisation of the dequantize-and-gather K cache kernel."""
+
+    format: Format = param("", "the cache record format (a kvgen.formats.Format row): values, tail, scales")
+    block_size: int = param("b", f"tokens per cache page: a power of two, 1..{MAX_BLOCK_SIZE}")
+    num_stages: int = param("s", f"cp.async ring depth per warp (tokens in flight), 1..{MAX_STAGES}")
+    num_warps: int = param("w", "warps per CTA, 1..32; one token per warp per stage", default=4)
+    indexing: str = param("", "dense (block table) or sparse (slot indices); see INDEXING")
+    gather_lens: bool = param("g", "dense: the kernel reads gather_lens (else gathers whole sequences); "
+                                   "sparse: false", default=None)
+    schedule: str = param("", "token-to-warp schedule (see SCHEDULES)", default="strided")
+    pdl: bool = param("p", "programmatic dependent launch: griddepcontrol.wait before any global access, then "
+                           "launch_dependents (the runtime may then launch it with PDL)", default=True)
+    arch: str = param("", "target architecture (a row of kvgen.config.ARCHS)", default="sm_90a")
+
+    family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
+    spec_table = "dequant_gather"  # its table in a spec file,
+    template = "dequant_gather.py.j2"  # and its template
+
+    def __post_init__(self) -> None:
+        if isinstance(self.format, dict):  # from plain values (a manifest row, a worker's argument)
+            object.__setattr__(self, "format", Format.from_dict(self.format))
+        _check(self)
+
+    # ---- derived, never stored ------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Canonical, human-readable, unique per config: every field appears
+        (the format by its name and value count)."""
+        parts = [self.family, self.format.name, f"f{self.format.values}"]
+        for f in dataclasses.fields(self)[1:]:
+            value = getattr(self, f.name)
+            parts.append(f"{f.metadata['tag']}{int(value) if isinstance(value, bool) else value}")
+        return "_".join(parts)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.py"
+
+    @property
+    def fp8_dim(self) -> int:
+        return self.format.values
+
+    @property
+    def arch_row(self) -> Arch:
+        return ARCHS[self.arch]
+
+    @property
+    def params(self) -> tuple[KernelParam, ...]:
+        return KERNEL_PARAMS[self.indexing]
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
+
+    @property
+    def data_bytes(self) -> int:
+        return self.format.data_bytes
+
+    @property
+    def stage_bytes(self) -> int:
+        """One token record in shared memory: data row, then scale row, 16-byte aligned."""
+        return _round_up(self.format.data_bytes + self.format.scale_bytes, 16)
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.stage_bytes * self.num_stages * self.num_warps
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "format": self.format.to_dict()}
+
+    @classmethod
+    def from_product(cls, point: dict[str, Any]):
+        """The configs at one point of a spec product; a gather_lens left out
+        (None) takes every mode the indexing allows."""
+        modes = (GATHER_MODES.get(point["indexing"], (False,)) if point["gather_lens"] is None
+                 else (point["gather_lens"],))
+        for gather_lens in modes:
+            yield cls(**{**point, "gather_lens": gather_lens})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DequantGatherConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {sorted(unknown)}; known: {sorted(known)}")
+        missing = known - set(values)
+        if missing:
+            raise ConfigError(f"missing config field(s): {sorted(missing)}")
+        return cls(**values)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _check(c: DequantGatherConfig) -> None:
+    if not isinstance(c.format, Format):
+        raise ConfigError(f"format must be a kvgen.formats.Format, got {c.format!r}")
+    check_types(c, {"block_size": int, "num_stages": int, "num_warps": int, "indexing": str, "gather_lens": bool,
+                    "schedule": str, "pdl": bool, "arch": str})
+    check_choice("arch", c.arch, ARCHS)
+    check_choice("schedule", c.schedule, SCHEDULES)
+    check_choice("indexing", c.indexing, INDEXING)
+    if c.gather_lens not in GATHER_MODES[c.indexing]:
+        raise ConfigError("gather_lens applies to dense indexing only (sparse calls take slot indices)")
+    f = c.format
+    if (f.value_kind, f.scale_kind, f.placement) != ("e4m3", "ue8m0", "page_split"):
+        raise ConfigError(f"format {f.name}: the dequant_gather template reads page-split e4m3 values with UE8M0 "
+                          f"scales, not {f.placement} {f.value_kind} with {f.scale_kind}")
+    if f.scale_group % 8 or f.tail % 8:
+        raise ConfigError(f"format {f.name}: the template handles values in chunks of 8 (one 16-byte store), so "
+                          f"scale_group ({f.scale_group}) and tail ({f.tail}) must be multiples of 8")
+    if f.head_dim > MAX_HEAD_DIM or f.data_bytes > MAX_DATA_BYTES or f.scale_bytes > MAX_SCALE_BYTES:
+        raise ConfigError(f"format {f.name}: the template moves at most {MAX_DATA_BYTES}-byte data rows, "
+                          f"{MAX_SCALE_BYTES}-byte scale rows and {MAX_HEAD_DIM}-value output rows; this one has "
+                          f"{f.data_bytes}, {f.scale_bytes} and {f.head_dim}")
+    if not 1 <= c.block_size <= MAX_BLOCK_SIZE or c.block_size & (c.block_size - 1):
+        raise ConfigError(f"block_size={c.block_size} must be a power of two in 1..{MAX_BLOCK_SIZE}")
+    if not 1 <= c.num_stages <= MAX_STAGES:
+        raise ConfigError(f"num_stages={c.num_stages} must be in 1..{MAX_STAGES}")
+    if not 1 <= c.num_warps <= 32:
+        raise ConfigError(f"num_warps={c.num_warps} must be in 1..32")
+    if c.smem_bytes > c.arch_row.max_smem_per_block:
+        raise ConfigError(
+            f"{c.num_stages} stages x {c.num_warps} warps need {c.smem_bytes} bytes of "
+            f"shared memory; {c.arch} allows {c.arch_row.max_smem_per_block}")
+
+
+# The ABI of each indexing mode, in order. Named here once: the template
+# renders it, the manifest records it, the loader packs launch arguments from
+# the manifest. Strides are in elements of the pointed-to type; page_stride is in bytes.
+KERNEL_PARAMS: dict[str, tuple[KernelParam, ...]] = {
+    "dense": (
+        KernelParam("out", "__nv_bfloat16*", 16),
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("seq_lens", "int32_t*", 4),
+        KernelParam("gather_lens", "int32_t*", 4),  # null when the config has gather_lens=0
+        KernelParam("block_table", "int32_t*", 4),
+        KernelParam("out_stride_req", "int64_t"),
+        KernelParam("out_stride_row", "int64_t"),
+        KernelParam("page_stride", "int64_t"),
+        KernelParam("block_table_stride", "int64_t"),
+        KernelParam("offset", "int32_t"),
+        KernelParam("max_rows", "int32_t"),  # out.shape[1] - offset: no row is written past it
+    ),
+    "sparse": (
+        KernelParam("out", "__nv_bfloat16*", 16),
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("slot_indices", "int32_t*", 4),  # page * block_size + row, or -1: row untouched
+        KernelParam("out_stride_row", "int64_t"),
+        KernelParam("page_stride", "int64_t"),
+        KernelParam("num_slots", "int32_t"),
+    ),
+}

@@ -1,0 +1,259 @@
+"""The dequantize-and-gather ops: validate, decide, launch; registered as custom ops.
+
+`dequantize_and_gather_k_cache(out, k_cache, seq_lens, gather_lens,
+block_table, block_size, offset)` has vLLM's DeepSeek-V4 signature and
+semantics; `dequantize_and_gather_k_cache_sparse(out, k_cache, slot_indices,
+block_size)` gathers global slots (docs/semantics.md). Both serve every format
+of the loaded kernel trees (told apart by k_cache.shape[-1]) and are also
+registered as PyTorch custom ops (`torch.ops.kvgen.*`, mutating `out`, with
+fake implementations) so they can sit inside torch.compile and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ...formats import Format
+from ...runtime.backend import Decision, decide, record_no_launch, serve
+from ...runtime.dispatch import launch_grid
+from ...runtime.index_check import check_dense, check_requested, check_slots
+from ...runtime.launch import launch
+from ...runtime.manifest import KernelEntry
+from ...runtime.validate import check_cache, check_one_device, expect, meta
+
+
+# ---------------------------------------------------------------- validation
+class Checked(NamedTuple):
+    """What validation read, reused by dispatch and launch (no second read)."""
+
+    format: Format
+    out_stride: tuple[int, ...]
+    page_stride: int
+    block_table_stride: int
+    max_rows: int
+    num_reqs: int
+
+
+def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> Checked:
+    """Check every argument of a dense call before any launch."""
+    out_shape, out_stride = meta("out", out, torch.bfloat16, 3)
+    fmt, page_stride = check_cache(k_cache, block_size)
+    sl_shape, sl_stride = meta("seq_lens", seq_lens, torch.int32, 1)
+    if gather_lens is not None:
+        gl_shape, gl_stride = meta("gather_lens", gather_lens, torch.int32, 1)
+    bt_shape, bt_stride = meta("block_table", block_table, torch.int32, 2)
+    expect(type(offset) is int, f"offset: expected an int, got {type(offset).__name__}", TypeError)
+    expect(out_shape[2] == fmt.head_dim, f"out: last dimension must be {fmt.head_dim} (format {fmt.name}'s "
+                                         f"head dim), got {out_shape[2]}")
+    expect(offset >= 0, f"offset: must be >= 0, got {offset}")
+    expect(offset <= out_shape[1], f"offset: must be <= out.shape[1] ({out_shape[1]}), got {offset}")
+    expect(out_stride[2] == 1, f"out: innermost stride must be 1, got {out_stride[2]}")
+    expect(bt_stride[1] == 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
+    expect(sl_shape[0] <= 1 or sl_stride[0] == 1, "seq_lens: must be contiguous")
+
+    num_reqs = sl_shape[0]
+    if gather_lens is not None:
+        expect(gl_shape == sl_shape,
+                f"gather_lens: shape {tuple(gl_shape)} must match seq_lens {tuple(sl_shape)}")
+        expect(gl_shape[0] <= 1 or gl_stride[0] == 1, "gather_lens: must be contiguous")
+    expect(bt_shape[0] == num_reqs,
+            f"block_table: shape[0] ({bt_shape[0]}) must equal the number of requests ({num_reqs})")
+    expect(out_shape[0] == num_reqs, f"out: shape[0] ({out_shape[0]}) must equal the number of requests ({num_reqs})")
+    expect(out_shape[1] < 2**31 and bt_shape[1] < 2**31, "out/block_table: dimensions must fit int32")
+
+    check_one_device(out, k_cache, seq_lens, block_table, gather_lens)
+    return Checked(fmt, out_stride, page_stride, bt_stride[0], out_shape[1] - offset, num_reqs)
+
+
+class CheckedSparse(NamedTuple):
+    format: Format
+    rows: torch.Tensor  # out viewed as [n, head_dim]
+    row_stride: int
+    page_stride: int
+    num_slots: int
+
+
+def validate_sparse(out, k_cache, slot_indices, block_size) -> CheckedSparse:
+    """Check every argument of a sparse call before any launch."""
+    out_shape, _ = meta("out", out, torch.bfloat16, None)
+    fmt, page_stride = check_cache(k_cache, block_size)
+    head = fmt.head_dim
+    expect(len(out_shape) >= 1 and out_shape[-1] == head,
+           f"out: last dimension must be {head} (format {fmt.name}'s head dim), got shape {tuple(out_shape)}")
+    try:
+        rows = out.view(-1, head)  # [..., head] flattened; a view, so writes land in out
+    except RuntimeError:
+        raise ValueError(f"out: its rows must be one strided dimension ([..., {head}] viewable as [n, {head}]); "
+                         f"got strides {tuple(out.stride())}") from None
+    row_stride = rows.stride(0) if rows.shape[0] > 1 else head
+    expect(rows.stride(1) == 1, f"out: innermost stride must be 1, got {rows.stride(1)}")
+    si_shape, si_stride = meta("slot_indices", slot_indices, torch.int32, 1)
+    expect(si_shape[0] <= 1 or si_stride[0] == 1, "slot_indices: must be contiguous")
+    expect(si_shape[0] == rows.shape[0],
+            f"slot_indices: {si_shape[0]} slots for {rows.shape[0]} rows of out (out.numel() // {head})")
+    expect(si_shape[0] < 2**31, "slot_indices: at most 2^31 - 1 slots")
+    check_one_device(out, k_cache, slot_indices)
+    return CheckedSparse(fmt, rows, row_stride, page_stride, si_shape[0])
+
+
+# ------------------------------------------------------------------ dispatch
+def decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, *,
+                 checked: Optional[Checked] = None) -> Decision:
+    """Which backend would serve this dense call (no launch, no synchronisation)."""
+    checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    stride = checked.out_stride
+    aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
+    return decide(checked.format.name, block_size, "dense", gather_lens is not None, checked.num_reqs,
+                  checked.max_rows, out.device, aligned)
+
+
+def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None) -> Decision:
+    """Which backend would serve this sparse call (no launch, no synchronisation)."""
+    checked = checked or validate_sparse(out, k_cache, slot_indices, block_size)
+    aligned = out.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
+    return decide(checked.format.name, block_size, "sparse", False, 1, checked.num_slots, out.device, aligned)
+
+
+# -------------------------------------------------------------------- launch
+def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
+                 grid: tuple[int, int, int] | None = None, checked: Optional[Checked] = None,
+                 pdl: bool = False) -> None:
+    """Launch one dense manifest kernel (the grid from dispatch unless given:
+    the benchmark launches the seed's grid this way); `pdl` as in Decision."""
+    if checked is None:
+        checked = validate(out, k_cache, seq_lens, gather_lens, block_table, entry.config["block_size"], offset)
+    values = {
+        "out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "seq_lens": seq_lens.data_ptr(),
+        "gather_lens": gather_lens.data_ptr() if gather_lens is not None else 0,
+        "block_table": block_table.data_ptr(),
+        "out_stride_req": checked.out_stride[0], "out_stride_row": checked.out_stride[1],
+        "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
+        "offset": offset, "max_rows": checked.max_rows,
+    }
+    launch(entry, values, grid or launch_grid(entry, checked.num_reqs, checked.max_rows), out.get_device(), pdl)
+
+
+def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tuple[int, int, int] | None = None,
+                        checked: Optional[CheckedSparse] = None, pdl: bool = False) -> None:
+    if checked is None:
+        checked = validate_sparse(out, k_cache, slot_indices, entry.config["block_size"])
+    values = {"out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_indices": slot_indices.data_ptr(),
+              "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
+              "num_slots": checked.num_slots}
+    launch(entry, values, grid or launch_grid(entry, 1, checked.num_slots), out.get_device(), pdl)
+
+
+def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
+    checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    if checked.num_reqs == 0 or checked.max_rows == 0:
+        record_no_launch()
+        return  # empty batch: nothing to launch
+    if check_requested():
+        check_dense(k_cache, seq_lens, gather_lens, block_table, block_size, checked.max_rows)
+    args = (out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+    decision = decide_dense(*args, checked=checked)
+
+    def triton_path():
+        from .triton import dequantize_and_gather_triton
+
+        dequantize_and_gather_triton(*args)
+
+    def torch_path():
+        from .reference import dequantize_and_gather_torch
+
+        dequantize_and_gather_torch(*args)
+
+    serve(decision, out.device.type,
+          lambda entry: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset,
+                                      checked=checked, pdl=decision.pdl),
+          triton_path, torch_path)
+
+
+def _run_sparse(out, k_cache, slot_indices, block_size) -> None:
+    checked = validate_sparse(out, k_cache, slot_indices, block_size)
+    if checked.num_slots == 0:
+        record_no_launch()
+        return
+    if check_requested():
+        check_slots(k_cache, slot_indices, block_size)
+    decision = decide_sparse(out, k_cache, slot_indices, block_size, checked=checked)
+
+    def triton_path():
+        from .triton import dequantize_and_gather_sparse_triton
+
+        dequantize_and_gather_sparse_triton(out, k_cache, slot_indices, block_size)
+
+    def torch_path():
+        from .reference import dequantize_and_gather_sparse_torch
+
+        dequantize_and_gather_sparse_torch(out, k_cache, slot_indices, block_size)
+
+    serve(decision, out.device.type,
+          lambda entry: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked, pdl=decision.pdl),
+          triton_path, torch_path)
+
+
+# ---------------------------------------------------------------- custom op
+@torch.library.custom_op("kvgen::dequantize_and_gather_k_cache", mutates_args=("out",))
+def _custom_op(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
+               gather_lens: Optional[torch.Tensor], block_table: torch.Tensor,
+               block_size: int, offset: int) -> None:
+    _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+
+
+@_custom_op.register_fake
+def _(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
+    return None
+
+
+def dequantize_and_gather_k_cache(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
+                                  gather_lens: Optional[torch.Tensor], block_table: torch.Tensor,
+                                  block_size: int, offset: int) -> None:
+    """Gather each request's last `gather_lens[r]` tokens (all `seq_lens[r]` when
+    gather_lens is None) from the paged FP8 cache into `out[r, offset:]` as BF16.
+
+    See docs/semantics.md. Raises TypeError/ValueError on bad arguments before
+    any launch. In eager mode this calls the implementation directly (no
+    custom-op dispatch overhead); under torch.compile it goes through
+    torch.ops.kvgen.dequantize_and_gather_k_cache.
+    """
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.dequantize_and_gather_k_cache(out, k_cache, seq_lens, gather_lens, block_table,
+                                                      block_size, offset)
+        return
+    _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
+
+
+@torch.library.custom_op("kvgen::dequantize_and_gather_k_cache_sparse", mutates_args=("out",))
+def _custom_op_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
+    _run_sparse(out, k_cache, slot_indices, block_size)
+
+
+@_custom_op_sparse.register_fake
+def _(out, k_cache, slot_indices, block_size) -> None:
+    return None
+
+
+def dequantize_and_gather_k_cache_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
+                                         block_size: int) -> None:
+    """out[i] <- the token at global slot slot_indices[i] (page * block_size + row),
+    dequantized like the dense op; slot -1 leaves out[i] untouched (no load, no
+    store). `out` is bf16 [n, head_dim] or [..., head_dim] (flattened to n
+    rows); the format is told apart by k_cache.shape[-1] among the loaded
+    trees' formats (584 and 528 shipped)."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.dequantize_and_gather_k_cache_sparse(out, k_cache, slot_indices, block_size)
+        return
+    _run_sparse(out, k_cache, slot_indices, block_size)
+
+
+def select_backend(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> str:
+    """The backend that would serve this call: 'cubin', 'triton' or 'torch'."""
+    return decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset).backend
+
+
+def select_backend_sparse(out, k_cache, slot_indices, block_size) -> str:
+    """The backend that would serve this sparse call."""
+    return decide_sparse(out, k_cache, slot_indices, block_size).backend

@@ -1,0 +1,166 @@
+"""Which backend serves a call -- a shipped or user cubin, Triton, or torch --
+and serving it, with the fallback when a cubin cannot be loaded.
+
+Decided from host-known quantities only (the call's key, the device's compute
+capability and name, alignment, the KVGEN_* switches): no synchronisation.
+Each decision is cached in the registry, so it is made once per call key.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .dispatch import (BACKEND_ENV, PDL_ENV, CallKey, candidate_rows, choose_row, forced_backend, pdl_requested,
+                       preference_with_pdl, shape_class)
+from .driver import driver
+from .loader import KvgenLoadError, registry
+from .manifest import KernelEntry
+
+
+class BackendUnavailable(RuntimeError):
+    """KVGEN_BACKEND forced a backend that cannot serve this call."""
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_info(device: torch.device) -> tuple[str, Optional[tuple[int, int]], Optional[str]]:
+    """(device type, compute capability, device name; None for both off CUDA):
+    all that dispatch asks of the device."""
+    if device.type != "cuda":
+        return device.type, None, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "cuda", _capability(index), _device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def triton_usable(device_type: str) -> bool:
+    if not _available("triton"):
+        return False
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str
+    entry: Optional[KernelEntry] = None
+    reason: str = ""  # why a faster backend was not taken
+    pdl: bool = False  # launch the cubin with programmatic dependent launch
+
+
+def _cubin_entry(key: CallKey, device_type: str, device_name: Optional[str]) -> tuple[Optional[KernelEntry], str]:
+    if device_type != "cuda":
+        return None, f"tensors are on {device_type}, not a CUDA device"
+    if driver() is None:
+        return None, "the CUDA driver library (libcuda) could not be opened, or lacks cuLibraryLoadData"
+    reg = registry()
+    entry = choose_row(candidate_rows(reg.entries, key), preference_with_pdl(key, reg.tuned_rules(device_name)))
+    if entry is None:
+        return None, (f"no cubin for format={key.format} block_size={key.block_size} {key.indexing} "
+                      f"gather_lens={key.gather_lens} on compute capability {key.capability}")
+    return entry, ""
+
+
+def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[str]) -> Decision:
+    device_type, capability, device_name = device_info(device)
+    key = CallKey(key.format, key.block_size, key.indexing, key.gather_lens, capability, key.shape_class)
+    pdl = pdl_requested()  # read (and checked) whichever backend serves
+    entry, why_not = None, "not asked for"
+    if forced in (None, "cubin"):
+        entry, why_not = _cubin_entry(key, device_type, device_name)
+        if entry is not None and not aligned:
+            entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
+    cubin = Decision("cubin", entry, pdl=entry.pdl and pdl) if entry is not None else None
+    if forced == "cubin":
+        if cubin is None:
+            raise BackendUnavailable(f"{BACKEND_ENV}=cubin, but {why_not}")
+        return cubin
+    if forced == "triton":
+        if not triton_usable(device_type):
+            raise BackendUnavailable(f"{BACKEND_ENV}=triton, but Triton cannot run on {device_type} here "
+                                     "(not installed, or CPU tensors without TRITON_INTERPRET=1)")
+        return Decision("triton")
+    if forced == "torch":
+        return Decision("torch")
+    if cubin is not None:
+        return cubin
+    if device_type == "cuda" and triton_usable(device_type):
+        return Decision("triton", reason=why_not)
+    return Decision("torch", reason=why_not)
+
+
+def decide(format_name: str, block_size: int, indexing: str, gather_lens: bool, num_reqs: int, max_rows: int,
+           device: torch.device, aligned: bool) -> Decision:
+    """The decision for a call, made once per key (cached in the registry: a
+    new registry, or a tree added, starts afresh)."""
+    call_class = shape_class(num_reqs, max_rows)
+    cache_key = (format_name, block_size, indexing, gather_lens, call_class, device, aligned,
+                 os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get("TRITON_INTERPRET"))
+    decisions = registry().decisions
+    decision = decisions.get(cache_key)
+    if decision is None:
+        key = CallKey(format_name, block_size, indexing, gather_lens, None, call_class)
+        decision = decisions[cache_key] = _decide(key, device, aligned, forced_backend())
+    return decision
+
+
+_state = threading.local()
+
+
+def last_backend() -> Optional[str]:
+    """The backend that served this thread's last call (None before any call)."""
+    return getattr(_state, "last_backend", None)
+
+
+def record_no_launch() -> None:
+    _state.last_backend = None
+
+
+def serve(decision: Decision, device_type: str, launch_cubin: Callable[[KernelEntry], None],
+          run_triton: Callable[[], None], run_torch: Callable[[], None]) -> None:
+    """Run the decided backend; a cubin that fails to load falls back with a
+    warning (an error when KVGEN_BACKEND=cubin forced it)."""
+    backend = decision.backend
+    if backend == "cubin":
+        try:
+            launch_cubin(decision.entry)
+        except KvgenLoadError as err:
+            if forced_backend() == "cubin":
+                raise
+            warned = registry().warned
+            if decision.entry.name not in warned:
+                warned.add(decision.entry.name)
+                warnings.warn(f"kvgen: falling back from cubin: {err}", RuntimeWarning, stacklevel=4)
+            backend = "triton" if triton_usable(device_type) else "torch"
+    if backend == "triton":
+        run_triton()
+    elif backend == "torch":
+        run_torch()
+    _state.last_backend = backend
+
+
+def clear_dispatch_cache() -> None:
+    """Forget every decision, and which fallbacks were warned about (tests that
+    change what a decision depends on behind the registry's back)."""
+    reg = registry()
+    reg.decisions.clear()
+    reg.warned.clear()

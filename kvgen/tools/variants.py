@@ -1,0 +1,15 @@
+"""How bench and tune name and rank the variants they time."""
+
+from __future__ import annotations
+
+import math
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def variant_of(config: dict) -> str:
+    """A row's tuned fields as a short name, e.g. s4w8c."""
+    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}"
