@@ -55,7 +55,7 @@ check-generated: generate
 
 # On a CUDA machine, with $(PYTHON) as for test-gpu: the three benchmark families, then the plots.
 bench:
-	for family in dsv4 v41 sparse; do $(PYTHON) -m kvgen bench --family $$family --plot benchmarks/results/$$family.png || exit 1; done
+	for family in dsv4 v41 sparse writer; do $(PYTHON) -m kvgen bench --family $$family --plot benchmarks/results/$$family.png || exit 1; done
 
 # On a CUDA machine, with $(PYTHON) as for test-gpu: compute-sanitizer's memcheck, racecheck,
 # initcheck and synccheck over every shipped cubin and every family; fails on any error.

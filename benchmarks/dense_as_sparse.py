@@ -43,7 +43,8 @@ for shape in (s for s in bench.SHAPES if s.label in LABELS):
     dense_rows = [e for e in candidate_rows(registry().entries, w.key)
                   if e.pdl and e.config["num_warps"] == 4 and e.config["num_stages"] in (2, 4)]
     variants = bench.entry_variants(dense_rows, lambda e: "dense_" + variant_of(e.config))
-    sparse_key = CallKey(shape.format, shape.block_size, "sparse", False, w.key.capability)
+    sparse_key = CallKey("dqgk", shape.format, shape.block_size, (("indexing", "sparse"), ("gather_lens", False)),
+                         w.key.capability)
     for e in candidate_rows(registry().entries, sparse_key):
         if e.config["num_stages"] in (2, 4):
             variants["sparse_" + variant_of(e.config)] = sparse_over_slots(e)

@@ -41,6 +41,8 @@ _PUBLIC = {
     "dequantize_and_gather_k_cache_sparse": "kvgen.families.dequant_gather.op",
     "select_backend": "kvgen.families.dequant_gather.op",
     "select_backend_sparse": "kvgen.families.dequant_gather.op",
+    "quantize_and_insert_k_cache": "kvgen.families.quantize_insert.op",
+    "select_backend_insert": "kvgen.families.quantize_insert.op",
 }
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"
@@ -68,5 +70,6 @@ if not _imported_by_the_cli():
         select_backend,
         select_backend_sparse,
     )
+    from .families.quantize_insert.op import quantize_and_insert_k_cache, select_backend_insert  # noqa: F401
     from .runtime.backend import BackendUnavailable, last_backend  # noqa: F401
     from .runtime.loader import add_kernel_dir  # noqa: F401

@@ -245,15 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     p = add("bench", cmd_bench, "Benchmark every backend on the issue's shapes (GPU), or render a saved report.")
     p.add_argument("--out", default="benchmarks/results", help="folder for <device>.json")
     p.add_argument("--shape", action="append", help="only this shape label (repeatable)")
-    p.add_argument("--family", default="dsv4", choices=["dsv4", "v41", "sparse"],
-                   help="which shapes: DSv4 dense (the speed issue's), V4.1 dense on the same, or sparse")
+    p.add_argument("--family", default="dsv4", choices=["dsv4", "v41", "sparse", "writer"],
+                   help="which shapes: DSv4 dense (the speed issue's), V4.1 dense on the same, sparse, or the writer")
     p.add_argument("--sweep", action="store_true", help="also time every shipped variant for each shape")
     p.add_argument("--targets", type=int, nargs="+", help="with --sweep: the grid sizes (CTAs) to try")
     p.add_argument("--report", help="render this saved JSON report instead of measuring")
     p.add_argument("--plot", help="write a PNG plot here")
     p = add("tune", cmd_tune, "Time every shipped variant on the benchmark shapes (GPU) and write the winners "
                               "per shape class as dispatch rules (generated/dispatch.json).")
-    p.add_argument("--family", nargs="+", default=["dsv4", "v41", "sparse"], choices=["dsv4", "v41", "sparse"])
+    p.add_argument("--family", nargs="+", default=["dsv4", "v41", "sparse", "writer"],
+                   choices=["dsv4", "v41", "sparse", "writer"])
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"a variant must beat the default by more than this fraction (default {MARGIN})")
     p.add_argument("--out", help="write the table here instead of generated/dispatch.json")

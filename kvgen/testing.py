@@ -107,10 +107,15 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     """Move keeping strides (padded pages, strided block tables) intact."""
     if t.device == torch.device(device):
         return t
-    # Copy the whole underlying span so that as_strided views survive the move.
+    return clone_strided(t, device)
+
+
+def clone_strided(t: torch.Tensor, device=None) -> torch.Tensor:
+    """A copy of `t` and of the whole storage under it, with t's strides and
+    offset (Tensor.clone packs a padded view densely: its padding is lost)."""
     span = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
-    moved = span.to(device)
-    return moved.as_strided(t.shape, t.stride(), t.storage_offset())
+    copied = span.to(device or t.device, copy=True)
+    return copied.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def make_case(*, seq_lens: list[int], block_size: int = 64, format: "str | Format" = "dsv4_584",

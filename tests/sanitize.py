@@ -7,10 +7,11 @@
 First it checks itself: memcheck must report an out-of-bounds gather (a
 block-table entry far past the cache, KVGEN_CHECK unset).
 
-The calls launch every shipped manifest row directly on a small case, and
-the public ops through the cubin backend for every family (layout x dense
-with and without gather_lens x sparse) and block size, each checked bit-exact
-against the torch reference. Every tool runs them in a fresh process; a run
+The calls launch every shipped manifest row, readers and writers, directly
+on a small case, and the public ops through the cubin backend for every
+reader family (format x dense with and without gather_lens x sparse) and
+block size and for the writer, each checked bit-exact against the torch
+reference. Every tool runs them in a fresh process; a run
 fails on any error the tool reports: a kernel error (out-of-bounds or
 misaligned access, a shared-memory race, a read of uninitialised device
 memory, a barrier misuse) or a CUDA API call that failed -- kvgen must add
@@ -52,8 +53,9 @@ def calls() -> int:
 
     bad = 0
     os.environ["KVGEN_BACKEND"] = "cubin"
-    entries = registry().entries
-    for i, entry in enumerate(entries):  # every shipped row, launched directly
+    entries = [e for e in registry().entries if e.family == "dqgk"]
+    writers = [e for e in registry().entries if e.family == "qik"]
+    for i, entry in enumerate(entries):  # every shipped reader row, launched directly
         c = entry.config
         if c["indexing"] == "sparse":
             case = sparse_case(c["format"], c["block_size"], i)
@@ -87,8 +89,39 @@ def calls() -> int:
         torch.cuda.synchronize()
         assert kvgen.last_backend() == "cubin"
         bad += mismatches(out.cpu(), expected)
-    print(f"sanitize calls: {len(entries)} rows launched directly, {len(families)} families through the ops, "
-          f"{bad} mismatched values")
+    bad += writer_calls(writers)
+    print(f"sanitize calls: {len(entries)} reader and {len(writers)} writer rows launched directly, "
+          f"{len(families)} reader families and the writer through the ops, {bad} mismatched values or bytes")
+    return bad
+
+
+def writer_calls(writers) -> int:
+    """Every writer row launched directly, then the public writer op, each on a
+    poisoned, padded cache; returns the bytes that differ from the torch reference."""
+    import torch
+
+    import kvgen
+    from kvgen.families.quantize_insert import op as insert
+    from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
+    from kvgen.testing import _to, clone_strided
+    from tests.test_gpu import writer_case
+
+    storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
+    bad = 0
+    for i, entry in enumerate(writers + writers[:1]):
+        c = entry.config
+        dtype = torch.int64 if c["slot_dtype"] == "int64" else torch.int32
+        k, k_cache, slots, bs, fmt = writer_case(c["format"], c["block_size"], i, dtype, specials=i % 2 == 1)
+        expected = clone_strided(k_cache)
+        quantize_and_insert_torch(k, expected, slots, bs, fmt)
+        cache = _to(k_cache, "cuda")
+        if i < len(writers):
+            insert.launch_entry(entry, _to(k, "cuda"), cache, _to(slots, "cuda"), pdl=entry.pdl)
+        else:  # the op, dispatched
+            kvgen.quantize_and_insert_k_cache(_to(k, "cuda"), cache, _to(slots, "cuda"), bs)
+            assert kvgen.last_backend() == "cubin"
+        torch.cuda.synchronize()
+        bad += int((storage(cache).cpu() != storage(expected)).sum())
     return bad
 
 

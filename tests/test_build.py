@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from kvgen.build.tree import shipped_configs
-from kvgen.families.dequant_gather.config import KERNEL_PARAMS
+from kvgen.families import FAMILIES
 from kvgen.runtime.manifest import read_manifest, read_tree
 from kvgen.paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
 
@@ -66,11 +66,12 @@ def test_manifest_matches_the_files():
         assert hashlib.sha256((COMMITTED / entry.source).read_bytes()).hexdigest() == entry.source_sha256
         assert entry.cubin == f"cubins/{entry.arch}/{entry.name}.cubin"
         assert entry.symbol.startswith(entry.name) and entry.symbol.encode() in cubin
-        assert list(entry.params) == [(p.name, p.ctype) for p in KERNEL_PARAMS[entry.config["indexing"]]]
+        config = FAMILIES[entry.family].from_dict({**entry.config, "format": entry.format})
+        assert list(entry.params) == [(p.name, p.ctype) for p in config.params] and config.name == entry.name
         assert entry.block == (32 * entry.config["num_warps"], 1, 1)
         assert entry.spill_bytes == 0 and row["stack_bytes"] == 0, entry.name
         assert set(row["toolchain"]) >= {"nvidia-cutlass-dsl", "cuda-core", "nvidia-nvjitlink"}
-        assert set(entry.config) == {f.name for f in dataclasses.fields(SEED)} and entry.family == "dqgk"
+        assert set(entry.config) == {f.name for f in dataclasses.fields(FAMILIES[entry.family])}
 
 
 def test_seed_ptx_has_the_seed_design():

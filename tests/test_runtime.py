@@ -100,7 +100,8 @@ def test_torch_path_rejects_out_of_range_values():
 
 # ------------------------------------------------------------------ dispatch
 def key(**kw):
-    base = dict(format="dsv4_584", block_size=64, indexing="dense", gather_lens=True, capability=(9, 0))
+    fields = (("indexing", kw.pop("indexing", "dense")), ("gather_lens", kw.pop("gather_lens", True)))
+    base = dict(family="dqgk", format="dsv4_584", block_size=64, fields=fields, capability=(9, 0))
     return CallKey(**{**base, **kw})
 
 
@@ -129,7 +130,7 @@ def test_shape_classes_follow_host_known_sizes():
     assert shape_class(64, 2048) == "many_requests" and shape_class(256, 256) == "many_requests"
     assert shape_class(1, 262144) == "long" and shape_class(4, 131072) == "long"
     assert shape_class(8, 16384) == "long"
-    assert [c.name for c in dispatch.SHAPE_CLASSES][-1] == CallKey("l", 1, "dense", False, None).shape_class
+    assert [c.name for c in dispatch.SHAPE_CLASSES][-1] == CallKey("dqgk", "l", 1, (), None).shape_class
 
 
 def _measured(shape, cls, times, default="s4w4s"):
@@ -228,7 +229,7 @@ def test_committed_dispatch_table_is_well_formed():
 
     table = json.loads(path.read_text())
     assert table["format"] == tune.FORMAT
-    key_fields = {f.name for f in dataclasses.fields(CallKey)}
+    key_fields = {f.name for f in dataclasses.fields(CallKey)} | {"indexing", "gather_lens"}
     config_fields = {f.name for f in dataclasses.fields(DequantGatherConfig)}
     classes = {c.name for c in dispatch.SHAPE_CLASSES}
     entries = registry().entries
@@ -337,10 +338,10 @@ def _touches_global(opcode: str) -> bool:
 
 
 def _pdl_sample():
-    """Two PDL and two non-PDL rows of each (layout, indexing) family, where shipped."""
+    """Two PDL and two non-PDL rows of each (family, format, indexing), where shipped."""
     picked: dict[tuple, list] = {}
     for entry in registry().entries:
-        group = picked.setdefault((entry.config["format"], entry.config["indexing"], entry.pdl), [])
+        group = picked.setdefault((entry.family, entry.config["format"], entry.config.get("indexing"), entry.pdl), [])
         if len(group) < 2:
             group.append(entry)
     return [entry for group in picked.values() for entry in group]

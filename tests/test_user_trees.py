@@ -39,6 +39,11 @@ format = "h128"
 indexing = ["dense", "sparse"]
 block_size = [1, 64]
 num_stages = 2
+
+[[quantize_insert]]
+format = "h128"
+block_size = [1, 64]
+slot_dtype = "int64"
 """
 TREES = {"fp8_384": EXAMPLE.read_text(), "head128": HEAD128}
 
@@ -62,7 +67,7 @@ def build_trees(out: Path) -> dict[str, Path]:
 def trees(tmp_path_factory) -> dict[str, Path]:
     prebuilt = os.environ.get("KVGEN_TEST_TREES")
     if prebuilt:
-        return {name: Path(prebuilt) / name for name in TREES}
+        return {name: Path(prebuilt).resolve() / name for name in TREES}
     pytest.importorskip("cutlass", reason="building a tree needs the build extras (CuteDSL)")
     return build_trees(tmp_path_factory.mktemp("trees"))
 
@@ -88,16 +93,16 @@ def test_the_example_builds_into_its_own_folder_on_the_cpu(tmp_path):
     done = subprocess.run([sys.executable, "-m", "kvgen", "build", "--spec", str(EXAMPLE), "--out", str(out),
                            "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "6 built" in done.stdout
+    assert "10 built" in done.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["formats"] == {"fp8_384": {"values": 384, "scale_group": 64, "tail": 128, "value_kind": "e4m3",
                                                "scale_kind": "ue8m0", "scale_pad": 2, "placement": "page_split"}}
-    assert len(list((out / "cubins" / "sm_90a").glob("*.cubin"))) == 6
+    assert len(list((out / "cubins" / "sm_90a").glob("*.cubin"))) == 10
     assert _git_status() == before  # no tracked file changed, the shipped tree included
     # Built again: nothing to do (content-hash cache), and bit-reproducible.
     again = subprocess.run([sys.executable, "-m", "kvgen", "build", "--spec", str(EXAMPLE), "--out", str(out),
                             "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert "0 built, 6 unchanged" in again.stdout, again.stderr
+    assert "0 built, 10 unchanged" in again.stdout, again.stderr
 
 
 def _page_pad(fmt, bs, seed):
@@ -217,6 +222,33 @@ def test_a_missing_tree_is_one_clear_error(tmp_path):
             kvgen.add_kernel_dir(tmp_path / "nowhere")
     finally:
         reset_registry()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, bs", CASES)
+def test_user_tree_writers_bit_exact(with_trees, fmt, bs, monkeypatch):
+    """The user trees' writer cubins through the public op, against the torch reference."""
+    from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
+    from kvgen.testing import _to, clone_strided
+
+    monkeypatch.setenv("KVGEN_BACKEND", "cubin")
+    f = as_format(fmt)
+    g = torch.Generator().manual_seed(bs)
+    num_blocks, tokens = 3, 2 * bs + 1
+    k = (torch.randn((tokens, f.head_dim), generator=g) * 3).to(torch.bfloat16)
+    page = bs * f.record_bytes + _page_pad(fmt, bs, 1)
+    k_cache = torch.randint(0, 256, (num_blocks * page,), generator=g, dtype=torch.uint8).as_strided(
+        (num_blocks, bs, f.record_bytes), (page, f.record_bytes, 1))
+    slots = torch.randperm(num_blocks * bs, generator=g)[:tokens]
+    slots[::3] = -1
+    expected = clone_strided(k_cache)
+    quantize_and_insert_torch(k, expected, slots, bs, f)
+    cache = _to(k_cache, "cuda")
+    kvgen.quantize_and_insert_k_cache(k.cuda(), cache, slots.cuda(), bs)
+    torch.cuda.synchronize()
+    assert kvgen.last_backend() == "cubin"
+    storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
+    assert torch.equal(storage(cache).cpu(), storage(expected))
 
 
 @pytest.mark.gpu

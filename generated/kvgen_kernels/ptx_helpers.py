@@ -75,3 +75,156 @@ def dequant_fp8x8(lo, hi, code, *, loc=None, ip=None):
         ip=ip,
     )
     return [Uint32(llvm.extractvalue(T.i32(), result, [k], loc=loc, ip=ip)) for k in range(4)]
+
+
+# ---- the packing side (writers) ---------------------------------------------
+def _asm_u32(asm, constraints, values, outputs, *, loc, ip):
+    """Run one asm block over 32-bit operands; return its `outputs` 32-bit results."""
+    operands = [Uint32(v).ir_value(loc=loc, ip=ip) for v in values]
+    if outputs == 1:
+        return Uint32(llvm.inline_asm(T.i32(), operands, asm, constraints, has_side_effects=False,
+                                      is_align_stack=False, loc=loc, ip=ip))
+    result = llvm.inline_asm(llvm.StructType.get_literal([T.i32()] * outputs), operands, asm, constraints,
+                             has_side_effects=False, is_align_stack=False, loc=loc, ip=ip)
+    return [Uint32(llvm.extractvalue(T.i32(), result, [k], loc=loc, ip=ip)) for k in range(outputs)]
+
+
+@dsl_user_op
+def absmax_bf16x8(w0, w1, w2, w3, *, loc=None, ip=None):
+    """max |x| of eight bf16 values (four bf16x2 words), as float32 bits.
+
+    A bf16 widens to float32 exactly (its bits, shifted). `max.f32` returns the
+    other operand when one is NaN, so NaN values are ignored (all-NaN gives NaN,
+    which the code step's own max.f32 with 1e-4 then ignores too).
+    """
+    asm = (
+        "{\n"
+        ".reg .b32 a<8>;\n"
+        ".reg .f32 f<8>;\n"
+        "shl.b32 a0, $1, 16;\n"
+        "and.b32 a1, $1, 0x7FFF0000;\n"
+        "shl.b32 a2, $2, 16;\n"
+        "and.b32 a3, $2, 0x7FFF0000;\n"
+        "shl.b32 a4, $3, 16;\n"
+        "and.b32 a5, $3, 0x7FFF0000;\n"
+        "shl.b32 a6, $4, 16;\n"
+        "and.b32 a7, $4, 0x7FFF0000;\n"
+        "and.b32 a0, a0, 0x7FFFFFFF;\n"
+        "and.b32 a2, a2, 0x7FFFFFFF;\n"
+        "and.b32 a4, a4, 0x7FFFFFFF;\n"
+        "and.b32 a6, a6, 0x7FFFFFFF;\n"
+        "mov.b32 f0, a0;\n"
+        "mov.b32 f1, a1;\n"
+        "mov.b32 f2, a2;\n"
+        "mov.b32 f3, a3;\n"
+        "mov.b32 f4, a4;\n"
+        "mov.b32 f5, a5;\n"
+        "mov.b32 f6, a6;\n"
+        "mov.b32 f7, a7;\n"
+        "max.f32 f0, f0, f1;\n"
+        "max.f32 f2, f2, f3;\n"
+        "max.f32 f4, f4, f5;\n"
+        "max.f32 f6, f6, f7;\n"
+        "max.f32 f0, f0, f2;\n"
+        "max.f32 f4, f4, f6;\n"
+        "max.f32 f0, f0, f4;\n"
+        "mov.b32 $0, f0;\n"
+        "}"
+    )
+    return _asm_u32(asm, "=r,r,r,r,r", (w0, w1, w2, w3), 1, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def max_f32_bits(a, b, *, loc=None, ip=None):
+    """max.f32 of two float32 bit patterns (NaN ignored), as bits: the amax
+    reduction across a scale group's lanes."""
+    asm = "{\n.reg .f32 x, y;\nmov.b32 x, $1;\nmov.b32 y, $2;\nmax.f32 x, x, y;\nmov.b32 $0, x;\n}"
+    return _asm_u32(asm, "=r,r,r", (a, b), 1, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def ue8m0_code(amax, *, loc=None, ip=None):
+    """A group's amax (float32 bits) -> [UE8M0 code, float32 bits of 2^(127 - code)].
+
+    a = max(amax, 1e-4); the code is ceil(log2(a / 448)) + 127, read from a's
+    bits rather than computed with log2: with a = f * 2^E, f in [1, 2), the
+    smallest e with a <= 448 * 2^e = 1.75 * 2^(e+8) is E - 8, plus 1 when
+    f > 1.75 (mantissa > 0x600000). An infinite a gives code 255 and the
+    scale 2^-128 (a float32 subnormal). Finite inputs give codes 105..247, so
+    the clamp to 0..255 never acts and 2^(127 - code) is a normal float.
+    """
+    asm = (
+        "{\n"
+        ".reg .f32 x;\n"
+        ".reg .b32 a, m, c;\n"
+        ".reg .pred big, inf;\n"
+        "mov.b32 x, $2;\n"
+        "max.f32 x, x, 0f38D1B717;\n"
+        "mov.b32 a, x;\n"
+        "shr.u32 c, a, 23;\n"
+        "and.b32 m, a, 0x7FFFFF;\n"
+        "setp.gt.u32 big, m, 0x600000;\n"
+        "sub.u32 c, c, 8;\n"
+        "@big add.u32 c, c, 1;\n"
+        "setp.ge.u32 inf, a, 0x7F800000;\n"
+        "@inf mov.b32 c, 255;\n"
+        "mov.b32 $0, c;\n"
+        "sub.u32 m, 254, c;\n"
+        "shl.b32 m, m, 23;\n"
+        "@inf mov.b32 m, 0x00200000;\n"
+        "mov.b32 $1, m;\n"
+        "}"
+    )
+    return _asm_u32(asm, "=r,=r,r", (amax,), 2, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def quantize_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
+    """Eight bf16 values (four bf16x2 words) times `scale` (float32 bits, a power
+    of two) -> eight e4m3 bytes (two little-endian words).
+
+    The product is exact (bf16 has 8 significant bits; a subnormal product only
+    arises for values e4m3 rounds to zero anyway); `cvt.rn.satfinite.e4m3x2.f32`
+    rounds it to nearest even, saturates past 448 (Inf included) and gives 0x7F
+    for NaN -- measured on the H100 (docs/semantics.md states the contract).
+    """
+    asm = (
+        "{\n"
+        ".reg .b32 a<8>;\n"
+        ".reg .f32 f<8>, s;\n"
+        ".reg .b16 h<4>;\n"
+        "mov.b32 s, $6;\n"
+        "shl.b32 a0, $2, 16;\n"
+        "and.b32 a1, $2, 0xFFFF0000;\n"
+        "shl.b32 a2, $3, 16;\n"
+        "and.b32 a3, $3, 0xFFFF0000;\n"
+        "shl.b32 a4, $4, 16;\n"
+        "and.b32 a5, $4, 0xFFFF0000;\n"
+        "shl.b32 a6, $5, 16;\n"
+        "and.b32 a7, $5, 0xFFFF0000;\n"
+        "mov.b32 f0, a0;\n"
+        "mov.b32 f1, a1;\n"
+        "mov.b32 f2, a2;\n"
+        "mov.b32 f3, a3;\n"
+        "mov.b32 f4, a4;\n"
+        "mov.b32 f5, a5;\n"
+        "mov.b32 f6, a6;\n"
+        "mov.b32 f7, a7;\n"
+        "mul.rn.f32 f0, f0, s;\n"
+        "mul.rn.f32 f1, f1, s;\n"
+        "mul.rn.f32 f2, f2, s;\n"
+        "mul.rn.f32 f3, f3, s;\n"
+        "mul.rn.f32 f4, f4, s;\n"
+        "mul.rn.f32 f5, f5, s;\n"
+        "mul.rn.f32 f6, f6, s;\n"
+        "mul.rn.f32 f7, f7, s;\n"
+        # cvt d, a, b puts a in the high byte: the value at the lower address goes last.
+        "cvt.rn.satfinite.e4m3x2.f32 h0, f1, f0;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 h1, f3, f2;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 h2, f5, f4;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 h3, f7, f6;\n"
+        "mov.b32 $0, {h0, h1};\n"
+        "mov.b32 $1, {h2, h3};\n"
+        "}"
+    )
+    return _asm_u32(asm, "=r,=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 2, loc=loc, ip=ip)

@@ -40,7 +40,8 @@ def _fake_argument(ctype: str, align: int):
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_ptr
 
-    pointee = {"__nv_bfloat16*": cutlass.BFloat16, "uint8_t*": cutlass.Uint8, "int32_t*": cutlass.Int32}
+    pointee = {"__nv_bfloat16*": cutlass.BFloat16, "uint8_t*": cutlass.Uint8, "int32_t*": cutlass.Int32,
+               "int64_t*": cutlass.Int64}
     scalar = {"int64_t": cutlass.Int64, "int32_t": cutlass.Int32}
     if ctype in pointee:
         # The address is never dereferenced: compilation only traces the kernel.

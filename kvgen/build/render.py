@@ -14,6 +14,7 @@ DSL_TYPES = {
     "__nv_bfloat16*": "cute.Pointer",
     "uint8_t*": "cute.Pointer",
     "int32_t*": "cute.Pointer",
+    "int64_t*": "cute.Pointer",
     "int64_t": "Int64",
     "int32_t": "Int32",
 }
@@ -52,6 +53,8 @@ def render_kernel(config) -> str:
         out_chunks=out_chunks,
         passes=-(-out_chunks // 32),  # 16-byte stores per lane
         data_chunks=config.data_bytes // 16,
+        lanes_per_group=config.format.scale_group // 8,  # 16-byte chunks (lanes) per scale group
+        shuffle_offsets=[1 << i for i in range((config.format.scale_group // 8).bit_length() - 1)],
     )
 
 

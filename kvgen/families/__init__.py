@@ -9,6 +9,7 @@ the manifest and the spec find a family's config from plain data.
 from __future__ import annotations
 
 from .dequant_gather.config import DequantGatherConfig
+from .quantize_insert.config import QuantizeInsertConfig
 
-FAMILIES = {cls.family: cls for cls in (DequantGatherConfig,)}
+FAMILIES = {cls.family: cls for cls in (DequantGatherConfig, QuantizeInsertConfig)}
 SPEC_TABLES = {cls.spec_table: cls for cls in FAMILIES.values()}  # the spec's [[table]] of each family

@@ -8,6 +8,7 @@ Each decision is cached in the registry, so it is made once per call key.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -75,14 +76,15 @@ def _cubin_entry(key: CallKey, device_type: str, device_name: Optional[str]) -> 
     reg = registry()
     entry = choose_row(candidate_rows(reg.entries, key), preference_with_pdl(key, reg.tuned_rules(device_name)))
     if entry is None:
-        return None, (f"no cubin for format={key.format} block_size={key.block_size} {key.indexing} "
-                      f"gather_lens={key.gather_lens} on compute capability {key.capability}")
+        fields = " ".join(f"{name}={value}" for name, value in key.fields)
+        return None, (f"no cubin for {key.family} format={key.format} block_size={key.block_size} {fields} "
+                      f"on compute capability {key.capability}")
     return entry, ""
 
 
 def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[str]) -> Decision:
     device_type, capability, device_name = device_info(device)
-    key = CallKey(key.format, key.block_size, key.indexing, key.gather_lens, capability, key.shape_class)
+    key = dataclasses.replace(key, capability=capability)
     pdl = pdl_requested()  # read (and checked) whichever backend serves
     entry, why_not = None, "not asked for"
     if forced in (None, "cubin"):
@@ -108,17 +110,18 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
     return Decision("torch", reason=why_not)
 
 
-def decide(format_name: str, block_size: int, indexing: str, gather_lens: bool, num_reqs: int, max_rows: int,
+def decide(family: str, format_name: str, block_size: int, fields: tuple, num_reqs: int, max_rows: int,
            device: torch.device, aligned: bool) -> Decision:
-    """The decision for a call, made once per key (cached in the registry: a
-    new registry, or a tree added, starts afresh)."""
+    """The decision for a call of `family` (`fields`: the family's own config
+    fields the row must have), made once per key (cached in the registry: a new
+    registry, or a tree added, starts afresh)."""
     call_class = shape_class(num_reqs, max_rows)
-    cache_key = (format_name, block_size, indexing, gather_lens, call_class, device, aligned,
+    cache_key = (family, format_name, block_size, fields, call_class, device, aligned,
                  os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get("TRITON_INTERPRET"))
     decisions = registry().decisions
     decision = decisions.get(cache_key)
     if decision is None:
-        key = CallKey(format_name, block_size, indexing, gather_lens, None, call_class)
+        key = CallKey(family, format_name, block_size, fields, None, call_class)
         decision = decisions[cache_key] = _decide(key, device, aligned, forced_backend())
     return decision
 

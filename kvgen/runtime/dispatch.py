@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..config import ARCHS
 from ..env import env_flag
@@ -27,7 +27,8 @@ PDL_ENV = "KVGEN_PDL"
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
-DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "pdl": True}
+# Fields a family does not have match no row of it, so one table serves every family.
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "tokens_per_warp": 2, "pdl": True}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
@@ -71,23 +72,29 @@ def shape_class(num_reqs: int, max_rows: int) -> str:
 class CallKey:
     """What a kernel must match: the call's host-known properties."""
 
+    family: str  # the kernel family's prefix (dqgk, qik, ...)
     format: str  # the record format's name
     block_size: int
-    indexing: str
-    gather_lens: bool
+    fields: tuple[tuple[str, Any], ...]  # the family's own config fields a row must have, e.g. indexing
     capability: tuple[int, int] | None  # None: not a CUDA device
     shape_class: str = SHAPE_CLASSES[-1].name  # chooses among matching rows; never filters them
 
+    def get(self, name: str) -> Any:
+        """A field by name, the family's own included (None where the call has no such field)."""
+        if name in {"family", "format", "block_size", "capability", "shape_class"}:
+            return getattr(self, name)
+        return dict(self.fields).get(name)
+
 
 def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
-    """Rows that can serve the call: same format, block size, indexing and gather
-    mode, and an arch whose cubins run on this exact compute capability."""
+    """Rows that can serve the call: same family, format, block size and
+    family fields, and an arch whose cubins run on this exact compute capability."""
     return [
         e for e in entries
-        if e.config["format"] == key.format
+        if e.family == key.family
+        and e.config["format"] == key.format
         and e.config["block_size"] == key.block_size
-        and e.config["indexing"] == key.indexing
-        and e.config["gather_lens"] == key.gather_lens
+        and all(e.config.get(name) == value for name, value in key.fields)
         and e.arch in ARCHS and key.capability == ARCHS[e.arch].compute_capability
     ]
 
@@ -124,7 +131,7 @@ def read_tuned_table(root: Path) -> TunedTable:
 def preference_for(key: CallKey, rules: Sequence[dict] = ()) -> dict | None:
     """The first of `rules` matching the call, else None (DEFAULT_PREFERENCE)."""
     for rule in rules:
-        if all(getattr(key, k) == v for k, v in rule.get("match", {}).items()):
+        if all(key.get(k) == v for k, v in rule.get("match", {}).items()):
             return rule.get("prefer")
     return None
 

@@ -85,3 +85,25 @@ def _raise_first(checks) -> None:
     for (mask, message), bad in zip(checks, failed):
         if bad:
             raise ValueError(message(*_first(mask)))
+
+
+def check_write_slots(k_cache_blocks: int, slot_mapping: torch.Tensor, block_size: int) -> None:
+    """Every slot a writer uses lies in [-1, num_blocks * block_size), and no
+    slot >= 0 appears twice (two tokens of one call writing one row)."""
+    _not_capturing(slot_mapping.device)
+    slots = slot_mapping.to(torch.int64)
+    limit = k_cache_blocks * block_size
+    order = torch.argsort(slots, stable=True)
+    ordered = slots[order]
+    twice = torch.zeros_like(slots, dtype=torch.bool)
+    twice[order[1:]] = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+
+    def duplicate(i):
+        first = int((slots[:i] == slots[i]).nonzero()[0, 0])
+        return (f"slot_mapping: tokens {first} and {i} both write slot {int(slots[i])}; each slot may be written "
+                "once a call")
+
+    _raise_first((((slots < -1) | (slots >= limit),
+                   lambda i: (f"slot_mapping: token {i} has slot {int(slots[i])}, outside [-1, {limit}) "
+                              f"(k_cache holds {k_cache_blocks} pages x block_size {block_size})")),
+                  (twice, duplicate)))

@@ -59,6 +59,22 @@ class SparseShape:
     block_size: int = 64
 
 
+@dataclass(frozen=True)
+class WriterShape:
+    """T tokens of k written into a cache of exactly T slots, pages in random
+    order (each page's rows in order, as a long prefill writes them)."""
+
+    label: str
+    tokens: int
+    format: str = "dsv4_584"
+    block_size: int = 64
+    slot_dtype: torch.dtype = torch.int64
+
+
+WRITER_SHAPES = tuple(WriterShape(f"insert {n} {fmt.split('_')[0]}", n, fmt)
+                      for fmt in ("dsv4_584", "v41_528") for n in (8192, 65536, 262144))
+
+
 SHAPES = (
     Shape("1x8192", (8192,)),
     Shape("1x65536", (65536,)),
@@ -76,6 +92,7 @@ FAMILIES = {
     "v41": tuple(Shape(s.label + " v41", s.seq_lens, s.window, s.block_size, "v41_528") for s in SHAPES),
     "sparse": tuple(SparseShape(f"sparse {n} {int(v * 100)}% {layout.split('_')[0]}", n, v, layout)
                     for layout in ("dsv4_584", "v41_528") for n in (8192, 65536) for v in (0.03, 0.25, 1.0)),
+    "writer": WRITER_SHAPES,
 }
 
 
@@ -300,8 +317,8 @@ def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
         reference = dequantize_and_gather_torch
         indexing, has_gather_lens = "dense", shape.window is not None
         num_reqs, max_rows = len(shape.seq_lens), shape.window or max(shape.seq_lens)
-    key = CallKey(shape.format, shape.block_size, indexing, has_gather_lens, torch.cuda.get_device_capability(),
-                  shape_class(num_reqs, max_rows))
+    key = CallKey("dqgk", shape.format, shape.block_size, (("indexing", indexing), ("gather_lens", has_gather_lens)),
+                  torch.cuda.get_device_capability(), shape_class(num_reqs, max_rows))
     return Workload(shape, cases, _expected(cases, reference), tokens, working_set, reference, num_reqs, max_rows,
                     key)
 
@@ -388,15 +405,18 @@ def run(out_dir: Path, shapes=SHAPES, sweep: bool = False, family: str = "dsv4",
         "l2_bytes": props.L2_cache_size, "copy_gbps": copy_bw / 1e9,
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "driver": torch.cuda.driver_version if hasattr(torch.cuda, "driver_version") else None},
-        "host": host_overhead_us(), "shapes": [],
+        "host": host_overhead_us(), "shapes": [], "family": family,
     }
     print(f"{props.name}: copy roofline {copy_bw / 1e9:.0f} GB/s (read + write); "
           f"host per API call {report['host']['api_us']:.1f} us", flush=True)
     for shape in shapes:
-        result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep, tuple(grid_targets))
+        if isinstance(shape, WriterShape):
+            result = bench_writer_shape(shape, copy_bw, props.L2_cache_size, sweep)
+        else:
+            result = bench_shape(shape, copy_bw, props.L2_cache_size, sweep, tuple(grid_targets))
         report["shapes"].append(result)
         cols = "  ".join(f"{k} {v['us']:8.2f}us {v['fraction']:.2f}" for k, v in result["backends"].items())
-        print(f"{shape.label:<24} {cols}  eager {result['eager_us']:.1f}us", flush=True)
+        print(f"{shape.label:<24} {cols}  eager {result.get('eager_us', float('nan')):.1f}us", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{props.name.replace(' ', '_')}_{family}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -411,6 +431,8 @@ def _cell(b: dict, name: str, *fields: str) -> str:
 
 
 def markdown(report: dict) -> str:
+    if report.get("family") == "writer":
+        return writer_markdown(report)
     lines = [f"Device: {report['device']} ({report['sms']} SMs), {report['date']}; copy roofline "
              f"{report['copy_gbps']:.0f} GB/s (read + write); versions {report['versions']}. "
              f"Host time per eager API call: {report['host']['api_us']:.1f} us "
@@ -454,7 +476,103 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(report["copy_gbps"], color="k", linestyle="--", label="copy roofline")
     ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right")
     ax.set_ylabel("GB/s (bytes read + written)")
-    ax.set_title(f"dequantize_and_gather_k_cache on {report['device']} ({report['date']})")
+    op = "quantize_and_insert_k_cache" if report.get("family") == "writer" else "dequantize_and_gather_k_cache"
+    ax.set_title(f"{op} on {report['device']} ({report['date']})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def writer_key(shape: WriterShape) -> CallKey:
+    """What dispatch sees of a writer shape's call."""
+    return CallKey("qik", shape.format, shape.block_size, (("slot_dtype", str(shape.slot_dtype).split(".")[-1]),),
+                   torch.cuda.get_device_capability(), shape_class(1, shape.tokens))
+
+
+def gpu_writer_case(shape: WriterShape, seed: int, device="cuda"):
+    fmt = as_format(shape.format)
+    g = torch.Generator(device=device).manual_seed(seed)
+    num_blocks = -(-shape.tokens // shape.block_size)
+    k = torch.randn((shape.tokens, fmt.head_dim), generator=g, device=device).to(torch.bfloat16)
+    k_cache = torch.empty((num_blocks, shape.block_size, fmt.record_bytes), dtype=torch.uint8, device=device)
+    pages = torch.randperm(num_blocks, generator=g, device=device)
+    token = torch.arange(shape.tokens, device=device)
+    slots = (pages[token // shape.block_size] * shape.block_size + token % shape.block_size).to(shape.slot_dtype)
+    return [k, k_cache, slots, shape.block_size]
+
+
+def _writer_runner(backend: str, args, entry=None) -> Callable[[], None]:
+    import kvgen
+    from ..families.quantize_insert import op as insert
+
+    if backend == "entry":
+        return lambda: insert.launch_entry(entry, args[0], args[1], args[2], pdl=entry.pdl)
+    call = lambda: kvgen.quantize_and_insert_k_cache(*args)  # noqa: E731
+
+    def forced():
+        saved = os.environ.get("KVGEN_BACKEND")
+        os.environ["KVGEN_BACKEND"] = backend
+        try:
+            call()
+        finally:
+            os.environ.pop("KVGEN_BACKEND") if saved is None else os.environ.__setitem__("KVGEN_BACKEND", saved)
+    return forced
+
+
+def bench_writer_shape(shape: WriterShape, copy_bw: float, l2_bytes: int, sweep: bool = False) -> dict:
+    """The writer's backends on one shape: each checked byte for byte against the
+    torch path on every input set (the cache poisoned first), then timed."""
+    from ..families.quantize_insert import op as insert
+    from ..families.quantize_insert.reference import quantize_and_insert_torch
+    from ..runtime.loader import registry
+
+    fmt = as_format(shape.format)
+    working_set = shape.tokens * (2 * fmt.head_dim + fmt.record_bytes)
+    cases = [gpu_writer_case(shape, seed) for seed in range(_set_count(working_set, l2_bytes))]
+    expected = []
+    for k, k_cache, slots, bs in cases:
+        k_cache.fill_(0xA5)
+        quantize_and_insert_torch(k, k_cache, slots, bs, fmt)
+        expected.append(k_cache.clone())
+    chosen = insert.decide_insert(*cases[0]).entry
+    variants = {"kvgen": lambda a: _writer_runner("cubin", a), "triton": lambda a: _writer_runner("triton", a)}
+    if sweep:
+        for e in candidate_rows(registry().entries, writer_key(shape)):
+            variants[variant_of(e.config)] = lambda a, e=e: _writer_runner("entry", a, e)
+    timed = {}
+    for name, make in variants.items():
+        calls = timed[name] = [make(a) for a in cases]
+        for args, call, ref in zip(cases, calls, expected):
+            args[1].fill_(0xA5)
+            call()
+            torch.cuda.synchronize()
+            bad = int((args[1] != ref).sum())
+            if bad:
+                raise AssertionError(f"{shape.label} {name}: {bad} cache bytes differ from the torch path")
+    timed[COPY] = same_bytes_copy(working_set, len(cases))
+    seconds = graph_times(timed)
+    del timed
+    seconds["torch"] = statistics.median(_event_times(lambda: quantize_and_insert_torch(*cases[0], fmt), reps=3,
+                                                      warmup=1))
+    roofline_s = working_set / copy_bw
+    backends = {name: {"us": t * 1e6, "gbps": working_set / t / 1e9, "fraction": roofline_s / t}
+                for name, t in seconds.items()}
+    return {"shape": shape.label, "tokens": shape.tokens, "sets": len(cases), "roofline_us": roofline_s * 1e6,
+            "chosen": chosen.name, "backends": backends}
+
+
+def writer_markdown(report: dict) -> str:
+    lines = [f"Device: {report['device']} ({report['sms']} SMs), {report['date']}; copy roofline "
+             f"{report['copy_gbps']:.0f} GB/s (read + write).", "",
+             "| shape | tokens | copy µs | kvgen µs | GB/s | kvgen / copy | triton µs | triton GB/s | torch µs | row |",
+             "|---" * 10 + "|"]
+    for s in report["shapes"]:
+        b = s["backends"]
+        lines.append(f"| {s['shape']} | {s['tokens']} | {b[COPY]['us']:.2f} | {b['kvgen']['us']:.2f} | "
+                     f"{b['kvgen']['gbps']:.0f} | {b[COPY]['us'] / b['kvgen']['us']:.3f} | {b['triton']['us']:.2f} | "
+                     f"{b['triton']['gbps']:.0f} | {b['torch']['us']:.0f} | {s['chosen']} |")
+        extra = {k: v for k, v in b.items() if k not in (COPY, "kvgen", "triton", "torch")}
+        if extra:
+            lines.append("| ↳ rows | | | " + ", ".join(f"{k} {v['us']:.2f}" for k, v in extra.items()) + " | | | | | | |")
+    return "\n".join(lines)
+

@@ -25,8 +25,8 @@ from .variants import geomean, variant_of
 FORMAT = 1
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
-TUNED_FIELDS = ("num_stages", "num_warps", "schedule")
-MATCH_FIELDS = ("format", "indexing", "shape_class")  # CallKey fields a rule matches
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "tokens_per_warp")  # those a family's rows have
+MATCH_FIELDS = ("family", "format", "indexing", "slot_dtype", "shape_class")  # CallKey fields a rule matches
 
 
 def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
@@ -35,6 +35,8 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
     from . import bench
     from ..runtime.loader import registry
 
+    if isinstance(shape, bench.WriterShape):
+        return _measure_writer_shape(shape, copy_bw, l2_bytes)
     w = bench.workload(shape, l2_bytes)
     rows = candidate_rows(registry().entries, w.key)
     default = choose_row(rows, DEFAULT_PREFERENCE)
@@ -44,10 +46,26 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
                                  w.working_set, w.working_set / copy_bw, w.reference)
     return {
         "shape": shape.label,
-        "match": {f: getattr(w.key, f) for f in MATCH_FIELDS},
+        "match": {f: w.key.get(f) for f in MATCH_FIELDS},
         "default": variant_of(default.config),
         "us": {name: round(timed[name]["us"], 3) for name in variants},
-        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS} for name, e in variants.items()},
+        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in variants.items()},
+    }
+
+
+def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
+    from . import bench
+    from ..runtime.loader import registry
+
+    result = bench.bench_writer_shape(shape, copy_bw, l2_bytes, sweep=True)
+    key = bench.writer_key(shape)
+    rows = {variant_of(e.config): e for e in candidate_rows(registry().entries, key)}
+    return {
+        "shape": shape.label,
+        "match": {f: key.get(f) for f in MATCH_FIELDS},
+        "default": variant_of(choose_row(list(rows.values()), DEFAULT_PREFERENCE).config),
+        "us": {name: round(result["backends"][name]["us"], 3) for name in rows},
+        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in rows.items()},
     }
 
 
@@ -57,10 +75,10 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
     becomes a rule if it is faster by more than `margin`. Returns (rules, groups)."""
     groups: dict[tuple, list[dict]] = {}
     for m in measured:
-        groups.setdefault(tuple(m["match"][f] for f in MATCH_FIELDS), []).append(m)
+        groups.setdefault(tuple(m["match"].get(f) for f in MATCH_FIELDS), []).append(m)
     rules, summary = [], []
     for match_values, shapes in groups.items():
-        match = dict(zip(MATCH_FIELDS, match_values))
+        match = {f: v for f, v in zip(MATCH_FIELDS, match_values) if v is not None}  # a field the call has
         common = set.intersection(*(set(m["us"]) for m in shapes))
         if not all(m["default"] in common for m in shapes):
             raise ValueError(f"{match}: the default variant was not timed on every shape")

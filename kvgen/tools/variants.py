@@ -11,5 +11,7 @@ def geomean(values) -> float:
 
 
 def variant_of(config: dict) -> str:
-    """A row's tuned fields as a short name, e.g. s4w8c."""
+    """A row's tuned fields as a short name: s4w8c (a reader), t2w4 (a writer)."""
+    if "tokens_per_warp" in config:
+        return f"t{config['tokens_per_warp']}w{config['num_warps']}"
     return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}"

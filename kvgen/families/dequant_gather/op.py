@@ -22,6 +22,9 @@ from ...runtime.index_check import check_dense, check_requested, check_slots
 from ...runtime.launch import launch
 from ...runtime.manifest import KernelEntry
 from ...runtime.validate import check_cache, check_one_device, expect, meta
+from .config import DequantGatherConfig
+
+FAMILY = DequantGatherConfig.family
 
 
 # ---------------------------------------------------------------- validation
@@ -105,15 +108,17 @@ def decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, o
     checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     stride = checked.out_stride
     aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
-    return decide(checked.format.name, block_size, "dense", gather_lens is not None, checked.num_reqs,
-                  checked.max_rows, out.device, aligned)
+    fields = (("indexing", "dense"), ("gather_lens", gather_lens is not None))
+    return decide(FAMILY, checked.format.name, block_size, fields, checked.num_reqs, checked.max_rows, out.device,
+                  aligned)
 
 
 def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None) -> Decision:
     """Which backend would serve this sparse call (no launch, no synchronisation)."""
     checked = checked or validate_sparse(out, k_cache, slot_indices, block_size)
     aligned = out.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
-    return decide(checked.format.name, block_size, "sparse", False, 1, checked.num_slots, out.device, aligned)
+    fields = (("indexing", "sparse"), ("gather_lens", False))
+    return decide(FAMILY, checked.format.name, block_size, fields, 1, checked.num_slots, out.device, aligned)
 
 
 # -------------------------------------------------------------------- launch

@@ -1,0 +1,179 @@
+"""The quantize-and-insert op (the writer): validate, decide, launch; a custom op.
+
+`quantize_and_insert_k_cache(k, k_cache, slot_mapping, block_size,
+record_bytes=None)` has the convention the serving stacks call (vLLM's): k
+bf16 [T, head_dim], the cache as its record view [num_blocks, block_size,
+record_bytes] or its byte view [num_blocks, block_bytes], slots int32 or
+int64 (-1 skips a token; only the first slot_mapping.shape[0] tokens are
+written). It serves every UE8M0 e4m3 format of the loaded kernel trees and is
+registered as `torch.ops.kvgen.quantize_and_insert_k_cache` (mutating
+k_cache, with a fake implementation). docs/semantics.md states the bytes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ...formats import Format
+from ...runtime.backend import Decision, decide, record_no_launch, serve
+from ...runtime.index_check import check_requested, check_write_slots
+from ...runtime.launch import launch
+from ...runtime.loader import registry
+from ...runtime.manifest import KernelEntry
+from ...runtime.validate import check_one_device, expect, meta
+from .config import QuantizeInsertConfig
+
+FAMILY = QuantizeInsertConfig.family
+DEFAULT_RECORD_BYTES = 584  # the DeepSeek-V4 record, as vLLM's byte-view callers assume
+SLOT_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
+MAX_WORKERS = 65535  # CTAs; warps grid-stride over the tokens past them
+
+
+class Checked(NamedTuple):
+    """What validation read, reused by dispatch and launch (no second read)."""
+
+    format: Format
+    page_stride: int
+    k_stride: int
+    num_tokens: int
+    slot_dtype: str
+
+
+def _format_named(record_bytes: int, argument: str) -> Format:
+    fmt = registry().format_for_record(record_bytes)
+    if fmt is None:
+        known = {f.record_bytes: f.name for f in registry().by_record.values()}
+        raise ValueError(f"{argument}: no loaded format has {record_bytes}-byte records; known: "
+                         f"{dict(sorted(known.items()))}")
+    return fmt
+
+
+def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked:
+    """Check every argument before any launch."""
+    k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
+    expect(isinstance(k_cache, torch.Tensor), f"k_cache: expected a torch.Tensor, got {type(k_cache).__name__}",
+           TypeError)
+    expect(k_cache.dtype == torch.uint8, f"k_cache: expected dtype torch.uint8, got {k_cache.dtype}", TypeError)
+    expect(type(block_size) is int, f"block_size: expected an int, got {type(block_size).__name__}", TypeError)
+    expect(record_bytes is None or type(record_bytes) is int,
+           f"record_bytes: expected an int or None, got {type(record_bytes).__name__}", TypeError)
+    expect(block_size > 0, f"block_size: must be positive, got {block_size}")
+    kc_shape, kc_strides = k_cache.shape, k_cache.stride()
+    if len(kc_shape) == 3:  # the record view: its last dimension names the format
+        expect(record_bytes is None or record_bytes == kc_shape[2],
+               f"record_bytes: {record_bytes} disagrees with k_cache.shape[-1] ({kc_shape[2]})")
+        fmt = _format_named(kc_shape[2], "k_cache")
+        expect(block_size == kc_shape[1], f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
+        expect(kc_strides[2] == 1 and (kc_shape[1] == 1 or kc_strides[1] == fmt.record_bytes),
+               f"k_cache: each page must hold contiguous {fmt.record_bytes}-byte rows, got strides {tuple(kc_strides)}")
+    elif len(kc_shape) == 2:  # the byte view: record_bytes names the format
+        fmt = _format_named(DEFAULT_RECORD_BYTES if record_bytes is None else record_bytes, "record_bytes")
+        expect(kc_strides[1] == 1 or kc_shape[1] <= 1, f"k_cache: each page's bytes must be contiguous, got strides "
+                                                       f"{tuple(kc_strides)}")
+        expect(block_size * fmt.record_bytes <= kc_shape[1],
+               f"block_size: {block_size} records of {fmt.record_bytes} bytes do not fit a page of {kc_shape[1]} bytes "
+               "(k_cache.shape[1])")
+    else:
+        raise ValueError(f"k_cache: expected [num_blocks, block_size, record_bytes] or [num_blocks, block_bytes], "
+                         f"got shape {tuple(kc_shape)}")
+    page_stride = kc_strides[0]
+    expect(page_stride % 16 == 0, f"k_cache: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
+    expect(kc_shape[0] <= 1 or page_stride >= block_size * fmt.record_bytes,
+           f"k_cache: page stride {page_stride} is smaller than a page ({block_size}*{fmt.record_bytes} bytes)")
+    expect(k_cache.data_ptr() % 16 == 0, "k_cache: data must be 16-byte aligned")
+    expect(k_shape[1] == fmt.head_dim, f"k: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), "
+                                       f"got {k_shape[1]}")
+    expect(k_strides[1] == 1 or k_shape[1] <= 1, f"k: innermost stride must be 1, got {k_strides[1]}")
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise TypeError(f"slot_mapping: expected a torch.Tensor, got {type(slot_mapping).__name__}")
+    expect(slot_mapping.dtype in SLOT_DTYPES, f"slot_mapping: expected dtype torch.int32 or torch.int64, got "
+                                              f"{slot_mapping.dtype}", TypeError)
+    expect(slot_mapping.dim() == 1, f"slot_mapping: expected 1 dimension, got shape {tuple(slot_mapping.shape)}")
+    num_tokens = slot_mapping.shape[0]
+    expect(num_tokens <= 1 or slot_mapping.stride(0) == 1, "slot_mapping: must be contiguous")
+    expect(num_tokens <= k_shape[0], f"slot_mapping: {num_tokens} slots for {k_shape[0]} rows of k (at most one "
+                                     "slot per row)")
+    expect(num_tokens < 2**31, "slot_mapping: at most 2^31 - 1 slots")
+    check_one_device(k, k_cache, slot_mapping)
+    k_stride = k_strides[0] if k_shape[0] > 1 else fmt.head_dim
+    return Checked(fmt, page_stride, k_stride, num_tokens, SLOT_DTYPES[slot_mapping.dtype])
+
+
+def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
+                  checked: Optional[Checked] = None) -> Decision:
+    """Which backend would serve this call (no launch, no synchronisation)."""
+    checked = checked or validate(k, k_cache, slot_mapping, block_size, record_bytes)
+    aligned = k.data_ptr() % 16 == 0 and checked.k_stride % 8 == 0  # 16-byte loads of k's rows
+    return decide(FAMILY, checked.format.name, block_size, (("slot_dtype", checked.slot_dtype),), 1,
+                  checked.num_tokens, k.device, aligned)
+
+
+def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
+    """Enough CTAs for every token at once, held under MAX_WORKERS (warps grid-stride past it)."""
+    per_cta = entry.config["num_warps"] * entry.config["tokens_per_warp"]
+    return (max(1, min(-(-num_tokens // per_cta), MAX_WORKERS)), 1, 1)
+
+
+def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, int, int] | None = None,
+                 checked: Optional[Checked] = None, pdl: bool = False) -> None:
+    """Launch one writer row of the manifest (the grid from launch_grid unless given)."""
+    if checked is None:
+        checked = validate(k, k_cache, slot_mapping, entry.config["block_size"], entry.format.record_bytes)
+    values = {"k": k.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_mapping": slot_mapping.data_ptr(),
+              "k_stride": checked.k_stride, "page_stride": checked.page_stride, "num_tokens": checked.num_tokens}
+    launch(entry, values, grid or launch_grid(entry, checked.num_tokens), k.get_device(), pdl)
+
+
+def _run(k, k_cache, slot_mapping, block_size, record_bytes) -> None:
+    checked = validate(k, k_cache, slot_mapping, block_size, record_bytes)
+    if checked.num_tokens == 0:
+        record_no_launch()
+        return
+    if check_requested():
+        check_write_slots(k_cache.shape[0], slot_mapping, block_size)
+    decision = decide_insert(k, k_cache, slot_mapping, block_size, record_bytes, checked=checked)
+
+    def triton_path():
+        from .triton import quantize_and_insert_triton
+
+        quantize_and_insert_triton(k, k_cache, slot_mapping, block_size, checked.format)
+
+    def torch_path():
+        from .reference import quantize_and_insert_torch
+
+        quantize_and_insert_torch(k, k_cache, slot_mapping, block_size, checked.format)
+
+    serve(decision, k.device.type,
+          lambda entry: launch_entry(entry, k, k_cache, slot_mapping, checked=checked, pdl=decision.pdl),
+          triton_path, torch_path)
+
+
+@torch.library.custom_op("kvgen::quantize_and_insert_k_cache", mutates_args=("k_cache",))
+def _custom_op(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
+               record_bytes: Optional[int] = None) -> None:
+    _run(k, k_cache, slot_mapping, block_size, record_bytes)
+
+
+@_custom_op.register_fake
+def _(k, k_cache, slot_mapping, block_size, record_bytes=None) -> None:
+    return None
+
+
+def quantize_and_insert_k_cache(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                block_size: int, record_bytes: Optional[int] = None) -> None:
+    """Quantize each token i < slot_mapping.shape[0] of k (bf16 [T, head_dim])
+    and write it into the paged cache at slot slot_mapping[i] (page * block_size
+    + row); a negative slot skips the token. Nothing but the addressed rows'
+    data and scale bytes changes. See docs/semantics.md. Raises
+    TypeError/ValueError on bad arguments before any launch."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.quantize_and_insert_k_cache(k, k_cache, slot_mapping, block_size, record_bytes)
+        return
+    _run(k, k_cache, slot_mapping, block_size, record_bytes)
+
+
+def select_backend_insert(k, k_cache, slot_mapping, block_size, record_bytes=None) -> str:
+    """The backend that would serve this call: 'cubin', 'triton' or 'torch'."""
+    return decide_insert(k, k_cache, slot_mapping, block_size, record_bytes).backend
