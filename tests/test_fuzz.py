@@ -166,7 +166,7 @@ def test_fuzz_cubins_against_the_oracle(indexing, layout, monkeypatch):
     from kvgen.runtime.loader import registry
 
     shipped = {(e.config["format"], e.config["indexing"], e.config["block_size"], e.config["gather_lens"])
-               for e in registry().entries}
+               for e in registry().entries if e.family == "dqgk"}
     offset = 1000 * FAMILIES.index((indexing, layout))
     checked = 0
     for seed in range(offset, offset + GPU_SEEDS_PER_FAMILY):
