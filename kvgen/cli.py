@@ -114,6 +114,8 @@ def cmd_build(args) -> int:
 def cmd_prune(args) -> int:
     from .build.tree import prune
 
+    if args.out and not args.spec:  # pruning a user's tree against kvgen's own spec would empty it
+        raise UsageError("prune --out DIR needs the --spec FILE that tree was built from")
     tree = _tree(args)
     removed = prune(_spec(args).configs, tree)
     print(f"kvgen prune: {len(removed)} file(s) removed")
@@ -128,9 +130,11 @@ def cmd_list(args) -> int:
     _check_arch(args)
     entries = [e for e in registry().entries if not args.arch or e.arch == args.arch]
     width = max([len("kernel")] + [len(e.name) for e in entries])
-    print(f"{'kernel':<{width}} {'arch':<7} {'block':>5} {'regs':>4} {'spill':>5} {'smem':>6}")
+    arch = max([len("arch")] + [len(e.arch) for e in entries])
+    print(f"{'kernel':<{width}} {'arch':<{arch}} {'block':>5} {'regs':>4} {'spill':>5} {'smem':>6}")
     for e in entries:
-        print(f"{e.name:<{width}} {e.arch:<7} {e.block[0]:>5} {e.registers:>4} {e.spill_bytes:>5} {e.smem_bytes:>6}")
+        print(f"{e.name:<{width}} {e.arch:<{arch}} {e.block[0]:>5} {e.registers:>4} {e.spill_bytes:>5} "
+              f"{e.smem_bytes:>6}")
     print(f"{len(entries)} kernel(s)")
     return 0
 

@@ -27,16 +27,52 @@ class ConfigError(UsageError):
 
 @dataclass(frozen=True)
 class Arch:
+    """A build target. A cubin arch (sm_*) runs on exactly its compute
+    capability; a PTX arch (compute_*) is the fallback the driver JIT-compiles
+    for any GPU at or above its capability that has no cubin of its own."""
+
     name: str
-    compute_capability: tuple[int, int]  # the only devices its cubins run on
+    compute_capability: tuple[int, int]
     max_smem_per_block: int
+    flavour: str  # which inline-PTX helper flavour its kernels use (FLAVOURS)
+    ptx: bool = False  # a PTX fallback target, not a cubin
+
+    @property
+    def pdl(self) -> bool:
+        """griddepcontrol (programmatic dependent launch) exists from sm_90 on."""
+        return self.compute_capability >= (9, 0)
+
+    @property
+    def gpu_arch(self) -> str:
+        """The target CuteDSL compiles for: compute_80 PTX is sm_80's PTX."""
+        return self.name.replace("compute_", "sm_")
+
+    def serves(self, capability: tuple[int, int] | None) -> bool:
+        if capability is None:
+            return False
+        return capability >= self.compute_capability if self.ptx else capability == self.compute_capability
 
 
+# The inline-PTX helper flavours (templates/ptx_helpers.py.j2), each with the
+# lowest PTX target its instructions assemble for:
+#   integer: e4m3 decoded and encoded with integer, prmt and fma.bf16x2 operations (sm_80 on)
+#   hopper:  cvt.*.e4m3x2 and mul.rn.bf16x2 (sm_90 on)
+FLAVOURS = {"integer": "compute_80", "hopper": "compute_90"}
+
+KIB = 1024
 ARCHS: dict[str, Arch] = {
     arch.name: arch
     for arch in (
-        # sm_90a code uses Hopper-only features: it runs on 9.0 and nothing else.
-        Arch("sm_90a", (9, 0), 227 * 1024),
+        Arch("sm_80", (8, 0), 163 * KIB, "integer"),  # A100
+        Arch("sm_86", (8, 6), 99 * KIB, "integer"),  # A10, A40, RTX 30
+        Arch("sm_89", (8, 9), 99 * KIB, "integer"),  # L4, L40S, RTX 40
+        Arch("sm_90a", (9, 0), 227 * KIB, "hopper"),  # H100, H200
+        Arch("sm_100a", (10, 0), 227 * KIB, "hopper"),  # B200, GB200
+        Arch("sm_103a", (10, 3), 227 * KIB, "hopper"),  # B300, GB300
+        Arch("sm_120a", (12, 0), 99 * KIB, "hopper"),  # RTX PRO 6000, RTX 50
+        Arch("sm_121a", (12, 1), 99 * KIB, "hopper"),  # DGX Spark
+        Arch("compute_80", (8, 0), 99 * KIB, "integer", ptx=True),  # the fallback for newer GPUs
+        Arch("compute_90", (9, 0), 99 * KIB, "hopper", ptx=True),
     )
 }
 

@@ -57,5 +57,7 @@ def generated_dir() -> Path:
 
 
 KERNELS_PACKAGE = "kvgen_kernels"  # generated/<this>/: the rendered CuteDSL modules
-HELPERS_FILE = "ptx_helpers.py"  # generated/<KERNELS_PACKAGE>/<this>: the inline-PTX helpers every kernel imports
+def helpers_file(flavour: str) -> str:
+    """generated/<KERNELS_PACKAGE>/<this>: one flavour of the inline-PTX helpers (kvgen.config.FLAVOURS)."""
+    return f"ptx_helpers_{flavour}.py"
 MANIFEST_NAME = "manifest.json"

@@ -83,6 +83,8 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
 
 
 def _formats(tables: dict[str, Any], path: Path) -> dict[str, Format]:
+    if not isinstance(tables, dict):
+        raise SpecError(f"spec {path}: formats must be tables ([formats.NAME]), got {type(tables).__name__}")
     formats: dict[str, Format] = {}
     by_record: dict[int, str] = {}
     for name, fields in tables.items():
@@ -90,6 +92,8 @@ def _formats(tables: dict[str, Any], path: Path) -> dict[str, Format]:
             raise SpecError(f"spec {path}: [formats.{name}] must be a table")
         fields = dict(fields)
         record_bytes = fields.pop("record_bytes", None)
+        if record_bytes is not None and type(record_bytes) is not int:
+            raise SpecError(f"spec {path}: [formats.{name}] record_bytes must be an integer, got {record_bytes!r}")
         try:
             fmt = Format.from_dict({"name": name, **fields}, record_bytes)
         except FormatError as err:
@@ -120,6 +124,8 @@ def _expand(family, product: dict[str, Any], formats: dict[str, Format], where: 
         if not axes[name]:
             raise SpecError(f"{where}: {name} is an empty list")
     for name in axes["format"]:
+        if not isinstance(name, str):
+            raise SpecError(f"{where}: format must name a [formats.NAME] table, got {name!r}")
         if name not in formats:
             raise SpecError(f"{where}: format {name!r} is not defined in this spec (its formats: {sorted(formats)})")
     axes["format"] = [formats[name] for name in axes["format"]]

@@ -64,7 +64,11 @@ def test_manifest_matches_the_files():
         cubin = (COMMITTED / entry.cubin).read_bytes()
         assert hashlib.sha256(cubin).hexdigest() == entry.cubin_sha256, entry.name
         assert hashlib.sha256((COMMITTED / entry.source).read_bytes()).hexdigest() == entry.source_sha256
-        assert entry.cubin == f"cubins/{entry.arch}/{entry.name}.cubin"
+        from kvgen.config import ARCHS
+
+        expected_image = (f"ptx/{entry.arch}/{entry.name}.ptx" if ARCHS[entry.arch].ptx
+                          else f"cubins/{entry.arch}/{entry.name}.cubin")
+        assert entry.cubin == expected_image
         assert entry.symbol.startswith(entry.name) and entry.symbol.encode() in cubin
         config = FAMILIES[entry.family].from_dict({**entry.config, "format": entry.format})
         assert list(entry.params) == [(p.name, p.ctype) for p in config.params] and config.name == entry.name

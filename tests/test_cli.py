@@ -93,7 +93,7 @@ def test_user_mistakes_are_one_line_with_status_2(tmp_path):
         (["bench", "--report", str(broken)], {}, (str(broken), "not a JSON report")),
         (["bench", "--report", str(not_a_report)], {}, (str(not_a_report), "no \"shapes\" list")),
         (["list"], {"KVGEN_GENERATED_DIR": str(empty)}, ("manifest not found", f"KVGEN_GENERATED_DIR={empty}")),
-        (["demo"], {"KVGEN_BACKEND": "cuda"}, ("KVGEN_BACKEND='cuda'", "cubin, triton, torch")),
+        (["demo"], {"KVGEN_BACKEND": "cuda"}, ("KVGEN_BACKEND='cuda'", "cubin, ptx, triton, torch")),
     ]
     for argv, env, needles in mistakes:
         done = _run(["-m", "kvgen", *argv], env=_env(**env))
@@ -107,7 +107,7 @@ def test_api_raises_value_errors_for_bad_environment(monkeypatch):
     from kvgen.runtime.manifest import ManifestError, read_manifest
 
     monkeypatch.setenv("KVGEN_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="expected one of cubin, triton, torch"):
+    with pytest.raises(ValueError, match="expected one of cubin, ptx, triton, torch"):
         dispatch.forced_backend()
     monkeypatch.setenv("KVGEN_PDL", "2")
     with pytest.raises(UsageError, match="expected 1 or 0"):
@@ -141,7 +141,7 @@ def test_list_sizes_the_name_column_to_the_longest_name(capsys):
     column = header.index("arch")
     assert len(rows) == len(names)
     for row, name in zip(rows, names):
-        assert row.startswith(name + " ") and row[column:].startswith("sm_"), row
+        assert row.startswith(name + " ") and row[column:].startswith(("sm_", "compute_")), row
 
 
 def test_generate_never_prunes_and_prune_is_its_own_command(monkeypatch, capsys):
@@ -251,7 +251,7 @@ def test_installed_wheel_generates_and_ships_its_package_data(installed, tmp_pat
     done = _run(["-m", "kvgen", "generate"], cwd=tmp_path, env=_env(PYTHONPATH=str(installed),
                                                                       KVGEN_GENERATED_DIR=str(out)))
     assert done.returncode == 0, done.stderr
-    expected = {c.filename for c in shipped_configs()} | {"__init__.py", "ptx_helpers.py"}
+    expected = {c.filename for c in shipped_configs()} | {"__init__.py", "ptx_helpers_hopper.py", "ptx_helpers_integer.py"}
     assert {p.name for p in (out / "kvgen_kernels").iterdir()} == expected
 
     done = _run(["-m", "kvgen", "list"], cwd=tmp_path, env=env)  # the package data's manifest

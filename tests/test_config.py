@@ -85,7 +85,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
-    configs = [c for c in shipped_configs() if c.family == "dqgk"]
+    configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
     assert len(configs) == 110
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
@@ -102,7 +102,8 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(num_warps=0), "num_warps"),
     (dict(num_warps=33), "num_warps"),
     (dict(num_stages=16, num_warps=32), "shared memory"),
-    (dict(arch="sm_80"), "unknown arch"),
+    (dict(arch="sm_70"), "unknown arch"),
+    (dict(arch="sm_80", pdl=True), "pdl=True needs griddepcontrol"),
     (dict(schedule="random"), "unknown schedule"),
     (dict(indexing="ragged"), "unknown indexing"),
     (dict(indexing="sparse"), "gather_lens applies to dense indexing only"),
@@ -168,6 +169,9 @@ def test_a_spec_expands_its_products_with_the_defaults(tmp_path):
     (GOOD + "[[gather]]\nformat = 'x'\n", "unknown table\\(s\\) \\['gather'\\]"),
     (GOOD + "[formats.other]\nvalues = 384\ntail = 128\nscale_group = 64\n",
      "formats fp8_384 and other both have 648-byte records"),
+    ("formats = 5\n", "formats must be tables"),
+    (GOOD.replace('format = "fp8_384"', "format = {x = 1}"), "format must name a \\[formats.NAME\\] table"),
+    (GOOD.replace("record_bytes = 648", 'record_bytes = "648"'), "record_bytes must be an integer"),
 ])
 def test_bad_specs_are_one_clear_line(tmp_path, text, message):
     with pytest.raises(SpecError, match=message) as err:

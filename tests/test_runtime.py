@@ -106,10 +106,17 @@ def key(**kw):
 
 
 def test_rows_filter_on_exact_capability_and_shape():
+    from kvgen.config import ARCHS
+
     entries = registry().entries
     assert candidate_rows(entries, key())
-    for other in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0), None]:
-        assert candidate_rows(entries, key(capability=other)) == [], other
+    for capability in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0), (12, 1), (9, 1), (11, 0), (7, 5)]:
+        rows = candidate_rows(entries, key(capability=capability))
+        cubins = {e.arch for e in rows if not ARCHS[e.arch].ptx}  # exactly the arch of that capability
+        assert cubins == {a.name for a in ARCHS.values() if not a.ptx and a.compute_capability == capability}
+        ptx = {e.arch for e in rows if ARCHS[e.arch].ptx}  # every PTX target at or below it
+        assert ptx == {a.name for a in ARCHS.values() if a.ptx and a.compute_capability <= capability}
+    assert candidate_rows(entries, key(capability=None)) == []
     assert candidate_rows(entries, key(block_size=8)) == []
     assert all(e.config["gather_lens"] is False for e in candidate_rows(entries, key(gather_lens=False)))
     chosen = choose_row(candidate_rows(entries, key()))
@@ -252,8 +259,9 @@ def fake_gpu(monkeypatch):
     return set_capability
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "cubin"), ((8, 0), "triton"), ((8, 9), "triton"),
-                                                  ((10, 0), "triton"), ((12, 0), "triton"), ((7, 5), "triton")])
+@pytest.mark.parametrize("capability, expected", [((9, 0), "cubin"), ((8, 0), "cubin"), ((8, 9), "cubin"),
+                                                  ((10, 0), "cubin"), ((12, 0), "cubin"), ((11, 0), "ptx"),
+                                                  ((7, 5), "triton")])
 def test_dispatch_by_capability(fake_gpu, capability, expected):
     fake_gpu(capability)
     assert kvgen.select_backend(*good_args()) == expected
@@ -274,7 +282,7 @@ def test_dispatch_misaligned_out_avoids_the_cubin(fake_gpu):
 
 
 def test_dispatch_without_triton_goes_to_torch(fake_gpu, monkeypatch):
-    fake_gpu((8, 0))
+    fake_gpu((7, 5))
     monkeypatch.setattr(backend, "_available", lambda m: m != "triton")
     assert kvgen.select_backend(*good_args()) == "torch"
 
@@ -287,7 +295,7 @@ def test_forced_backends(fake_gpu, monkeypatch):
     monkeypatch.setenv("KVGEN_BACKEND", "cubin")
     with pytest.raises(kvgen.BackendUnavailable, match="not a CUDA device"):
         kvgen.dequantize_and_gather_k_cache(*good_args())
-    fake_gpu((8, 0))
+    fake_gpu((7, 5))
     with pytest.raises(kvgen.BackendUnavailable, match="no cubin for"):
         kvgen.select_backend(*good_args())
     monkeypatch.setenv("KVGEN_BACKEND", "torch")
@@ -441,9 +449,12 @@ def test_corrupt_or_missing_cubin_is_never_loaded(corrupt_tree):
     cubin.write_bytes(bytes(image))
     with pytest.raises(KvgenLoadError, match="sha256"):
         reg.get(entry)
-    cubin.unlink()
-    with pytest.raises(KvgenLoadError, match="cannot read"):
+    with pytest.raises(KvgenLoadError, match="sha256"):  # a failure is remembered, not retried
         reg.get(entry)
+    other = reg.entries[1]
+    (root / other.cubin).unlink()
+    with pytest.raises(KvgenLoadError, match="cannot read"):
+        reg.get(other)
 
 
 def test_load_failure_falls_back_with_a_warning(corrupt_tree, fake_gpu, monkeypatch):
@@ -592,7 +603,7 @@ def test_custom_op_matches_the_oracle_and_has_a_fake(backend, monkeypatch):
 
 
 def test_cli_errors_are_one_line_with_status_2():
-    for argv in (["build", "--arch", "sm_80"], ["build", "--kernel", "nope"], ["list", "--arch", "sm_1"]):
+    for argv in (["build", "--arch", "sm_70"], ["build", "--kernel", "nope"], ["list", "--arch", "sm_1"]):
         done = subprocess.run([sys.executable, "-m", "kvgen", *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, argv
         assert len(done.stderr.strip().splitlines()) == 1 and "kvgen: error:" in done.stderr
@@ -628,7 +639,8 @@ def test_sparse_validation(rule):
         kvgen.dequantize_and_gather_k_cache_sparse(*mutate(good_sparse_args()))
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "cubin"), ((8, 0), "triton"), ((10, 0), "triton")])
+@pytest.mark.parametrize("capability, expected", [((9, 0), "cubin"), ((8, 0), "cubin"), ((10, 0), "cubin"),
+                                                  ((11, 0), "ptx"), ((7, 5), "triton")])
 def test_sparse_dispatch_by_capability(fake_gpu, capability, expected):
     fake_gpu(capability)
     assert kvgen.select_backend_sparse(*good_sparse_args()) == expected

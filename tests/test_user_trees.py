@@ -274,3 +274,59 @@ def test_user_tree_cubins_bit_exact(with_trees, fmt, bs, monkeypatch):
 
 if __name__ == "__main__":  # build the trees for a GPU machine: python -m tests.test_user_trees OUT
     print({name: str(path) for name, path in build_trees(Path(sys.argv[1])).items()})
+
+
+def test_a_tree_refuses_a_second_format_of_the_same_record_size(tmp_path):
+    """Building another spec into a tree must not give it two 648-byte formats
+    (calls could not tell them apart): refused before anything is written."""
+    pytest.importorskip("cutlass")
+    from kvgen.build.tree import build
+    from kvgen.runtime.manifest import ManifestError
+    from kvgen.spec import load_spec
+
+    tree = tmp_path / "tree"
+    first = tmp_path / "a.toml"
+    first.write_text(EXAMPLE.read_text())
+    configs = load_spec(first).configs
+    build([c for c in configs if c.block_size == 64 and c.family == "dqgk"][:1], tree, progress=False)
+    files = sorted(p.name for p in tree.rglob("*"))
+    other = tmp_path / "b.toml"
+    other.write_text("[formats.g128]\nvalues = 384\ntail = 128\nscale_group = 128\nscale_pad = 5\n"
+                     "[[dequant_gather]]\nformat = 'g128'\nindexing = 'dense'\nblock_size = 64\nnum_stages = 3\n")
+    with pytest.raises(ManifestError, match="already defines format fp8_384 \\(648-byte records\\)"):
+        build(load_spec(other).configs, tree, progress=False)
+    assert sorted(p.name for p in tree.rglob("*")) == files  # nothing written
+
+
+def test_an_unreadable_manifest_is_never_built_or_pruned_over(tmp_path):
+    from kvgen.build.tree import build, prune
+    from kvgen.runtime.manifest import ManifestError
+
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "generated", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads((tree / "manifest.json").read_text())
+    manifest["format"] = 99  # a newer kvgen's, say
+    (tree / "manifest.json").write_text(json.dumps(manifest))
+    cubins = sorted((tree / "cubins").rglob("*.cubin"))
+    for act in (lambda: prune(None, tree), lambda: build([], tree, progress=False)):
+        with pytest.raises(ManifestError, match="not a kvgen manifest of format 2"):
+            act()
+    assert sorted((tree / "cubins").rglob("*.cubin")) == cubins
+    done = subprocess.run([sys.executable, "-m", "kvgen", "prune", "--out", str(tree)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "prune --out DIR needs the --spec FILE" in done.stderr
+
+
+def test_a_tree_that_fails_to_load_is_never_silently_dropped(tmp_path):
+    missing = tmp_path / "not_built_yet"
+    try:
+        reset_registry()
+        registry().entries
+        os.environ["KVGEN_KERNEL_DIRS"] = str(missing)
+        reset_registry()
+        for _ in range(2):  # the same error every time, not once and then a registry without the tree
+            with pytest.raises(ValueError, match="manifest not found"):
+                registry().entries
+    finally:
+        os.environ.pop("KVGEN_KERNEL_DIRS", None)
+        reset_registry()

@@ -125,6 +125,9 @@ def test_dispatch_takes_the_row_of_the_slot_dtype(dtype, monkeypatch):
     assert decision.entry.config["tokens_per_warp"] == 2 and decision.entry.config["num_warps"] == 4
     monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", (8, 0), "NVIDIA A100"))
     backend.clear_dispatch_cache()
+    assert insert.decide_insert(*good_args(slot_dtype=dtype)).entry.arch == "sm_80"
+    monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", (7, 5), "an old GPU"))
+    backend.clear_dispatch_cache()
     assert insert.decide_insert(*good_args(slot_dtype=dtype)).backend == "triton"
 
 

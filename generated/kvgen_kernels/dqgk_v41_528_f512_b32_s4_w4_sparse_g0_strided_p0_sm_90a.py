@@ -25,7 +25,7 @@ import cutlass.cute as cute
 from cutlass import Int32, Int64, Uint8, Uint32
 from cutlass.cute.nvgpu import cpasync
 
-from .ptx_helpers import dequant_fp8x8
+from .ptx_helpers_hopper import dequant_fp8x8
 
 NAME = "dqgk_v41_528_f512_b32_s4_w4_sparse_g0_strided_p0_sm_90a"
 CONFIG = {'format': {'name': 'v41_528',

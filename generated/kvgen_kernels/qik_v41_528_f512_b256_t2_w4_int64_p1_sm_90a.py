@@ -24,7 +24,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64, Uint8, Uint32
 
-from .ptx_helpers import absmax_bf16x8, max_f32_bits, quantize_bf16x8, ue8m0_code
+from .ptx_helpers_hopper import absmax_bf16x8, max_f32_bits, quantize_bf16x8, ue8m0_code
 
 NAME = "qik_v41_528_f512_b256_t2_w4_int64_p1_sm_90a"
 CONFIG = {'format': {'name': 'v41_528',

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..paths import HELPERS_FILE, KERNELS_PACKAGE
+from ..config import ARCHS
+from ..paths import KERNELS_PACKAGE, helpers_file
 
 # CuteDSL (4.8.1) writes --keep-ptx output to <dump dir>/<host function>.<arch>.ptx
 # and reads it back; the dump dir defaults to the working directory and every
@@ -64,7 +65,7 @@ def _exec_source(module_name: str, path: Path, package_path: Path | None = None)
 
 
 @contextlib.contextmanager
-def import_generated(generated_dir: Path, name: str) -> Iterator[types.ModuleType]:
+def import_generated(generated_dir: Path, name: str, arch: str) -> Iterator[types.ModuleType]:
     """The generated module `name` of this tree, loaded afresh (with this tree's
     helpers), registered in sys.modules while the block runs -- CuteDSL reads
     the kernel's source and globals as it traces -- and unregistered after, so
@@ -76,7 +77,8 @@ def import_generated(generated_dir: Path, name: str) -> Iterator[types.ModuleTyp
         del sys.modules[key]
     try:
         _exec_source(KERNELS_PACKAGE, kernels / "__init__.py", package_path=kernels)
-        _exec_source(f"{KERNELS_PACKAGE}.{Path(HELPERS_FILE).stem}", kernels / HELPERS_FILE)
+        helpers = helpers_file(ARCHS[arch].flavour)
+        _exec_source(f"{KERNELS_PACKAGE}.{Path(helpers).stem}", kernels / helpers)
         yield _exec_source(f"{KERNELS_PACKAGE}.{name}", kernels / f"{name}.py")
     finally:
         for key in [key for key in sys.modules if ours(key)]:
@@ -87,7 +89,7 @@ def import_generated(generated_dir: Path, name: str) -> Iterator[types.ModuleTyp
 def compile_module(generated_dir: Path, name: str, arch: str) -> CompiledPTX:
     """Trace and compile one generated module (the file as it is now) with
     CuteDSL for `arch`; return its PTX."""
-    with import_generated(generated_dir, name) as module:
+    with import_generated(generated_dir, name, arch) as module:
         return _compile(module, name, arch)
 
 
@@ -96,7 +98,7 @@ def _compile(module: types.ModuleType, name: str, arch: str) -> CompiledPTX:
 
     args = [_fake_argument(ctype, module.POINTER_ALIGN.get(pname, 0)) for pname, ctype in module.PARAMS]
     with tempfile.TemporaryDirectory(prefix="kvgen-dump-") as dump_dir:
-        options = f"--gpu-arch {arch} --keep-ptx --dump-dir {dump_dir}"
+        options = f"--gpu-arch {ARCHS[arch].gpu_arch} --keep-ptx --dump-dir {dump_dir}"
         compiled = cute.compile(module.launch, *args, options=options)
         ptx = compiled.artifacts.PTX
     # A kernel launched with PDL that does not wait would race the kernel before it.

@@ -45,6 +45,7 @@ def render_kernel(config) -> str:
         header=_header(config.template),
         c=config,
         fmt=config.format,
+        arch=config.arch_row,
         config_items=list(config.to_dict().items()),
         config_dict=pprint.pformat(config.to_dict(), sort_dicts=False, width=88),
         params=[(p.name, p.ctype, p.align) for p in config.params],
@@ -58,8 +59,9 @@ def render_kernel(config) -> str:
     )
 
 
-def render_helpers() -> str:
-    return _environment().get_template(HELPERS_TEMPLATE).render(header=_header(HELPERS_TEMPLATE))
+def render_helpers(flavour: str) -> str:
+    """One flavour of the inline-PTX helpers (kvgen.config.FLAVOURS)."""
+    return _environment().get_template(HELPERS_TEMPLATE).render(header=_header(HELPERS_TEMPLATE), flavour=flavour)
 
 
 def sha256_text(text: str) -> str:

@@ -26,7 +26,8 @@ from typing import Any, Iterable
 
 from ..families import FAMILIES
 from ..formats import Format
-from ..paths import HELPERS_FILE, KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
+from ..config import FLAVOURS
+from ..paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir, helpers_file
 from ..runtime.manifest import ManifestError, read_manifest, sha256_file, write_manifest
 from ..spec import SHIPPED_SPEC, load_spec
 
@@ -37,11 +38,12 @@ def shipped_configs() -> tuple:
 
 
 def _previous(manifest_path: Path) -> tuple[list[dict[str, Any]], dict[str, Format]]:
-    """The rows and formats of a tree's manifest; none where it has none."""
-    try:
-        data = read_manifest(manifest_path)
-    except ManifestError:
+    """The rows and formats of a tree's manifest; none where it has no manifest
+    yet. A manifest that cannot be read is an error: building or pruning over it
+    would drop every row it holds."""
+    if not manifest_path.exists():
         return [], {}
+    data = read_manifest(manifest_path)
     formats = {name: Format.from_dict({**fields, "name": name}) for name, fields in data["formats"].items()}
     return data["kernels"], formats
 
@@ -65,7 +67,7 @@ def generate(configs: Iterable | None = None, out_dir: Path | None = None) -> li
     wanted = {
         out_dir / "__init__.py": '"""A kvgen kernel tree: cubins and manifest (package data)."""\n',
         kernels_dir / "__init__.py": '"""Generated CuteDSL kernel modules (build inputs, kept for review)."""\n',
-        kernels_dir / HELPERS_FILE: render_helpers(),
+        **{kernels_dir / helpers_file(flavour): render_helpers(flavour) for flavour in FLAVOURS},
     }
     for config in configs:
         wanted[kernels_dir / config.filename] = render_kernel(config)
@@ -79,13 +81,15 @@ def prune(configs: Iterable | None = None, out_dir: Path | None = None) -> list[
     out_dir = out_dir or generated_dir()
     names = {c.name for c in (configs if configs is not None else shipped_configs())}
     kernels_dir = out_dir / KERNELS_PACKAGE
-    keep_sources = {kernels_dir / "__init__.py", kernels_dir / HELPERS_FILE} | {kernels_dir / f"{n}.py" for n in names}
+    keep_sources = ({kernels_dir / "__init__.py"} | {kernels_dir / helpers_file(f) for f in FLAVOURS}
+                    | {kernels_dir / f"{n}.py" for n in names})
     removed = [path for path in sorted(kernels_dir.glob("*.py")) if path not in keep_sources]
     manifest_path = out_dir / MANIFEST_NAME
     rows, formats = _previous(manifest_path)
     kept_rows = [row for row in rows if row["name"] in names]
-    keep_cubins = {out_dir / row["cubin"] for row in kept_rows}
-    removed += [path for path in sorted((out_dir / "cubins").glob("*/*.cubin")) if path not in keep_cubins]
+    keep_images = {out_dir / row["cubin"] for row in kept_rows}
+    images = sorted([*(out_dir / "cubins").glob("*/*.cubin"), *(out_dir / "ptx").glob("*/*.ptx")])
+    removed += [path for path in images if path not in keep_images]
     for path in removed:
         path.unlink()
     if len(kept_rows) != len(rows):
@@ -120,11 +124,18 @@ def _build_row(out_dir: str, config, toolchain: dict[str, str], key: str) -> dic
 
     root = Path(out_dir)
     compiled = compile_module(root, config.name, config.arch)
-    linked = link_ptx(compiled.ptx, config.arch)
-    cubin_rel = f"cubins/{config.arch}/{config.name}.cubin"
-    cubin_path = root / cubin_rel
-    cubin_path.parent.mkdir(parents=True, exist_ok=True)
-    cubin_path.write_bytes(linked.cubin)
+    if config.arch_row.ptx:  # a PTX fallback: the driver JIT-compiles it for the GPU it meets
+        image_rel = f"ptx/{config.arch}/{config.name}.ptx"
+        image, resources = compiled.ptx.encode(), {"registers": 0, "spill_bytes": 0, "stack_bytes": 0}
+    else:
+        linked = link_ptx(compiled.ptx, config.arch)
+        image_rel = f"cubins/{config.arch}/{config.name}.cubin"
+        image = linked.cubin
+        resources = {"registers": linked.registers, "spill_bytes": linked.spill_bytes,
+                     "stack_bytes": linked.stack_bytes}
+    image_path = root / image_rel
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    image_path.write_bytes(image)
     source_rel = f"{KERNELS_PACKAGE}/{config.filename}"
     return {
         "name": config.name,
@@ -135,14 +146,13 @@ def _build_row(out_dir: str, config, toolchain: dict[str, str], key: str) -> dic
         "params": [{"name": n, "ctype": t} for n, t in compiled.params],
         "block": [compiled.threads, 1, 1],
         "smem_bytes": compiled.smem_bytes,
-        "registers": linked.registers,
-        "spill_bytes": linked.spill_bytes,
-        "stack_bytes": linked.stack_bytes,
-        "cubin": cubin_rel,
-        "cubin_sha256": sha256_file(cubin_path),
+        **resources,  # registers and spills: none known for PTX until the driver compiles it
+        "cubin": image_rel,  # the image: a cubin, or PTX for a compute_* arch
+        "cubin_sha256": sha256_file(image_path),
         "source": source_rel,
         "source_sha256": sha256_file(root / source_rel),
-        "helpers_sha256": sha256_file(root / KERNELS_PACKAGE / HELPERS_FILE),
+        "flavour": config.arch_row.flavour,
+        "helpers_sha256": sha256_file(root / KERNELS_PACKAGE / helpers_file(config.arch_row.flavour)),
         "build_key": key,
         "toolchain": toolchain,
     }
@@ -160,23 +170,29 @@ def build(configs: Iterable | None = None, out_dir: Path | None = None,
         raise ValueError(f"jobs: expected a positive int, got {jobs!r}")
     out_dir = out_dir or generated_dir()
     configs = list(configs if configs is not None else shipped_configs())
-    generate(configs, out_dir)
-    toolchain = toolchain_versions()
     manifest_path = out_dir / MANIFEST_NAME
     previous_rows, formats = _previous(manifest_path)
     previous = {row["name"]: row for row in previous_rows}
+    # Checked before anything is written: a tree's formats are told apart by record size.
     for config in configs:
-        if formats.get(config.format.name, config.format) != config.format:
-            raise ManifestError(f"{manifest_path}: this tree defines format {config.format.name} otherwise than the "
-                                "spec does; build into another folder, or prune the tree first")
+        known = formats.get(config.format.name, config.format)
+        same_size = next((f for f in formats.values() if f.record_bytes == config.format.record_bytes
+                          and f.name != config.format.name), None)
+        if known != config.format or same_size is not None:
+            other = same_size or known
+            raise ManifestError(f"{manifest_path}: this tree already defines format {other.name} "
+                                f"({other.record_bytes}-byte records) otherwise than the spec's "
+                                f"{config.format.name}; build into another folder")
         formats[config.format.name] = config.format
-    helpers_sha = sha256_file(out_dir / KERNELS_PACKAGE / HELPERS_FILE)
+    generate(configs, out_dir)
+    toolchain = toolchain_versions()
+    helpers_sha = {f: sha256_file(out_dir / KERNELS_PACKAGE / helpers_file(f)) for f in FLAVOURS}
 
     rows: dict[str, dict[str, Any]] = dict(previous)  # rows not built here are kept
     todo: list[tuple[Any, str]] = []
     for config in configs:
         source_sha = sha256_file(out_dir / KERNELS_PACKAGE / config.filename)
-        key = build_key(source_sha, helpers_sha, config.arch, toolchain)
+        key = build_key(source_sha, helpers_sha[config.arch_row.flavour], config.arch, toolchain)
         old = previous.get(config.name)
         cubin = out_dir / old["cubin"] if old else None
         if (not force and old and old.get("build_key") == key and cubin.exists()
@@ -196,9 +212,12 @@ def build(configs: Iterable | None = None, out_dir: Path | None = None,
                 from tqdm import tqdm
 
                 iterator = tqdm(iterator, total=len(pending), desc="kvgen build", unit="kernel")
-            for done in iterator:
-                row = done.result()
-                rows[row["name"]] = row
+            try:
+                for done in iterator:
+                    row = done.result()
+                    rows[row["name"]] = row
+            finally:  # a failed kernel fails the build, but the rows built before it are recorded
+                write_manifest(manifest_path, list(rows.values()), formats)
 
     write_manifest(manifest_path, list(rows.values()), formats)
     return {"built": len(todo), "skipped": len(configs) - len(todo)}

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .dispatch import (BACKEND_ENV, PDL_ENV, CallKey, candidate_rows, choose_row, forced_backend, pdl_requested,
-                       preference_with_pdl, shape_class)
+from .dispatch import (BACKEND_ENV, PDL_ENV, PTX_ENV, CallKey, candidate_rows, choose_row, forced_backend,
+                       pdl_requested, preference_with_pdl, ptx_allowed, shape_class, split_by_image)
 from .driver import driver
 from .loader import KvgenLoadError, registry
 from .manifest import KernelEntry
@@ -68,16 +68,25 @@ class Decision:
     pdl: bool = False  # launch the cubin with programmatic dependent launch
 
 
-def _cubin_entry(key: CallKey, device_type: str, device_name: Optional[str]) -> tuple[Optional[KernelEntry], str]:
+def _image_entry(key: CallKey, device_type: str, device_name: Optional[str],
+                 ptx: bool) -> tuple[Optional[KernelEntry], str]:
+    """The row that serves the call: a cubin of the device's arch or, with
+    `ptx`, the PTX row of the newest target the device runs."""
     if device_type != "cuda":
         return None, f"tensors are on {device_type}, not a CUDA device"
     if driver() is None:
         return None, "the CUDA driver library (libcuda) could not be opened, or lacks cuLibraryLoadData"
     reg = registry()
-    entry = choose_row(candidate_rows(reg.entries, key), preference_with_pdl(key, reg.tuned_rules(device_name)))
+    cubins, ptx_rows = split_by_image(candidate_rows(reg.entries, key))
+    if ptx:
+        rows = [e for e in ptx_rows if e.arch == ptx_rows[0].arch] if ptx_rows else []
+    else:
+        rows = cubins
+    entry = choose_row(rows, preference_with_pdl(key, reg.tuned_rules(device_name)))
     if entry is None:
         fields = " ".join(f"{name}={value}" for name, value in key.fields)
-        return None, (f"no cubin for {key.family} format={key.format} block_size={key.block_size} {fields} "
+        what = "PTX" if ptx else "cubin" + (" (only PTX: KVGEN_BACKEND=ptx, or unset it)" if ptx_rows else "")
+        return None, (f"no {what} for {key.family} format={key.format} block_size={key.block_size} {fields} "
                       f"on compute capability {key.capability}")
     return entry, ""
 
@@ -86,16 +95,22 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
     device_type, capability, device_name = device_info(device)
     key = dataclasses.replace(key, capability=capability)
     pdl = pdl_requested()  # read (and checked) whichever backend serves
-    entry, why_not = None, "not asked for"
-    if forced in (None, "cubin"):
-        entry, why_not = _cubin_entry(key, device_type, device_name)
+    images, why_not = {}, "not asked for"
+    for backend, wanted in (("cubin", forced in (None, "cubin")),
+                            ("ptx", forced == "ptx" or (forced is None and ptx_allowed()))):
+        if not wanted:
+            continue
+        entry, reason = _image_entry(key, device_type, device_name, ptx=backend == "ptx")
         if entry is not None and not aligned:
-            entry, why_not = None, "out is not 16-byte aligned (data pointer and row strides)"
-    cubin = Decision("cubin", entry, pdl=entry.pdl and pdl) if entry is not None else None
-    if forced == "cubin":
-        if cubin is None:
-            raise BackendUnavailable(f"{BACKEND_ENV}=cubin, but {why_not}")
-        return cubin
+            entry, reason = None, "a pointer or row stride is not 16-byte aligned"
+        if entry is not None:
+            images[backend] = Decision(backend, entry, pdl=entry.pdl and pdl)
+        elif backend == "cubin" or forced == "ptx":
+            why_not = reason
+    if forced in ("cubin", "ptx"):
+        if forced not in images:
+            raise BackendUnavailable(f"{BACKEND_ENV}={forced}, but {why_not}")
+        return images[forced]
     if forced == "triton":
         if not triton_usable(device_type):
             raise BackendUnavailable(f"{BACKEND_ENV}=triton, but Triton cannot run on {device_type} here "
@@ -103,8 +118,8 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
         return Decision("triton")
     if forced == "torch":
         return Decision("torch")
-    if cubin is not None:
-        return cubin
+    if images:
+        return images.get("cubin") or images["ptx"]
     if device_type == "cuda" and triton_usable(device_type):
         return Decision("triton", reason=why_not)
     return Decision("torch", reason=why_not)
@@ -117,7 +132,8 @@ def decide(family: str, format_name: str, block_size: int, fields: tuple, num_re
     registry, or a tree added, starts afresh)."""
     call_class = shape_class(num_reqs, max_rows)
     cache_key = (family, format_name, block_size, fields, call_class, device, aligned,
-                 os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get("TRITON_INTERPRET"))
+                 os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get(PTX_ENV),
+                 os.environ.get("TRITON_INTERPRET"))
     decisions = registry().decisions
     decision = decisions.get(cache_key)
     if decision is None:
@@ -140,19 +156,25 @@ def record_no_launch() -> None:
 
 def serve(decision: Decision, device_type: str, launch_cubin: Callable[[KernelEntry], None],
           run_triton: Callable[[], None], run_torch: Callable[[], None]) -> None:
-    """Run the decided backend; a cubin that fails to load falls back with a
-    warning (an error when KVGEN_BACKEND=cubin forced it)."""
+    """Run the decided backend; a cubin or PTX that fails to load falls back with
+    a warning (an error when KVGEN_BACKEND forced it). The first call through a
+    PTX row warns once that the driver JIT-compiles it."""
     backend = decision.backend
-    if backend == "cubin":
+    if backend in ("cubin", "ptx"):
+        warned = registry().warned
+        if backend == "ptx" and decision.entry.name not in warned:
+            warned.add(decision.entry.name)
+            warnings.warn(f"kvgen: no cubin for this GPU ({_device_name(torch.cuda.current_device())}); the driver "
+                          f"JIT-compiles {decision.entry.name}'s PTX once per process and device "
+                          f"({PTX_ENV}=0 turns this route off)", RuntimeWarning, stacklevel=4)
         try:
             launch_cubin(decision.entry)
         except KvgenLoadError as err:
-            if forced_backend() == "cubin":
+            if forced_backend() == backend:
                 raise
-            warned = registry().warned
-            if decision.entry.name not in warned:
-                warned.add(decision.entry.name)
-                warnings.warn(f"kvgen: falling back from cubin: {err}", RuntimeWarning, stacklevel=4)
+            if f"{decision.entry.name}:load" not in warned:
+                warned.add(f"{decision.entry.name}:load")
+                warnings.warn(f"kvgen: falling back from {backend}: {err}", RuntimeWarning, stacklevel=4)
             backend = "triton" if triton_usable(device_type) else "torch"
     if backend == "triton":
         run_triton()

@@ -18,7 +18,10 @@ from ..env import env_flag
 from ..errors import UsageError
 from .manifest import KernelEntry
 
-BACKENDS = ("cubin", "triton", "torch")
+BACKENDS = ("cubin", "ptx", "triton", "torch")  # in dispatch order
+# The PTX route (on unless KVGEN_PTX=0): on a GPU with no cubin of its arch, a
+# compute_* row's PTX, JIT-compiled by the driver once per process and device.
+PTX_ENV = "KVGEN_PTX"
 BACKEND_ENV = "KVGEN_BACKEND"
 # Programmatic dependent launch (on unless KVGEN_PDL=0): a cubin built to wait
 # on griddepcontrol is launched so that its grid is scheduled while the
@@ -88,14 +91,15 @@ class CallKey:
 
 def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelEntry]:
     """Rows that can serve the call: same family, format, block size and
-    family fields, and an arch whose cubins run on this exact compute capability."""
+    family fields, and an arch that runs on this compute capability (a cubin
+    arch: exactly it; a PTX arch: it or any newer)."""
     return [
         e for e in entries
         if e.family == key.family
         and e.config["format"] == key.format
         and e.config["block_size"] == key.block_size
         and all(e.config.get(name) == value for name, value in key.fields)
-        and e.arch in ARCHS and key.capability == ARCHS[e.arch].compute_capability
+        and e.arch in ARCHS and ARCHS[e.arch].serves(key.capability)
     ]
 
 
@@ -174,6 +178,18 @@ def forced_backend() -> str | None:
     if value not in BACKENDS:
         raise UsageError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
     return value
+
+
+def ptx_allowed() -> bool:
+    return env_flag(PTX_ENV, default=True)
+
+
+def split_by_image(rows: list[KernelEntry]) -> tuple[list[KernelEntry], list[KernelEntry]]:
+    """(cubin rows, PTX rows ordered newest target first: the PTX closest to the GPU)."""
+    cubins = [e for e in rows if not ARCHS[e.arch].ptx]
+    ptx = sorted((e for e in rows if ARCHS[e.arch].ptx), key=lambda e: ARCHS[e.arch].compute_capability,
+                 reverse=True)
+    return cubins, ptx
 
 
 def pdl_requested() -> bool:

@@ -41,8 +41,8 @@ def _first(mask: torch.Tensor) -> list[int] | None:
 def check_dense(k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: torch.Tensor | None,
                 block_table: torch.Tensor, block_size: int, max_rows: int) -> None:
     """For each request r: 0 <= gather_len <= seq_len <= block_table.shape[1] * block_size,
-    and every block-table entry the call reads (the pages of the last
-    min(gather_len, max_rows) positions) lies in [0, num_blocks)."""
+    and every block-table entry the call reads (the pages of the first
+    min(gather_len, max_rows) of its gathered positions) lies in [0, num_blocks)."""
     _not_capturing(seq_lens.device)
     num_blocks, width = k_cache.shape[0], block_table.shape[1]
     seq = seq_lens.to(torch.int64)

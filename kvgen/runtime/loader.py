@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .driver import (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, IMAGE_ERRORS, CudaError, Driver,
                      LaunchAttribute, LaunchConfig, driver)
+from ..config import ARCHS
 from ..errors import UsageError
 from ..formats import Format
 from ..paths import generated_dir
@@ -134,16 +135,21 @@ class Registry:
         self._entries: dict[str, KernelEntry] = {}
         self._tuned: list[TunedTable] = []
         self._loaded: dict[str, LoadedKernel] = {}
+        self._failed: dict[str, KvgenLoadError] = {}
         self._lock = threading.RLock()
         self._pending = [self.root, *(user_roots if user_roots is not None else kernel_dirs_from_env())]
         self.decisions: dict[tuple, object] = {}  # dispatch's cache: call key -> decision
         self.warned: set[str] = set()  # rows whose fallback was warned about
 
     def _ensure(self) -> None:
+        """Load the pending trees, under the lock: a concurrent first call waits
+        for them, and a tree that fails to load stays pending (its error again
+        on the next call, never a silently missing tree)."""
         if self._pending:
             with self._lock:
                 while self._pending:
-                    self._add(self._pending.pop(0))
+                    self._add(self._pending[0])
+                    self._pending.pop(0)
 
     def add(self, root: Path) -> Tree:
         """Add a tree (a folder with a manifest); its formats and rows join at once."""
@@ -154,17 +160,23 @@ class Registry:
         return tree
 
     def _add(self, root: Path) -> Tree:
+        """Read, check, then register a tree: nothing changes unless all of it is good."""
         root = Path(root)
         if any(t.root.resolve() == root.resolve() for t in self.trees):
             return next(t for t in self.trees if t.root.resolve() == root.resolve())
         tree = read_tree(root)
+        tuned = read_tuned_table(root)
+        formats_here: dict[int, Format] = {}
         for fmt in tree.formats.values():
-            for known in (self.formats.get(fmt.name), self.by_record.get(fmt.record_bytes)):
+            for known in (self.formats.get(fmt.name), self.by_record.get(fmt.record_bytes),
+                          formats_here.get(fmt.record_bytes)):
                 if known is not None and known != fmt:
+                    where = root if known is formats_here.get(fmt.record_bytes) else self._tree_of_format(known)
                     raise TreeConflict(
-                        f"kernel trees {self._tree_of_format(known)} and {root} define different formats "
+                        f"kernel trees {where} and {root} define different formats "
                         f"{known.name} and {fmt.name} ({known.record_bytes} and {fmt.record_bytes}-byte records): "
                         "calls could not tell them apart")
+            formats_here[fmt.record_bytes] = fmt
         for entry in tree.entries:
             known = self._entries.get(entry.name)
             if known is not None and known.cubin_sha256 != entry.cubin_sha256:
@@ -175,7 +187,7 @@ class Registry:
             self.formats[fmt.name] = self.by_record[fmt.record_bytes] = fmt
         for entry in tree.entries:
             self._entries.setdefault(entry.name, entry)
-        self._tuned.append(read_tuned_table(root))
+        self._tuned.append(tuned)
         return tree
 
     def _tree_of_format(self, fmt: Format) -> Path:
@@ -197,12 +209,20 @@ class Registry:
         return tuple(rule for table in self._tuned for rule in table.rules_for(device_name))
 
     def get(self, entry: KernelEntry) -> LoadedKernel:
+        """The loaded kernel; a row that failed to load fails again at once (it is
+        not re-read, re-hashed and offered to the driver on every call)."""
         loaded = self._loaded.get(entry.name)
         if loaded is None:
             with self._lock:
                 loaded = self._loaded.get(entry.name)
                 if loaded is None:
-                    loaded = self._loaded[entry.name] = self._load(entry)
+                    if entry.name in self._failed:
+                        raise self._failed[entry.name]
+                    try:
+                        loaded = self._loaded[entry.name] = self._load(entry)
+                    except KvgenLoadError as err:
+                        self._failed[entry.name] = err
+                        raise
         return loaded
 
     def _load(self, entry: KernelEntry) -> LoadedKernel:
@@ -216,6 +236,8 @@ class Registry:
             raise KvgenLoadError(f"{entry.name}: cubin {path} has sha256 {digest}, the manifest says "
                                  f"{entry.cubin_sha256}; refusing to launch it (rebuild with `make build`)")
         cuda = _driver()
+        if ARCHS[entry.arch].ptx:
+            image += b"\0"  # the driver reads PTX as a NUL-terminated string
         try:
             library = cuda.load_library(image, entry.name)
             kernel = cuda.get_kernel(library, entry.symbol)

@@ -143,6 +143,9 @@ def _check(c: DequantGatherConfig) -> None:
     check_choice("arch", c.arch, ARCHS)
     check_choice("schedule", c.schedule, SCHEDULES)
     check_choice("indexing", c.indexing, INDEXING)
+    if c.pdl and not c.arch_row.pdl:
+        raise ConfigError(f"pdl=True needs griddepcontrol (sm_90 and newer); {c.arch} is compute capability "
+                          f"{'.'.join(map(str, c.arch_row.compute_capability))}")
     if c.gather_lens not in GATHER_MODES[c.indexing]:
         raise ConfigError("gather_lens applies to dense indexing only (sparse calls take slot indices)")
     f = c.format

@@ -118,6 +118,9 @@ def _check(c: QuantizeInsertConfig) -> None:
                     "arch": str})
     check_choice("arch", c.arch, ARCHS)
     check_choice("slot_dtype", c.slot_dtype, SLOT_DTYPES)
+    if c.pdl and not c.arch_row.pdl:
+        raise ConfigError(f"pdl=True needs griddepcontrol (sm_90 and newer); {c.arch} is compute capability "
+                          f"{'.'.join(map(str, c.arch_row.compute_capability))}")
     f = c.format
     if (f.value_kind, f.scale_kind, f.placement) != ("e4m3", "ue8m0", "page_split"):
         raise ConfigError(f"format {f.name}: the quantize_insert template writes page-split e4m3 values with UE8M0 "
