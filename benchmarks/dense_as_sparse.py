@@ -18,7 +18,7 @@ import torch
 from kvgen.families.dequant_gather import op as ops
 from kvgen.tools import bench
 from kvgen.tools.bench import _time_variants, workload
-from kvgen.runtime.dispatch import CallKey, candidate_rows
+from kvgen.runtime.dispatch import CallKey, candidate_rows, split_by_image
 from kvgen.runtime.loader import registry
 from kvgen.tools.tune import variant_of
 
@@ -40,12 +40,12 @@ copy_bw = bench.copy_bandwidth()
 l2 = torch.cuda.get_device_properties(0).L2_cache_size
 for shape in (s for s in bench.SHAPES if s.label in LABELS):
     w = workload(shape, l2)
-    dense_rows = [e for e in candidate_rows(registry().entries, w.key)
+    dense_rows = [e for e in split_by_image(candidate_rows(registry().entries, w.key))[0]
                   if e.pdl and e.config["num_warps"] == 4 and e.config["num_stages"] in (2, 4)]
     variants = bench.entry_variants(dense_rows, lambda e: "dense_" + variant_of(e.config))
     sparse_key = CallKey("dqgk", shape.format, shape.block_size, (("indexing", "sparse"), ("gather_lens", False)),
                          w.key.capability)
-    for e in candidate_rows(registry().entries, sparse_key):
+    for e in split_by_image(candidate_rows(registry().entries, sparse_key))[0]:
         if e.config["num_stages"] in (2, 4):
             variants["sparse_" + variant_of(e.config)] = sparse_over_slots(e)
     # Checked bit for bit against the torch path (poisoned first), then timed beside a same-bytes copy.

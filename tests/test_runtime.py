@@ -689,3 +689,31 @@ def test_a_bad_switch_is_refused_whichever_backend_serves(variable, monkeypatch)
     monkeypatch.setenv(variable, "2")
     with pytest.raises(ValueError, match=f"{variable}='2': expected"):
         kvgen.dequantize_and_gather_k_cache(*good_args())
+
+
+def test_a_concurrent_first_call_waits_for_the_trees(monkeypatch):
+    """Two threads' first calls: the second waits for the trees the first is loading
+    (it never sees a registry with the shipped formats missing)."""
+    import threading
+    import time
+
+    from kvgen.runtime import loader
+
+    real = loader.read_tree
+
+    def slow(root):
+        time.sleep(0.3)
+        return real(root)
+
+    monkeypatch.setattr(loader, "read_tree", slow)
+    try:
+        reg = reset_registry()
+        seen = []
+        first = threading.Thread(target=lambda: seen.append(reg.format_for_record(584)))
+        first.start()
+        time.sleep(0.05)
+        seen.append(reg.format_for_record(584))  # while the first thread is loading
+        first.join()
+        assert [f.name for f in seen] == ["dsv4_584", "dsv4_584"]
+    finally:
+        reset_registry()

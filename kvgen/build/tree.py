@@ -124,15 +124,14 @@ def _build_row(out_dir: str, config, toolchain: dict[str, str], key: str) -> dic
 
     root = Path(out_dir)
     compiled = compile_module(root, config.name, config.arch)
+    # Linked for its lowest GPU even where the PTX itself is the image: the PTX is
+    # assembled here (an error now, not on a user's GPU) and its resources recorded.
+    linked = link_ptx(compiled.ptx, config.arch_row.gpu_arch if config.arch_row.ptx else config.arch)
+    resources = {"registers": linked.registers, "spill_bytes": linked.spill_bytes, "stack_bytes": linked.stack_bytes}
     if config.arch_row.ptx:  # a PTX fallback: the driver JIT-compiles it for the GPU it meets
-        image_rel = f"ptx/{config.arch}/{config.name}.ptx"
-        image, resources = compiled.ptx.encode(), {"registers": 0, "spill_bytes": 0, "stack_bytes": 0}
+        image_rel, image = f"ptx/{config.arch}/{config.name}.ptx", compiled.ptx.encode()
     else:
-        linked = link_ptx(compiled.ptx, config.arch)
-        image_rel = f"cubins/{config.arch}/{config.name}.cubin"
-        image = linked.cubin
-        resources = {"registers": linked.registers, "spill_bytes": linked.spill_bytes,
-                     "stack_bytes": linked.stack_bytes}
+        image_rel, image = f"cubins/{config.arch}/{config.name}.cubin", linked.cubin
     image_path = root / image_rel
     image_path.parent.mkdir(parents=True, exist_ok=True)
     image_path.write_bytes(image)
@@ -146,7 +145,7 @@ def _build_row(out_dir: str, config, toolchain: dict[str, str], key: str) -> dic
         "params": [{"name": n, "ctype": t} for n, t in compiled.params],
         "block": [compiled.threads, 1, 1],
         "smem_bytes": compiled.smem_bytes,
-        **resources,  # registers and spills: none known for PTX until the driver compiles it
+        **resources,  # for a PTX row: as linked for its lowest GPU (the driver's JIT may differ)
         "cubin": image_rel,  # the image: a cubin, or PTX for a compute_* arch
         "cubin_sha256": sha256_file(image_path),
         "source": source_rel,

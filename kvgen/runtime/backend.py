@@ -66,6 +66,8 @@ class Decision:
     entry: Optional[KernelEntry] = None
     reason: str = ""  # why a faster backend was not taken
     pdl: bool = False  # launch the cubin with programmatic dependent launch
+    fallback: Optional["Decision"] = None  # a cubin's: the PTX route, tried before Triton if the cubin fails to load
+    device_name: Optional[str] = None
 
 
 def _image_entry(key: CallKey, device_type: str, device_name: Optional[str],
@@ -95,16 +97,19 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
     device_type, capability, device_name = device_info(device)
     key = dataclasses.replace(key, capability=capability)
     pdl = pdl_requested()  # read (and checked) whichever backend serves
+    ptx_on = ptx_allowed()  # likewise
+    if forced == "ptx" and not ptx_on:
+        raise BackendUnavailable(f"{BACKEND_ENV}=ptx contradicts {PTX_ENV}=0")
     images, why_not = {}, "not asked for"
     for backend, wanted in (("cubin", forced in (None, "cubin")),
-                            ("ptx", forced == "ptx" or (forced is None and ptx_allowed()))):
+                            ("ptx", forced == "ptx" or (forced is None and ptx_on))):
         if not wanted:
             continue
         entry, reason = _image_entry(key, device_type, device_name, ptx=backend == "ptx")
         if entry is not None and not aligned:
             entry, reason = None, "a pointer or row stride is not 16-byte aligned"
         if entry is not None:
-            images[backend] = Decision(backend, entry, pdl=entry.pdl and pdl)
+            images[backend] = Decision(backend, entry, pdl=entry.pdl and pdl, device_name=device_name)
         elif backend == "cubin" or forced == "ptx":
             why_not = reason
     if forced in ("cubin", "ptx"):
@@ -118,8 +123,10 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
         return Decision("triton")
     if forced == "torch":
         return Decision("torch")
+    if "cubin" in images:
+        return dataclasses.replace(images["cubin"], fallback=images.get("ptx"))
     if images:
-        return images.get("cubin") or images["ptx"]
+        return images["ptx"]
     if device_type == "cuda" and triton_usable(device_type):
         return Decision("triton", reason=why_not)
     return Decision("torch", reason=why_not)
@@ -154,28 +161,34 @@ def record_no_launch() -> None:
     _state.last_backend = None
 
 
-def serve(decision: Decision, device_type: str, launch_cubin: Callable[[KernelEntry], None],
+def serve(decision: Decision, device_type: str, launch_cubin: Callable[[KernelEntry, bool], None],
           run_triton: Callable[[], None], run_torch: Callable[[], None]) -> None:
-    """Run the decided backend; a cubin or PTX that fails to load falls back with
-    a warning (an error when KVGEN_BACKEND forced it). The first call through a
-    PTX row warns once that the driver JIT-compiles it."""
+    """Run the decided backend. A cubin that fails to load falls back to the PTX
+    route, then to Triton or torch, with a warning (an error when KVGEN_BACKEND
+    forced it). The first call through each PTX row warns that the driver
+    JIT-compiles it."""
     backend = decision.backend
-    if backend in ("cubin", "ptx"):
-        warned = registry().warned
+    warned = registry().warned
+    while backend in ("cubin", "ptx"):
         if backend == "ptx" and decision.entry.name not in warned:
             warned.add(decision.entry.name)
-            warnings.warn(f"kvgen: no cubin for this GPU ({_device_name(torch.cuda.current_device())}); the driver "
-                          f"JIT-compiles {decision.entry.name}'s PTX once per process and device "
-                          f"({PTX_ENV}=0 turns this route off)", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"kvgen: the driver JIT-compiles {decision.entry.name}'s PTX for "
+                          f"{decision.device_name or 'this GPU'} (no cubin of its arch served the call), once per "
+                          f"process and device; {PTX_ENV}=0 turns this route off", RuntimeWarning, stacklevel=5)
         try:
-            launch_cubin(decision.entry)
+            launch_cubin(decision.entry, decision.pdl)
+            break
         except KvgenLoadError as err:
             if forced_backend() == backend:
                 raise
             if f"{decision.entry.name}:load" not in warned:
                 warned.add(f"{decision.entry.name}:load")
-                warnings.warn(f"kvgen: falling back from {backend}: {err}", RuntimeWarning, stacklevel=4)
-            backend = "triton" if triton_usable(device_type) else "torch"
+                warnings.warn(f"kvgen: falling back from {backend}: {err}", RuntimeWarning, stacklevel=5)
+            if decision.fallback is not None:
+                decision = decision.fallback
+                backend = decision.backend
+            else:
+                backend = "triton" if triton_usable(device_type) else "torch"
     if backend == "triton":
         run_triton()
     elif backend == "torch":

@@ -230,10 +230,10 @@ class Registry:
         try:
             image = path.read_bytes()
         except OSError as err:
-            raise KvgenLoadError(f"{entry.name}: cannot read cubin {path}: {err}") from err
+            raise KvgenLoadError(f"{entry.name}: cannot read {path}: {err}") from err
         digest = hashlib.sha256(image).hexdigest()
         if digest != entry.cubin_sha256:
-            raise KvgenLoadError(f"{entry.name}: cubin {path} has sha256 {digest}, the manifest says "
+            raise KvgenLoadError(f"{entry.name}: {path} has sha256 {digest}, the manifest says "
                                  f"{entry.cubin_sha256}; refusing to launch it (rebuild with `make build`)")
         cuda = _driver()
         if ARCHS[entry.arch].ptx:
@@ -242,7 +242,7 @@ class Registry:
             library = cuda.load_library(image, entry.name)
             kernel = cuda.get_kernel(library, entry.symbol)
         except CudaError as err:
-            raise KvgenLoadError(f"{entry.name}: the driver rejected cubin {path}: {err}") from err
+            raise KvgenLoadError(f"{entry.name}: the driver rejected {path}: {err}") from err
         return LoadedKernel(entry=entry, library=library, kernel=kernel, _prepared_devices=set())
 
 

@@ -81,17 +81,26 @@ def _remedy(path: Path) -> str:
     return "run `python -m kvgen build`"
 
 
+def _unreadable(path: Path) -> str:
+    """What to do about a manifest that exists but cannot be used: kvgen will not
+    build or prune over it (that would drop the rows it holds)."""
+    override = os.environ.get("KVGEN_GENERATED_DIR")
+    if override and Path(override) == path.parent:
+        return f"KVGEN_GENERATED_DIR={override} must name a tree built by this kvgen; unset it to use the shipped one"
+    return "rebuild that tree with the kvgen that reads it, or move it aside and build into an empty folder"
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ManifestError(f"kvgen manifest not found: {path} ({_remedy(path)})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path}: not a readable kvgen manifest ({err}; {_remedy(path)})") from None
+        raise ManifestError(f"{path}: not a readable kvgen manifest ({err}; {_unreadable(path)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("kernels"), list):
-        raise ManifestError(f"{path}: not a kvgen manifest of format {FORMAT} ({_remedy(path)})")
+        raise ManifestError(f"{path}: not a kvgen manifest of format {FORMAT} ({_unreadable(path)})")
     if not isinstance(data.get("formats"), dict):
-        raise ManifestError(f"{path}: no formats table ({_remedy(path)})")
+        raise ManifestError(f"{path}: no formats table ({_unreadable(path)})")
     return data
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from ..runtime.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
+from ..runtime.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class, split_by_image
 from ..testing import POISON_BF16, as_format, make_cache, mismatches, poisoned_out, random_block_table, random_slots
 from .variants import geomean, variant_of
 
@@ -347,7 +347,7 @@ def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep
         NO_PDL: lambda a: _runner("cubin", a, pdl_env="0"),
         "triton": lambda a: _runner("triton", a),
     }
-    rows = candidate_rows(registry().entries, w.key)
+    rows = split_by_image(candidate_rows(registry().entries, w.key))[0]  # this GPU's cubins, not the PTX fallbacks
     if not w.sparse:
         seed_fields = ("num_stages", "num_warps", "schedule", "pdl")
         seed = next(e for e in registry().entries if e.name == SEED_NAME).config
@@ -537,7 +537,7 @@ def bench_writer_shape(shape: WriterShape, copy_bw: float, l2_bytes: int, sweep:
     chosen = insert.decide_insert(*cases[0]).entry
     variants = {"kvgen": lambda a: _writer_runner("cubin", a), "triton": lambda a: _writer_runner("triton", a)}
     if sweep:
-        for e in candidate_rows(registry().entries, writer_key(shape)):
+        for e in split_by_image(candidate_rows(registry().entries, writer_key(shape)))[0]:
             variants[variant_of(e.config)] = lambda a, e=e: _writer_runner("entry", a, e)
     timed = {}
     for name, make in variants.items():

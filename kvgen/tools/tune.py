@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 from ..paths import generated_dir
-from ..runtime.dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row
+from ..runtime.dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row, split_by_image
 from .variants import geomean, variant_of
 
 FORMAT = 1
@@ -38,7 +38,7 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
     if isinstance(shape, bench.WriterShape):
         return _measure_writer_shape(shape, copy_bw, l2_bytes)
     w = bench.workload(shape, l2_bytes)
-    rows = candidate_rows(registry().entries, w.key)
+    rows = split_by_image(candidate_rows(registry().entries, w.key))[0]  # cubins: what tune's rules choose among
     default = choose_row(rows, DEFAULT_PREFERENCE)
     variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
     timed = bench._time_variants(shape.label, w.cases, w.expected,
@@ -59,7 +59,7 @@ def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
 
     result = bench.bench_writer_shape(shape, copy_bw, l2_bytes, sweep=True)
     key = bench.writer_key(shape)
-    rows = {variant_of(e.config): e for e in candidate_rows(registry().entries, key)}
+    rows = {variant_of(e.config): e for e in split_by_image(candidate_rows(registry().entries, key))[0]}
     return {
         "shape": shape.label,
         "match": {f: key.get(f) for f in MATCH_FIELDS},

@@ -171,8 +171,8 @@ def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -
         dequantize_and_gather_torch(*args)
 
     serve(decision, out.device.type,
-          lambda entry: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset,
-                                      checked=checked, pdl=decision.pdl),
+          lambda entry, pdl: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset,
+                                           checked=checked, pdl=pdl),
           triton_path, torch_path)
 
 
@@ -196,7 +196,7 @@ def _run_sparse(out, k_cache, slot_indices, block_size) -> None:
         dequantize_and_gather_sparse_torch(out, k_cache, slot_indices, block_size)
 
     serve(decision, out.device.type,
-          lambda entry: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked, pdl=decision.pdl),
+          lambda entry, pdl: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked, pdl=pdl),
           triton_path, torch_path)
 
 

@@ -146,7 +146,7 @@ def _run(k, k_cache, slot_mapping, block_size, record_bytes) -> None:
         quantize_and_insert_torch(k, k_cache, slot_mapping, block_size, checked.format)
 
     serve(decision, k.device.type,
-          lambda entry: launch_entry(entry, k, k_cache, slot_mapping, checked=checked, pdl=decision.pdl),
+          lambda entry, pdl: launch_entry(entry, k, k_cache, slot_mapping, checked=checked, pdl=pdl),
           triton_path, torch_path)
 
 
