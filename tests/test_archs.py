@@ -257,3 +257,25 @@ def test_jit_failures_are_load_failures():
     from kvgen.runtime.driver import IMAGE_ERRORS
 
     assert {221, 222, 223} <= set(IMAGE_ERRORS)  # no JIT compiler, PTX too new, JIT disabled
+
+
+def test_every_op_hands_its_row_and_pdl_to_the_launch(monkeypatch):
+    """The dense, sparse and writer ops on a (faked) H100: each launches the row
+    dispatch chose, with that row's PDL, the ABI values complete."""
+    from kvgen.families.quantize_insert import op as insert
+    from kvgen.testing import make_sparse_case
+
+    monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", (9, 0), H100))
+    monkeypatch.setattr(backend, "driver", lambda: "a driver")
+    launched = []
+    fake = lambda entry, values, grid, device, pdl: launched.append(  # noqa: E731
+        (entry.family, entry.config.get("indexing"), entry.arch, pdl, set(values) == {n for n, _ in entry.params}))
+    monkeypatch.setattr(ops, "launch", fake)
+    monkeypatch.setattr(insert, "launch", fake)
+    kvgen.dequantize_and_gather_k_cache(*good_args())
+    kvgen.dequantize_and_gather_k_cache_sparse(*make_sparse_case(num_slots=40, valid=0.5, block_size=16).args())
+    k = torch.zeros(4, 512, dtype=torch.bfloat16)
+    kvgen.quantize_and_insert_k_cache(k, torch.zeros(2, 16, 584, dtype=torch.uint8),
+                                      torch.tensor([0, 3, -1, 9]), 16)
+    assert launched == [("dqgk", "dense", "sm_90a", True, True), ("dqgk", "sparse", "sm_90a", False, True),
+                        ("qik", None, "sm_90a", True, True)]
