@@ -47,7 +47,7 @@ test-gpu:
 	$(PYTHON) -m pytest -q -m gpu
 
 golden: $(STAMP)
-	$(PY) -m tests.golden.corpus --update
+	$(PY) -m tests.golden.corpus --update && $(PY) -m tests.golden.writer_corpus --update
 
 # Regeneration must change nothing that is committed.
 check-generated: generate

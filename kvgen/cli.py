@@ -91,11 +91,7 @@ def cmd_generate(args) -> int:
 
     _check_arch(args)
     tree = _tree(args)
-    changed = generate(_configs(args), tree)
-    print(f"kvgen generate: {len(changed)} file(s) changed")
-    for path in changed:
-        print(f"  {path}")
-    return 0
+    return _report("generate", generate(_configs(args), tree), "changed")
 
 
 def cmd_build(args) -> int:
@@ -117,9 +113,12 @@ def cmd_prune(args) -> int:
     if args.out and not args.spec:  # pruning a user's tree against kvgen's own spec would empty it
         raise UsageError("prune --out DIR needs the --spec FILE that tree was built from")
     tree = _tree(args)
-    removed = prune(_spec(args).configs, tree)
-    print(f"kvgen prune: {len(removed)} file(s) removed")
-    for path in removed:
+    return _report("prune", prune(_spec(args).configs, tree), "removed")
+
+
+def _report(command: str, paths: list, what: str) -> int:
+    print(f"kvgen {command}: {len(paths)} file(s) {what}")
+    for path in paths:
         print(f"  {path}")
     return 0
 

@@ -114,3 +114,82 @@ def check_types(config, types: dict[str, type]) -> None:
 def check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; known: {sorted(choices) if isinstance(choices, dict) else list(choices)}")
+
+
+class FamilyConfig:
+    """What every family's config class shares. A family's config is a frozen
+    dataclass deriving from this, its first field `format` (a Format row),
+    every other field a generator parameter declared with `param`; it defines
+    `family`, `spec_table`, `template`, `params` and `_check`."""
+
+    family: str
+    format: Any
+    arch: str
+    num_warps: int
+    pdl: bool
+
+    def __post_init__(self) -> None:
+        from .formats import Format
+
+        if isinstance(self.format, dict):  # from plain values (a manifest row, a worker's argument)
+            object.__setattr__(self, "format", Format.from_dict(self.format))
+        if not isinstance(self.format, Format):
+            raise ConfigError(f"format must be a kvgen.formats.Format, got {self.format!r}")
+        self._check()
+        if self.pdl and not self.arch_row.pdl:
+            raise ConfigError(f"pdl=True needs griddepcontrol (sm_90 and newer); {self.arch} is compute capability "
+                              f"{'.'.join(map(str, self.arch_row.compute_capability))}")
+
+    def _check(self) -> None:
+        raise NotImplementedError
+
+    # ---- derived, never stored ------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Canonical, human-readable, unique per config: every field appears
+        (the format by its name and value count)."""
+        parts = [self.family, self.format.name, f"f{self.format.values}"]
+        for f in dataclasses.fields(self)[1:]:
+            value = getattr(self, f.name)
+            parts.append(f"{f.metadata['tag']}{int(value) if isinstance(value, bool) else value}")
+        return "_".join(parts)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.py"
+
+    @property
+    def fp8_dim(self) -> int:
+        return self.format.values
+
+    @property
+    def data_bytes(self) -> int:
+        return self.format.data_bytes
+
+    @property
+    def arch_row(self) -> Arch:
+        return ARCHS[self.arch]
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "format": self.format.to_dict()}
+
+    @classmethod
+    def from_product(cls, point: dict[str, Any]):
+        """The configs at one point of a spec product (a family may expand a point)."""
+        yield cls(**point)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {sorted(unknown)}; known: {sorted(known)}")
+        missing = known - set(values)
+        if missing:
+            raise ConfigError(f"missing config field(s): {sorted(missing)}")
+        return cls(**values)

@@ -15,9 +15,7 @@ canonicalised to 0x7FC0: kvgen's comparison rule lets NaN payloads differ.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,8 @@ from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, d
 from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 from kvgen.runtime.validate import format_of
 from kvgen.testing import POISON_BF16, Case, SparseCase, first_mismatch, make_case, make_sparse_case
+from tests.golden.digests import Disagreement
+from tests.golden.digests import main as digests_main
 
 HERE = Path(__file__).resolve().parent
 DIGESTS = HERE / "digests.json"
@@ -174,10 +174,6 @@ def oracle_output(case: Case | SparseCase) -> torch.Tensor:
     return out
 
 
-class Disagreement(AssertionError):
-    """The reference and the oracle differ on a golden case: neither is accepted."""
-
-
 def agreed_output(name: str) -> torch.Tensor:
     """The case's output, from the reference, after the oracle has given the same (else Disagreement)."""
     case = build_case(name)
@@ -214,30 +210,14 @@ def compute() -> dict[str, dict]:
     return table
 
 
+def _write_expected() -> None:
+    EXPECTED_DIR.mkdir(exist_ok=True)
+    for name in FULL_TENSOR_CASES:
+        (EXPECTED_DIR / f"{name}.txt").write_text(expected_text(agreed_output(name)))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--update", action="store_true", help="rewrite digests and expected tensors")
-    args = parser.parse_args(argv)
-    try:
-        new = compute()
-    except Disagreement as err:
-        print(f"{err}\n{len(str(err).splitlines())} of {len(CASES)} cases: the reference and the oracle disagree; "
-              "nothing compared or written")
-        return 1
-    old = json.loads(DIGESTS.read_text())["cases"] if DIGESTS.exists() else {}
-    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
-    for name in changed:
-        print(f"{'changed' if name in old and name in new else 'added' if name in new else 'removed'}: {name}"
-              f"  {old.get(name, {}).get('sha256', '-')[:12]} -> {new.get(name, {}).get('sha256', '-')[:12]}")
-    if args.update:
-        DIGESTS.write_text(json.dumps({"cases": new}, indent=1, sort_keys=True) + "\n")
-        EXPECTED_DIR.mkdir(exist_ok=True)
-        for name in FULL_TENSOR_CASES:
-            (EXPECTED_DIR / f"{name}.txt").write_text(expected_text(agreed_output(name)))
-        print(f"{len(new)} cases, reference and oracle agree on all, {len(changed)} changed; wrote {DIGESTS.relative_to(HERE.parent.parent)}")
-        return 0
-    print(f"{len(new)} cases, reference and oracle agree on all; {len(changed)} differ from the committed digests")
-    return 1 if changed else 0
+    return digests_main(argv, __doc__, compute, len(CASES), DIGESTS, _write_expected)
 
 
 if __name__ == "__main__":

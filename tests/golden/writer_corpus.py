@@ -15,10 +15,8 @@ written.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,8 @@ from kvgen.families.quantize_insert.oracle import quantize_and_insert_oracle
 from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
 from kvgen.formats import Format
 from kvgen.testing import as_format
+from tests.golden.digests import Disagreement
+from tests.golden.digests import main as digests_main
 
 HERE = Path(__file__).resolve().parent
 DIGESTS = HERE / "writer_digests.json"
@@ -375,10 +375,6 @@ def first_difference(case: WriterCase, a: torch.Tensor, b: torch.Tensor) -> str 
     return f"{differ.size} byte(s) differ; first at {locate(case, at)}: 0x{x[at]:02x} vs 0x{y[at]:02x}"
 
 
-class Disagreement(AssertionError):
-    """The reference and the oracle differ on a golden case: neither is accepted."""
-
-
 def agreed_cache(name: str) -> torch.Tensor:
     """The case's cache after the reference's call, once the oracle has left the same (else Disagreement)."""
     case = build_case(name)
@@ -408,27 +404,7 @@ def compute() -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--update", action="store_true", help="rewrite the digests")
-    args = parser.parse_args(argv)
-    try:
-        new = compute()
-    except Disagreement as err:
-        print(f"{err}\n{len(str(err).splitlines())} of {len(CASES)} cases: the reference and the oracle disagree; "
-              "nothing compared or written")
-        return 1
-    old = json.loads(DIGESTS.read_text())["cases"] if DIGESTS.exists() else {}
-    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
-    for name in changed:
-        print(f"{'changed' if name in old and name in new else 'added' if name in new else 'removed'}: {name}"
-              f"  {old.get(name, {}).get('sha256', '-')[:12]} -> {new.get(name, {}).get('sha256', '-')[:12]}")
-    if args.update:
-        DIGESTS.write_text(json.dumps({"cases": new}, indent=1, sort_keys=True) + "\n")
-        print(f"{len(new)} cases, reference and oracle agree on all, {len(changed)} changed; "
-              f"wrote {DIGESTS.relative_to(HERE.parent.parent)}")
-        return 0
-    print(f"{len(new)} cases, reference and oracle agree on all; {len(changed)} differ from the committed digests")
-    return 1 if changed else 0
+    return digests_main(argv, __doc__, compute, len(CASES), DIGESTS)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ consult. Imported by the runtime too: no torch, no jinja2, no CuteDSL.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import ARCHS, Arch, ConfigError, KernelParam, check_choice, check_types, param
+from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, param
 from ...formats import Format
 
 # How a request's tokens are split over its CTAs' warps.
@@ -38,7 +37,7 @@ MAX_SCALE_BYTES = 16
 
 
 @dataclass(frozen=True)
-class DequantGatherConfig:
+class DequantGatherConfig(FamilyConfig):
     """One specialisation of the dequantize-and-gather K cache kernel."""
 
     format: Format = param("", "the cache record format (a kvgen.formats.Format row): values, tail, scales")
@@ -57,45 +56,13 @@ class DequantGatherConfig:
     spec_table = "dequant_gather"  # its table in a spec file,
     template = "dequant_gather.py.j2"  # and its template
 
-    def __post_init__(self) -> None:
-        if isinstance(self.format, dict):  # from plain values (a manifest row, a worker's argument)
-            object.__setattr__(self, "format", Format.from_dict(self.format))
+    def _check(self) -> None:
         _check(self)
 
     # ---- derived, never stored ------------------------------------------------
     @property
-    def name(self) -> str:
-        """Canonical, human-readable, unique per config: every field appears
-        (the format by its name and value count)."""
-        parts = [self.family, self.format.name, f"f{self.format.values}"]
-        for f in dataclasses.fields(self)[1:]:
-            value = getattr(self, f.name)
-            parts.append(f"{f.metadata['tag']}{int(value) if isinstance(value, bool) else value}")
-        return "_".join(parts)
-
-    @property
-    def filename(self) -> str:
-        return f"{self.name}.py"
-
-    @property
-    def fp8_dim(self) -> int:
-        return self.format.values
-
-    @property
-    def arch_row(self) -> Arch:
-        return ARCHS[self.arch]
-
-    @property
     def params(self) -> tuple[KernelParam, ...]:
         return KERNEL_PARAMS[self.indexing]
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.num_warps
-
-    @property
-    def data_bytes(self) -> int:
-        return self.format.data_bytes
 
     @property
     def stage_bytes(self) -> int:
@@ -106,10 +73,6 @@ class DequantGatherConfig:
     def smem_bytes(self) -> int:
         return self.stage_bytes * self.num_stages * self.num_warps
 
-    def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**values, "format": self.format.to_dict()}
-
     @classmethod
     def from_product(cls, point: dict[str, Any]):
         """The configs at one point of a spec product; a gather_lens left out
@@ -119,33 +82,17 @@ class DequantGatherConfig:
         for gather_lens in modes:
             yield cls(**{**point, "gather_lens": gather_lens})
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DequantGatherConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {sorted(unknown)}; known: {sorted(known)}")
-        missing = known - set(values)
-        if missing:
-            raise ConfigError(f"missing config field(s): {sorted(missing)}")
-        return cls(**values)
-
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
 def _check(c: DequantGatherConfig) -> None:
-    if not isinstance(c.format, Format):
-        raise ConfigError(f"format must be a kvgen.formats.Format, got {c.format!r}")
     check_types(c, {"block_size": int, "num_stages": int, "num_warps": int, "indexing": str, "gather_lens": bool,
                     "schedule": str, "pdl": bool, "arch": str})
     check_choice("arch", c.arch, ARCHS)
     check_choice("schedule", c.schedule, SCHEDULES)
     check_choice("indexing", c.indexing, INDEXING)
-    if c.pdl and not c.arch_row.pdl:
-        raise ConfigError(f"pdl=True needs griddepcontrol (sm_90 and newer); {c.arch} is compute capability "
-                          f"{'.'.join(map(str, c.arch_row.compute_capability))}")
     if c.gather_lens not in GATHER_MODES[c.indexing]:
         raise ConfigError("gather_lens applies to dense indexing only (sparse calls take slot indices)")
     f = c.format

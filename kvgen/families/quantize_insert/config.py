@@ -10,11 +10,9 @@ shared inline-PTX helpers. Imported by the runtime too: no torch, no jinja2.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from ...config import ARCHS, Arch, ConfigError, KernelParam, check_choice, check_types, param
+from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, param
 from ...formats import Format
 
 SLOT_DTYPES = {"int32": "int32_t*", "int64": "int64_t*"}  # slot_mapping's dtype: one kernel each, no cast
@@ -26,7 +24,7 @@ MAX_HEAD_DIM = 2 * 32 * 8
 
 
 @dataclass(frozen=True)
-class QuantizeInsertConfig:
+class QuantizeInsertConfig(FamilyConfig):
     """One specialisation of the quantize-and-insert K cache kernel."""
 
     format: Format = param("", "the cache record format (a kvgen.formats.Format row)")
@@ -43,34 +41,8 @@ class QuantizeInsertConfig:
     spec_table = "quantize_insert"  # its table in a spec file,
     template = "quantize_insert.py.j2"  # and its template
 
-    def __post_init__(self) -> None:
-        if isinstance(self.format, dict):
-            object.__setattr__(self, "format", Format.from_dict(self.format))
+    def _check(self) -> None:
         _check(self)
-
-    @property
-    def name(self) -> str:
-        parts = [self.family, self.format.name, f"f{self.format.values}"]
-        for f in dataclasses.fields(self)[1:]:
-            value = getattr(self, f.name)
-            parts.append(f"{f.metadata['tag']}{int(value) if isinstance(value, bool) else value}")
-        return "_".join(parts)
-
-    @property
-    def filename(self) -> str:
-        return f"{self.name}.py"
-
-    @property
-    def fp8_dim(self) -> int:
-        return self.format.values
-
-    @property
-    def data_bytes(self) -> int:
-        return self.format.data_bytes
-
-    @property
-    def arch_row(self) -> Arch:
-        return ARCHS[self.arch]
 
     @property
     def params(self) -> tuple[KernelParam, ...]:
@@ -84,43 +56,15 @@ class QuantizeInsertConfig:
         )
 
     @property
-    def threads(self) -> int:
-        return 32 * self.num_warps
-
-    @property
     def smem_bytes(self) -> int:
         return 0
 
-    def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**values, "format": self.format.to_dict()}
-
-    @classmethod
-    def from_product(cls, point: dict[str, Any]):
-        yield cls(**point)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "QuantizeInsertConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {sorted(unknown)}; known: {sorted(known)}")
-        missing = known - set(values)
-        if missing:
-            raise ConfigError(f"missing config field(s): {sorted(missing)}")
-        return cls(**values)
-
 
 def _check(c: QuantizeInsertConfig) -> None:
-    if not isinstance(c.format, Format):
-        raise ConfigError(f"format must be a kvgen.formats.Format, got {c.format!r}")
     check_types(c, {"block_size": int, "tokens_per_warp": int, "num_warps": int, "slot_dtype": str, "pdl": bool,
                     "arch": str})
     check_choice("arch", c.arch, ARCHS)
     check_choice("slot_dtype", c.slot_dtype, SLOT_DTYPES)
-    if c.pdl and not c.arch_row.pdl:
-        raise ConfigError(f"pdl=True needs griddepcontrol (sm_90 and newer); {c.arch} is compute capability "
-                          f"{'.'.join(map(str, c.arch_row.compute_capability))}")
     f = c.format
     if (f.value_kind, f.scale_kind, f.placement) != ("e4m3", "ue8m0", "page_split"):
         raise ConfigError(f"format {f.name}: the quantize_insert template writes page-split e4m3 values with UE8M0 "
