@@ -110,11 +110,16 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     return clone_strided(t, device)
 
 
+def whole_storage(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage under `t`, flat, in t's dtype: a cache's padding and
+    the bytes around its pages included (t.cpu() or t.flatten() keep only t's elements)."""
+    return t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+
+
 def clone_strided(t: torch.Tensor, device=None) -> torch.Tensor:
     """A copy of `t` and of the whole storage under it, with t's strides and
     offset (Tensor.clone packs a padded view densely: its padding is lost)."""
-    span = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
-    copied = span.to(device or t.device, copy=True)
+    copied = whole_storage(t).to(device or t.device, copy=True)
     return copied.as_strided(t.shape, t.stride(), t.storage_offset())
 
 

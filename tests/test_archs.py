@@ -173,7 +173,8 @@ def test_ptx_route_readers_on_the_golden_corpus(ptx_only, monkeypatch):
 
 @pytest.mark.gpu
 def test_ptx_route_writers_on_the_golden_corpus(ptx_only):
-    from tests.golden.writer_corpus import CASES, DIGESTS, build_case, digest, move
+    from kvgen.testing import _to
+    from tests.golden.writer_corpus import CASES, DIGESTS, build_case, digest
 
     digests = json.loads(DIGESTS.read_text())["cases"]
     wrong = []
@@ -186,7 +187,7 @@ def test_ptx_route_writers_on_the_golden_corpus(ptx_only):
         torch.cuda.synchronize()
         if slots.shape[0] and kvgen.last_backend() != "ptx":
             wrong.append(f"{name}: served by {kvgen.last_backend()}")
-        elif digest(move(k_cache, "cpu")) != digests[name]["sha256"]:
+        elif digest(_to(k_cache, "cpu")) != digests[name]["sha256"]:
             wrong.append(f"{name}: digest differs")
     assert not wrong, (ptx_only, wrong)
 

@@ -12,7 +12,7 @@ import torch
 import kvgen
 from kvgen.config import ARCHS
 from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
-from kvgen.testing import clone_strided, make_case, make_sparse_case, mismatches, poisoned_out
+from kvgen.testing import clone_strided, make_case, make_sparse_case, mismatches, poisoned_out, whole_storage
 
 pytestmark = pytest.mark.gpu
 
@@ -355,8 +355,7 @@ def test_every_shipped_writer_row_bit_exact():
             k_gpu, cache_gpu, slots_gpu = _on_gpu(k), _on_gpu(k_cache), _on_gpu(slots)
             insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl)
             torch.cuda.synchronize()
-            storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
-            assert torch.equal(storage(cache_gpu).cpu(), storage(expected)), (entry.name, specials)
+            assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, specials)
 
 
 @pytest.mark.parametrize("backend", ["cubin", "triton"])
@@ -375,8 +374,7 @@ def test_writer_op_on_gpu_matches_torch(backend, monkeypatch):
         kvgen.quantize_and_insert_k_cache(_on_gpu(k), byte_view, _on_gpu(slots), bs, record_bytes=fmt.record_bytes)
         torch.cuda.synchronize()
         assert kvgen.last_backend() == backend
-        storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
-        assert torch.equal(storage(cache_gpu).cpu(), storage(expected)), (fmt_name, bs, dtype)
+        assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (fmt_name, bs, dtype)
 
 
 def test_writer_in_a_cuda_graph(monkeypatch):
@@ -396,5 +394,4 @@ def test_writer_in_a_cuda_graph(monkeypatch):
     cache_gpu.copy_(_on_gpu(k_cache))
     graph.replay()
     torch.cuda.synchronize()
-    storage = lambda t: t.as_strided((t.untyped_storage().nbytes(),), (1,), 0)  # noqa: E731
-    assert torch.equal(storage(cache_gpu).cpu(), storage(expected))
+    assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected))

@@ -22,7 +22,7 @@ from kvgen.runtime.loader import KvgenLoadError, registry, reset_registry
 from kvgen.paths import generated_dir
 from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
 from kvgen.families.dequant_gather.reference import dequantize_and_gather_torch
-from kvgen.testing import make_case, mismatches
+from kvgen.testing import make_case, mismatches, whole_storage
 
 
 def good_args():
@@ -674,7 +674,7 @@ def test_cases_are_reproducible_in_isolation():
     """A seeded case is the same bytes (page padding included) whatever drew from the global RNG before it."""
     def storage(case):
         kc = case.k_cache
-        return kc.as_strided((kc.untyped_storage().nbytes(),), (1,), 0).clone()
+        return whole_storage(kc).clone()
 
     first = make_case(seq_lens=[70, 5], block_size=16, page_pad=48, seed=7)
     torch.rand(1000)  # another test's draws

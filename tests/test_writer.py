@@ -31,10 +31,10 @@ from kvgen.families.quantize_insert.reference import (e4m3_rne_satfinite, quanti
                                                       quantize_records, ue8m0_codes)
 from kvgen.families.quantize_insert.triton import _e4m3_rne_satfinite, quantize_and_insert_triton
 from kvgen.formats import Format
-from kvgen.testing import POISON_BF16, as_format
+from kvgen.testing import POISON_BF16, _to, as_format, whole_storage
 from tests.golden import writer_corpus
 from tests.golden.writer_corpus import (BLOCK_SIZES, CASES, DIGESTS, LAYOUTS, WriterCase, bf16, bits_of, build_case,
-                                        digest, first_difference, move, run_case, storage_bytes, writer_case)
+                                        digest, first_difference, run_case, storage_bytes, writer_case)
 
 DIGEST_TABLE = json.loads(DIGESTS.read_text())["cases"]
 BACKENDS = {"torch": quantize_and_insert_torch, "triton": quantize_and_insert_triton,
@@ -59,7 +59,7 @@ def run(case: WriterCase, backend: str, device: str = "cpu") -> torch.Tensor:
     k, k_cache, slots, block_size = case.args(device)
     BACKENDS[backend](k, k_cache, slots, block_size, case.fmt)
     torch.cuda.synchronize()
-    return move(k_cache, "cpu")
+    return _to(k_cache, "cpu")
 
 
 # ---- the golden corpus -------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_a_disagreement_names_the_case_and_byte_and_writes_nothing(monkeypatch, 
     def broken_oracle(case):
         cache = run_case(case, quantize_and_insert_oracle)
         if case.fmt.name == "v41_528":
-            cache.as_strided((cache.untyped_storage().nbytes(),), (1,), 0)[at] ^= 1
+            whole_storage(cache)[at] ^= 1
         return cache
 
     monkeypatch.setattr(writer_corpus, "oracle_cache", broken_oracle)
@@ -458,7 +458,7 @@ def test_writer_backends_on_gpu(backend, monkeypatch):
         k, k_cache, slots, block_size = case.args("cuda")
         op(k, k_cache, slots, block_size, record_bytes=case.record_bytes)
         torch.cuda.synchronize()
-        cache = move(k_cache, "cpu")  # the whole storage, padding and poison around the pages included
+        cache = _to(k_cache, "cpu")  # the whole storage, padding and poison around the pages included
         if slots.shape[0] and kvgen.last_backend() != backend:
             wrong.append(f"{name}: served by {kvgen.last_backend()}")
         elif digest(cache) != DIGEST_TABLE[name]["sha256"]:

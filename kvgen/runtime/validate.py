@@ -38,9 +38,8 @@ def check_cache(k_cache, block_size) -> tuple[Format, int]:
     expect(type(block_size) is int, f"block_size: expected an int, got {type(block_size).__name__}", TypeError)
     fmt = registry().format_for_record(kc_shape[2])
     if fmt is None:
-        known = {f.record_bytes: f.name for f in registry().by_record.values()}
         raise ValueError(f"k_cache: last dimension must be the record size of a loaded format "
-                         f"{dict(sorted(known.items()))} (bytes per token record), got {kc_shape[2]}")
+                         f"{loaded_record_sizes()} (bytes per token record), got {kc_shape[2]}")
     expect(block_size > 0 and block_size == kc_shape[1],
            f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
     record = fmt.record_bytes
@@ -62,9 +61,20 @@ def check_one_device(*tensors) -> None:
             raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
+def loaded_record_sizes() -> dict[int, str]:
+    """Record bytes -> format name, for every loaded format (for error messages)."""
+    return dict(sorted((f.record_bytes, f.name) for f in registry().by_record.values()))
+
+
+def format_named(record_bytes: int, argument: str) -> Format:
+    """The loaded format of `record_bytes`-byte records; ValueError naming `argument` if none."""
+    fmt = registry().format_for_record(record_bytes)
+    if fmt is None:
+        raise ValueError(f"{argument}: no loaded format has {record_bytes}-byte records; known: "
+                         f"{loaded_record_sizes()}")
+    return fmt
+
+
 def format_of(k_cache: torch.Tensor) -> Format:
     """The loaded format whose records are k_cache.shape[-1] bytes."""
-    fmt = registry().format_for_record(k_cache.shape[-1])
-    if fmt is None:
-        raise ValueError(f"k_cache: no loaded format has {k_cache.shape[-1]}-byte records")
-    return fmt
+    return format_named(k_cache.shape[-1], "k_cache")

@@ -28,7 +28,7 @@ import torch
 from kvgen.families.quantize_insert.oracle import quantize_and_insert_oracle
 from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
 from kvgen.formats import Format
-from kvgen.testing import as_format
+from kvgen.testing import _to, as_format, clone_strided, whole_storage
 from tests.golden.digests import Disagreement
 from tests.golden.digests import main as digests_main
 
@@ -59,23 +59,13 @@ class WriterCase:
 
     def args(self, device: str | torch.device = "cpu"):
         """(k, a fresh copy of the poisoned cache, slot_mapping, block_size) on `device`, strides kept."""
-        return (move(self.k, device), move(self.k_cache, device, copy=True), move(self.slot_mapping, device),
+        return (_to(self.k, device), clone_strided(self.k_cache, device), _to(self.slot_mapping, device),
                 self.block_size)
-
-
-def move(t: torch.Tensor, device, copy: bool = False) -> torch.Tensor:
-    """t on `device` with its shape, strides and storage offset, over a copy of its whole storage."""
-    if t.device == torch.device(device) and not copy:
-        return t
-    span = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
-    moved = span.to(device, copy=True)
-    return moved.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def storage_bytes(t: torch.Tensor) -> np.ndarray:
     """A CPU copy of the whole byte storage under t (on any device: not t.cpu(), which keeps only t's elements)."""
-    t = move(t.detach(), "cpu")
-    return t.as_strided((t.untyped_storage().nbytes(),), (1,), 0).numpy().copy()
+    return whole_storage(_to(t.detach(), "cpu")).numpy().copy()
 
 
 def digest(k_cache: torch.Tensor) -> str:

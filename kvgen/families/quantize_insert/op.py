@@ -20,9 +20,8 @@ from ...formats import Format
 from ...runtime.backend import Decision, decide, record_no_launch, serve
 from ...runtime.index_check import check_requested, check_write_slots
 from ...runtime.launch import launch
-from ...runtime.loader import registry
 from ...runtime.manifest import KernelEntry
-from ...runtime.validate import check_one_device, expect, meta
+from ...runtime.validate import check_one_device, expect, format_named, meta
 from .config import QuantizeInsertConfig
 
 FAMILY = QuantizeInsertConfig.family
@@ -41,15 +40,6 @@ class Checked(NamedTuple):
     slot_dtype: str
 
 
-def _format_named(record_bytes: int, argument: str) -> Format:
-    fmt = registry().format_for_record(record_bytes)
-    if fmt is None:
-        known = {f.record_bytes: f.name for f in registry().by_record.values()}
-        raise ValueError(f"{argument}: no loaded format has {record_bytes}-byte records; known: "
-                         f"{dict(sorted(known.items()))}")
-    return fmt
-
-
 def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked:
     """Check every argument before any launch."""
     k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
@@ -64,12 +54,12 @@ def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked
     if len(kc_shape) == 3:  # the record view: its last dimension names the format
         expect(record_bytes is None or record_bytes == kc_shape[2],
                f"record_bytes: {record_bytes} disagrees with k_cache.shape[-1] ({kc_shape[2]})")
-        fmt = _format_named(kc_shape[2], "k_cache")
+        fmt = format_named(kc_shape[2], "k_cache")
         expect(block_size == kc_shape[1], f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
         expect(kc_strides[2] == 1 and (kc_shape[1] == 1 or kc_strides[1] == fmt.record_bytes),
                f"k_cache: each page must hold contiguous {fmt.record_bytes}-byte rows, got strides {tuple(kc_strides)}")
     elif len(kc_shape) == 2:  # the byte view: record_bytes names the format
-        fmt = _format_named(DEFAULT_RECORD_BYTES if record_bytes is None else record_bytes, "record_bytes")
+        fmt = format_named(DEFAULT_RECORD_BYTES if record_bytes is None else record_bytes, "record_bytes")
         expect(kc_strides[1] == 1 or kc_shape[1] <= 1, f"k_cache: each page's bytes must be contiguous, got strides "
                                                        f"{tuple(kc_strides)}")
         expect(block_size * fmt.record_bytes <= kc_shape[1],
