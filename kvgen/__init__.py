@@ -39,9 +39,13 @@ _PUBLIC = {
     "add_kernel_dir": "kvgen.runtime.loader",
     "dequantize_and_gather_k_cache": "kvgen.families.dequant_gather.op",
     "dequantize_and_gather_k_cache_sparse": "kvgen.families.dequant_gather.op",
+    "cp_gather_and_upconvert_fp8_kv_cache": "kvgen.families.dequant_gather.op",
+    "cp_gather_indexer_k_quant_cache": "kvgen.families.dequant_gather.op",
     "select_backend": "kvgen.families.dequant_gather.op",
     "select_backend_sparse": "kvgen.families.dequant_gather.op",
     "quantize_and_insert_k_cache": "kvgen.families.quantize_insert.op",
+    "concat_and_cache_ds_mla": "kvgen.families.quantize_insert.op",
+    "indexer_k_quant_and_cache": "kvgen.families.quantize_insert.op",
     "select_backend_insert": "kvgen.families.quantize_insert.op",
 }
 __all__ = list(_PUBLIC)
@@ -65,11 +69,18 @@ def __dir__():
 if not _imported_by_the_cli():
     # Registers torch.ops.kvgen.* at once, as users of `import kvgen` expect.
     from .families.dequant_gather.op import (  # noqa: F401
+        cp_gather_and_upconvert_fp8_kv_cache,
+        cp_gather_indexer_k_quant_cache,
         dequantize_and_gather_k_cache,
         dequantize_and_gather_k_cache_sparse,
         select_backend,
         select_backend_sparse,
     )
-    from .families.quantize_insert.op import quantize_and_insert_k_cache, select_backend_insert  # noqa: F401
+    from .families.quantize_insert.op import (  # noqa: F401
+        concat_and_cache_ds_mla,
+        indexer_k_quant_and_cache,
+        quantize_and_insert_k_cache,
+        select_backend_insert,
+    )
     from .runtime.backend import BackendUnavailable, last_backend  # noqa: F401
     from .runtime.loader import add_kernel_dir  # noqa: F401

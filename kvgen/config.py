@@ -93,11 +93,13 @@ class KernelParam:
 _NO_DEFAULT = dataclasses.MISSING
 
 
-def param(tag: str, doc: str, default: Any = _NO_DEFAULT) -> Any:
+def param(tag: str, doc: str, default: Any = _NO_DEFAULT, named_at_default: bool = True) -> Any:
     """A generator parameter: `tag` is its short form in kernel names (empty:
     the value alone), `doc` its meaning and limits, `default` what a spec
-    product that leaves it out gets."""
-    return field(metadata={"tag": tag, "doc": doc, "default": default})
+    product that leaves it out gets. A parameter added after kernels shipped
+    is left out of the names of configs at its default (`named_at_default=False`),
+    so that the kernels that shipped before it keep their names."""
+    return field(metadata={"tag": tag, "doc": doc, "default": default, "named_at_default": named_at_default})
 
 
 def parameters(config_class) -> dict[str, dataclasses.Field]:
@@ -151,6 +153,8 @@ class FamilyConfig:
         parts = [self.family, self.format.name, f"f{self.format.values}"]
         for f in dataclasses.fields(self)[1:]:
             value = getattr(self, f.name)
+            if not f.metadata["named_at_default"] and value == f.metadata["default"]:
+                continue
             parts.append(f"{f.metadata['tag']}{int(value) if isinstance(value, bool) else value}")
         return "_".join(parts)
 

@@ -27,15 +27,18 @@ class FormatError(UsageError):
     """A record format that does not add up or that kvgen cannot move."""
 
 
-# Kinds of quantized values: bits per value. Only e4m3 has generated kernels
-# today; the other kinds named in ../shared/formats.md enter here as rows.
-VALUE_BITS = {"e4m3": 8}
+# Kinds of quantized values: bits per value (docs/semantics.md decodes each).
+#   e4m3: OCP FP8 E4M3, one per byte
+#   e2m1: OCP FP4 E2M1, two per byte, element 2i in the low nibble of byte i
+VALUE_BITS = {"e4m3": 8, "e2m1": 4}
 # Kinds of scale: bytes per scale.
-SCALE_SIZE = {"ue8m0": 1}
+#   ue8m0: 2^(code - 127), one byte; e4m3: an E4M3 value; f32: a little-endian float32
+SCALE_SIZE = {"ue8m0": 1, "e4m3": 1, "f32": 4}
 # Where a token's scales live.
-#   page_split: a page holds block_size data rows, then block_size scale rows
-#   inline:     one contiguous record per token (data, then scales)
-PLACEMENTS = ("page_split",)
+#   page_split: a page holds block_size data rows (values, then the tail), then
+#               block_size scale rows (scales, then pad bytes)
+#   inline:     one contiguous record per token: values, scales (+ pad), tail
+PLACEMENTS = ("page_split", "inline")
 TAIL_BYTES = 2  # a bf16 tail value, copied verbatim
 SCALE_COPY_SIZES = (4, 8, 16)  # a scale row moves in one copy of these sizes, or in 16-byte pieces
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -70,9 +73,18 @@ class Format:
         return self.values // self.scale_group
 
     @property
+    def value_bytes(self) -> int:
+        """The quantized values of one token."""
+        return self.values * VALUE_BITS[self.value_kind] // 8
+
+    @property
+    def tail_bytes(self) -> int:
+        return TAIL_BYTES * self.tail
+
+    @property
     def data_bytes(self) -> int:
-        """A data row: the quantized values, then the bf16 tail."""
-        return self.values * VALUE_BITS[self.value_kind] // 8 + TAIL_BYTES * self.tail
+        """The quantized values, then the bf16 tail (a page-split format's data row)."""
+        return self.value_bytes + self.tail_bytes
 
     @property
     def scale_bytes(self) -> int:
@@ -83,6 +95,34 @@ class Format:
     def record_bytes(self) -> int:
         """Bytes per token: k_cache.shape[-1], by which calls tell formats apart."""
         return self.data_bytes + self.scale_bytes
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of the values, scales and tail within one token's record
+        as the kernels stage it: for page_split the data row then the scale row
+        (values, tail, scales), for inline the record itself (values, scales, tail)."""
+        if self.placement == "inline":
+            return {"values": 0, "scales": self.value_bytes, "tail": self.value_bytes + self.scale_bytes}
+        return {"values": 0, "tail": self.value_bytes, "scales": self.data_bytes}
+
+    def regions(self, block_size: int) -> dict[str, tuple[int, int, int]]:
+        """Where each part of row r lies in a page of `block_size` rows:
+        {part: (base, row_stride, bytes)}, part r at page + base + r * row_stride.
+        The one statement of the placements that every reader and writer uses."""
+        if self.placement == "inline":
+            at = self.offsets
+            return {part: (at[part], self.record_bytes, size) for part, size in self._part_bytes().items()}
+        return {"values": (0, self.data_bytes, self.value_bytes),
+                "tail": (self.value_bytes, self.data_bytes, self.tail_bytes),
+                "scales": (block_size * self.data_bytes, self.scale_bytes, self.scale_bytes)}
+
+    def _part_bytes(self) -> dict[str, int]:
+        return {"values": self.value_bytes, "scales": self.scale_bytes, "tail": self.tail_bytes}
+
+    @property
+    def scale_size(self) -> int:
+        """Bytes per scale."""
+        return SCALE_SIZE[self.scale_kind]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,8 +148,12 @@ class Format:
         return fmt
 
 
-def _fewest_pad(scale_bytes: int) -> int:
-    """Pad bytes that make a scale row of `scale_bytes` a size the copy moves."""
+def _fewest_pad(f: Format, scale_bytes: int) -> int:
+    """Pad bytes after the scales: page_split, the fewest that make a scale row a
+    size the copy moves; inline, the fewest that keep the tail (or the next
+    record) 16-byte aligned."""
+    if f.placement == "inline":
+        return -(f.value_bytes + scale_bytes) % 16
     size = next((s for s in SCALE_COPY_SIZES if s >= scale_bytes), -(-scale_bytes // 16) * 16)
     return size - scale_bytes
 
@@ -134,13 +178,22 @@ def _check(f: Format) -> None:
         refuse(f"values ({f.values}) and scale_group ({f.scale_group}) must be positive, tail ({f.tail}) >= 0")
     if f.values % f.scale_group:
         refuse(f"scale_group {f.scale_group} does not divide values {f.values}")
-    if f.data_bytes % 16:
-        refuse(f"a data row of {f.data_bytes} bytes cannot be moved in 16-byte copies (make it a multiple of 16)")
+    if f.values * VALUE_BITS[f.value_kind] % 8:
+        refuse(f"{f.values} {f.value_kind} values do not fill whole bytes")
     scales = f.num_scales * SCALE_SIZE[f.scale_kind]
     if f.scale_pad is None:
-        object.__setattr__(f, "scale_pad", _fewest_pad(scales))
+        object.__setattr__(f, "scale_pad", _fewest_pad(f, scales))
     elif type(f.scale_pad) is not int or f.scale_pad < 0:
         refuse(f"scale_pad must be an int >= 0, got {f.scale_pad!r}")
+    if f.placement == "inline":
+        # One contiguous record, copied in 16-byte pieces; the tail copied verbatim in 16-byte pieces too.
+        if f.value_bytes % 16 or (f.value_bytes + f.scale_bytes) % 16 or f.record_bytes % 16:
+            refuse(f"an inline record of {f.value_bytes} value bytes, {f.scale_bytes} scale bytes and "
+                   f"{f.tail_bytes} tail bytes cannot be moved in 16-byte copies: the values, the values and "
+                   f"scales, and the record must each be a multiple of 16 bytes")
+        return
+    if f.data_bytes % 16:
+        refuse(f"a data row of {f.data_bytes} bytes cannot be moved in 16-byte copies (make it a multiple of 16)")
     if f.scale_bytes not in SCALE_COPY_SIZES and f.scale_bytes % 16:
         refuse(f"a scale row of {f.scale_bytes} bytes ({scales} bytes of scales + {f.scale_pad} pad) cannot be moved: "
                f"it must be {', '.join(map(str, SCALE_COPY_SIZES))} or a multiple of 16 bytes")

@@ -52,27 +52,67 @@ def quantize_ue8m0(k: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Te
 
 def write_pages(num_blocks: int, block_size: int, fmt: Format, data: torch.Tensor,
                 codes: torch.Tensor, g: torch.Generator, page_pad: int = 0) -> torch.Tensor:
-    """Pack per-token rows (num_blocks*block_size of them) into a paged uint8 cache
-    [num_blocks, block_size, record_bytes] whose page stride is padded by `page_pad`
-    bytes of junk. The junk comes from a generator seeded from `g`'s seed, so a
-    case is the same whatever ran before it, and `g`'s own draws (block tables,
-    slots) are those the golden digests were made with."""
+    """Pack per-token records (num_blocks*block_size of them; `data` [n, data_bytes]: the
+    value bytes then the tail's, `codes` [n, scale_bytes]: the scales then pad bytes) into
+    a paged uint8 cache [num_blocks, block_size, record_bytes] whose page stride is padded
+    by `page_pad` bytes of junk, each part where the format's placement puts it
+    (`Format.regions`: page_split data rows then scale rows; inline records of values,
+    scales, tail). The junk comes from a generator seeded from `g`'s seed, so a case is the
+    same whatever ran before it, and `g`'s own draws (block tables, slots) are those the
+    golden digests were made with."""
     record = fmt.record_bytes
     page_bytes = block_size * record + page_pad
     assert page_bytes % 16 == 0, "pages must start 16 bytes apart (the kernels copy 16-byte pieces)"
     junk = torch.Generator(device=g.device).manual_seed(g.initial_seed() ^ 0x9AD)
     storage = torch.randint(0, 256, (num_blocks * page_bytes,), dtype=torch.uint8, generator=junk, device=data.device)
-    pages = storage.view(num_blocks, page_bytes)
-    data_bytes = fmt.data_bytes
-    pages[:, : block_size * data_bytes] = data.reshape(num_blocks, block_size * data_bytes)
-    pages[:, block_size * data_bytes: block_size * record] = codes.reshape(num_blocks, block_size * fmt.scale_bytes)
+    parts = {"values": data[:, : fmt.value_bytes], "tail": data[:, fmt.value_bytes: fmt.data_bytes],
+             "scales": codes[:, : fmt.scale_bytes]}
+    for part, (base, row_stride, nbytes) in fmt.regions(block_size).items():
+        if nbytes:
+            rows = storage.as_strided((num_blocks, block_size, nbytes), (page_bytes, row_stride, 1), base)
+            rows.copy_(parts[part].reshape(num_blocks, block_size, nbytes))
     return storage.as_strided((num_blocks, block_size, record), (page_bytes, record, 1))
+
+
+# Plausible scales where no encoder is at hand (see make_cache): e4m3 scale bytes in this range
+# (2^-3 .. 2^1), float32 scales |N(0, 1)| / 448 (floored at 2^-126).
+E4M3_SCALE_BYTES = (0x30, 0x50)
+
+
+def _records(k: torch.Tensor, fmt: Format, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 [n, head_dim] -> (data uint8 [n, data_bytes], scale rows uint8 [n, scale_bytes]) for a format
+    quantize_ue8m0 does not serve: by the writer's reference encoder where it has one
+    (quantize_insert.reference.encode_records), else random value bytes (no NaN bytes) and plausible
+    scales drawn from `g`, with k's tail."""
+    from .families.quantize_insert import reference as writer
+
+    n, device = k.shape[0], k.device
+    tail = k[:, fmt.values:].contiguous().view(torch.uint8).reshape(n, fmt.tail_bytes)
+    if hasattr(writer, "encode_records"):
+        values, scales = writer.encode_records(k[:, : fmt.values], k[:, fmt.values:] if fmt.tail else None, fmt,
+                                               pow2_scale=False)
+    else:
+        values = torch.randint(0, 256, (n, fmt.value_bytes), dtype=torch.uint8, generator=g, device=device)
+        if fmt.value_kind == "e4m3":
+            values = torch.where((values & 0x7F) == 0x7F, values - 1, values)  # 0x7F/0xFF (NaN) -> +-448
+        used = fmt.num_scales * fmt.scale_size
+        if fmt.scale_kind == "f32":
+            mag = torch.randn((n, fmt.num_scales), generator=g, device=device).abs() / 448.0
+            scales = mag.clamp(min=2.0 ** -126).contiguous().view(torch.uint8).reshape(n, used)
+        else:
+            low, high = E4M3_SCALE_BYTES
+            scales = torch.randint(low, high + 1, (n, used), dtype=torch.uint8, generator=g, device=device)
+    if scales.shape[1] < fmt.scale_bytes:  # zero pad bytes
+        scales = torch.cat([scales, scales.new_zeros((n, fmt.scale_bytes - scales.shape[1]))], dim=1)
+    return torch.cat([values, tail], dim=1), scales
 
 
 def make_cache(num_blocks: int, block_size: int, fmt: Format, g: torch.Generator, raw_bytes: bool = False,
                page_pad: int = 0, value_scale: float = 1.0) -> torch.Tensor:
     """A paged cache of random records, on `g`'s device: quantized from random
-    bf16, or raw random bytes."""
+    bf16 (e4m3 values with UE8M0 codes by quantize_ue8m0; other kinds by the
+    writer's encoder, see _records), or raw random bytes (any byte, NaN and Inf
+    scales included)."""
     n, device = num_blocks * block_size, g.device
     if raw_bytes:
         data = torch.randint(0, 256, (n, fmt.data_bytes), dtype=torch.uint8, generator=g,
@@ -80,7 +120,10 @@ def make_cache(num_blocks: int, block_size: int, fmt: Format, g: torch.Generator
         codes = torch.randint(0, 256, (n, fmt.scale_bytes), dtype=torch.uint8, generator=g, device=device)
     else:
         k = (torch.randn((n, fmt.head_dim), generator=g, device=device) * value_scale).to(torch.bfloat16)
-        data, codes = quantize_ue8m0(k, fmt)
+        if fmt.value_kind == "e4m3" and fmt.scale_kind == "ue8m0":
+            data, codes = quantize_ue8m0(k, fmt)
+        else:
+            data, codes = _records(k, fmt, g)
     return write_pages(num_blocks, block_size, fmt, data, codes, g, page_pad)
 
 
@@ -196,6 +239,116 @@ def random_slots(num_slots: int, cache_slots: int, valid: float, g: torch.Genera
     slots = torch.randint(0, max(cache_slots, 1), (num_slots,), generator=g, device=g.device, dtype=torch.int32)
     slots[torch.rand(num_slots, generator=g, device=g.device) >= valid] = -1
     return slots
+
+
+POISON_BYTE = 0xA5  # what a raw gather's outputs hold before the call: "never written"
+
+
+@dataclass
+class PackedCase:
+    """One packed call's arguments (vLLM's cp_gather_and_upconvert_fp8_kv_cache), on the CPU."""
+
+    out: torch.Tensor  # bf16 [T, head_dim], poisoned; rows may be strided
+    k_cache: torch.Tensor
+    block_table: torch.Tensor
+    workspace_starts: torch.Tensor  # int32 [batch_size]
+    batch_size: int
+    seq_starts: torch.Tensor | None  # int32 [batch_size] or None
+    block_size: int
+
+    def args(self, device: str | torch.device = "cpu", out: torch.Tensor | None = None):
+        """The op's arguments, in vLLM's (and docs/semantics.md's) order:
+        (src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)."""
+        move = lambda t: None if t is None else _to(t, device)  # noqa: E731
+        return (move(self.k_cache), out if out is not None else move(self.out), move(self.block_table),
+                move(self.workspace_starts), self.batch_size, move(self.seq_starts))
+
+    def reference_args(self, device: str | torch.device = "cpu", out: torch.Tensor | None = None):
+        """The reference's and the oracle's arguments:
+        (out, k_cache, block_table, starts, num_reqs, seq_starts, block_size)."""
+        k_cache, out, block_table, starts, num_reqs, seq_starts = self.args(device, out)
+        return out, k_cache, block_table, starts, num_reqs, seq_starts, self.block_size
+
+
+@dataclass
+class RawPackedCase:
+    """One raw packed call's arguments (vLLM's cp_gather_indexer_k_quant_cache), on the CPU."""
+
+    k_cache: torch.Tensor
+    dst_k: torch.Tensor  # uint8 [T, value_bytes], poisoned with POISON_BYTE
+    dst_scale: torch.Tensor  # uint8 [T, num_scales * scale_size], poisoned with POISON_BYTE
+    block_table: torch.Tensor
+    cu_seq_lens: torch.Tensor  # int32 [B + 1]
+    block_size: int
+
+    def args(self, device: str | torch.device = "cpu", dst_k: torch.Tensor | None = None,
+             dst_scale: torch.Tensor | None = None):
+        """The op's arguments, in vLLM's order: (kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)."""
+        return (_to(self.k_cache, device), dst_k if dst_k is not None else _to(self.dst_k, device),
+                dst_scale if dst_scale is not None else _to(self.dst_scale, device), _to(self.block_table, device),
+                _to(self.cu_seq_lens, device))
+
+    def reference_args(self, device: str | torch.device = "cpu", dst_k: torch.Tensor | None = None,
+                       dst_scale: torch.Tensor | None = None):
+        """The reference's and the oracle's arguments:
+        (dst_k, dst_scale, k_cache, block_table, cu_seq_lens, block_size)."""
+        k_cache, dst_k, dst_scale, block_table, cu_seq_lens = self.args(device, dst_k, dst_scale)
+        return dst_k, dst_scale, k_cache, block_table, cu_seq_lens, self.block_size
+
+
+def _pages_for(span: int, first: int, block_size: int) -> int:
+    """Block-table columns a request needs to read positions first .. first + span - 1."""
+    return -(-(first + span) // block_size) if span > 0 else 0
+
+
+def make_packed_case(*, seq_lens: list[int], block_size: int = 64, format: "str | Format" = "v32_656",
+                     seq_starts: list[int] | None = None, rows: int | None = None, workspace_gap: int = 0,
+                     seed: int = 0, raw_bytes: bool = False, page_pad: int = 0, row_pad: int = 0,
+                     extra_pages: int = 2, value_scale: float = 1.0) -> PackedCase:
+    """A random packed call: request r owns seq_lens[r] workspace rows, packed one after another
+    from row `workspace_gap` (workspace_starts[r] = workspace_gap + sum(seq_lens[:r]); rows before
+    it belong to no request and stay poisoned), reading positions from seq_starts[r] (0 without).
+    `rows` (default: every request's rows) is dst's row count T; the last request owns every row
+    from its start to T, and gets pages for all of them. Pages in a random physical order, unused
+    block-table entries poisoned, `row_pad` extra elements between dst rows."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = as_format(format)
+    num_reqs = len(seq_lens)
+    starts = [workspace_gap + sum(seq_lens[:r]) for r in range(num_reqs)]
+    total = rows if rows is not None else workspace_gap + sum(seq_lens)
+    first = seq_starts if seq_starts is not None else [0] * num_reqs
+    spans = [seq_lens[r] if r + 1 < num_reqs else max(total - starts[r], 0) for r in range(num_reqs)]
+    pages_per_req = [_pages_for(spans[r], first[r], block_size) for r in range(num_reqs)]
+    num_blocks = sum(pages_per_req) + extra_pages
+    k_cache = make_cache(num_blocks, block_size, fmt, g, raw_bytes, page_pad, value_scale)
+    block_table = random_block_table(pages_per_req, num_blocks, g)
+    out = poisoned_out(1, total, head_dim=fmt.head_dim + row_pad)[0, :, : fmt.head_dim]
+    int32 = lambda v: torch.tensor(v, dtype=torch.int32).reshape(len(v))  # noqa: E731
+    return PackedCase(out=out, k_cache=k_cache, block_table=block_table, workspace_starts=int32(starts),
+                      batch_size=num_reqs, seq_starts=None if seq_starts is None else int32(seq_starts),
+                      block_size=block_size)
+
+
+def make_raw_packed_case(*, seq_lens: list[int], block_size: int = 64, format: "str | Format" = "indexer_132",
+                         first_row: int = 0, extra_rows: int = 2, seed: int = 0, raw_bytes: bool = False,
+                         page_pad: int = 0, extra_pages: int = 2, value_scale: float = 1.0) -> RawPackedCase:
+    """A random raw packed call: request r owns rows cu_seq_lens[r] .. cu_seq_lens[r+1] - 1, its
+    positions 0 .. seq_lens[r] - 1; cu_seq_lens[0] = first_row. dst has `extra_rows` rows past
+    cu_seq_lens[-1] (they, and the rows before first_row, stay poisoned: POISON_BYTE)."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = as_format(format)
+    cu = [first_row]
+    for length in seq_lens:
+        cu.append(cu[-1] + length)
+    pages_per_req = [_pages_for(length, 0, block_size) for length in seq_lens]
+    num_blocks = sum(pages_per_req) + extra_pages
+    k_cache = make_cache(num_blocks, block_size, fmt, g, raw_bytes, page_pad, value_scale)
+    block_table = random_block_table(pages_per_req, num_blocks, g)
+    total = cu[-1] + extra_rows
+    dst_k = torch.full((total, fmt.value_bytes), POISON_BYTE, dtype=torch.uint8)
+    dst_scale = torch.full((total, fmt.num_scales * fmt.scale_size), POISON_BYTE, dtype=torch.uint8)
+    return RawPackedCase(k_cache=k_cache, dst_k=dst_k, dst_scale=dst_scale, block_table=block_table,
+                         cu_seq_lens=torch.tensor(cu, dtype=torch.int32), block_size=block_size)
 
 
 def poisoned_out(num_reqs: int, max_tokens: int, device="cpu", head_dim: int = 512) -> torch.Tensor:

@@ -35,8 +35,11 @@ def test_formats_derive_what_they_do_not_state():
     (dict(name="f", values=392, tail=0, scale_group=8), None, "data row of 392 bytes cannot be moved in 16-byte"),
     (dict(name="f", values=448, tail=64, scale_group=64, scale_pad=3), None, "scale row of 10 bytes .* cannot be moved"),
     (dict(name="f", values=512, scale_group=32, value_kind="e5m2"), None, "value_kind 'e5m2'"),
-    (dict(name="f", values=512, scale_group=32, scale_kind="f32"), None, "scale_kind 'f32'"),
-    (dict(name="f", values=512, scale_group=32, placement="inline"), None, "placement 'inline'"),
+    (dict(name="f", values=512, scale_group=32, scale_kind="f16"), None, "scale_kind 'f16'"),
+    (dict(name="f", values=512, scale_group=32, placement="interleaved"), None, "placement 'interleaved'"),
+    (dict(name="f", values=3, scale_group=1, value_kind="e2m1"), None, "do not fill whole bytes"),
+    (dict(name="f", values=504, tail=8, scale_group=8, scale_kind="f32", placement="inline"), None,
+     "cannot be moved in 16-byte copies"),
     (dict(name="f", values=0, scale_group=32), None, "must be positive"),
     (dict(name="f", values=512, scale_group=32, tail=-8), None, "tail"),
     (dict(name="Bad-Name", values=512, scale_group=32), None, "format name 'Bad-Name'"),
@@ -55,7 +58,7 @@ def _alternatives():
     extra_arch = dataclasses.replace(cfg.ARCHS["sm_90a"], name="sm_90x")
     return extra_arch, {
         "format": [dict(format=FP8_384), dict(format=Format("v41_528", values=512, scale_group=32))],
-        "indexing": [dict(indexing="sparse", gather_lens=False)],
+        "indexing": [dict(indexing="sparse", gather_lens=False), dict(indexing="packed", gather_lens=False)],
         "block_size": [dict(block_size=1), dict(block_size=1024)],
         "num_stages": [dict(num_stages=1), dict(num_stages=8)],
         "num_warps": [dict(num_warps=8)],
@@ -63,6 +66,7 @@ def _alternatives():
         "schedule": [dict(schedule="contiguous")],
         "pdl": [dict(pdl=True)],
         "arch": [dict(arch="sm_90x")],
+        "output": [dict(output="raw", indexing="packed", gather_lens=False)],
     }
 
 
@@ -86,11 +90,13 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 110
+    assert len(configs) == 185
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
-    families = {(c.format.name, c.indexing) for c in configs}
-    assert families == {("dsv4_584", "dense"), ("dsv4_584", "sparse"), ("v41_528", "dense"), ("v41_528", "sparse")}
+    families = {(c.format.name, c.indexing, c.output) for c in configs}
+    formats = ("dsv4_584", "v41_528", "v41_288", "v32_656", "indexer_132")
+    assert families == ({(f, i, "bf16") for f in formats for i in ("dense", "sparse", "packed")}
+                        | {("indexer_132", "packed", "raw")})
     assert SEED.name == SEED_NAME  # names are stable: the format's name and value count, then each field
 
 
@@ -112,7 +118,9 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(num_stages=True), "must be int"),
     (dict(format="dsv4_584"), "must be a kvgen.formats.Format"),
     (dict(format=Format("g4", values=448, tail=64, scale_group=4)), "multiples of 8"),
-    (dict(format=Format("big", values=1024, scale_group=32)), "at most 1024-byte data rows"),
+    (dict(format=Format("big", values=1536, scale_group=32)), "records of at most 1536 bytes"),
+    (dict(output="raw"), "output='raw'"),
+    (dict(output="hex"), "unknown output"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):

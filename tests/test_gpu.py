@@ -11,8 +11,11 @@ import torch
 
 import kvgen
 from kvgen.config import ARCHS
-from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
-from kvgen.testing import clone_strided, make_case, make_sparse_case, mismatches, poisoned_out, whole_storage
+from kvgen.families.dequant_gather.reference import (dequantize_and_gather_packed_torch,
+                                                     dequantize_and_gather_sparse_torch, dequantize_and_gather_torch,
+                                                     gather_raw_packed_torch)
+from kvgen.testing import (clone_strided, make_case, make_packed_case, make_raw_packed_case, make_sparse_case,
+                           mismatches, poisoned_out, whole_storage)
 
 pytestmark = pytest.mark.gpu
 
@@ -188,8 +191,28 @@ def test_every_shipped_kernel_bit_exact():
     for i, entry in enumerate(runs_here):  # the readers that run on this GPU
         c = entry.config
         bs = c["block_size"]
-        if c["indexing"] == "sparse":
-            case = make_sparse_case(num_slots=3 * bs + 5, valid=0.6, block_size=bs, format=c["format"], seed=i)
+        if c["indexing"] == "packed" and c.get("output") == "raw":
+            case = make_raw_packed_case(seq_lens=[3 * bs + 7, 0, 5, bs], block_size=bs, format=c["format"],
+                                        first_row=3, raw_bytes=i % 2 == 1, seed=i)
+            exp_k, exp_s = case.dst_k.clone(), case.dst_scale.clone()
+            gather_raw_packed_torch(*case.reference_args(dst_k=exp_k, dst_scale=exp_s))
+            kv_cache, dst_k, dst_scale, block_table, cu = case.args("cuda")
+            ops.launch_raw(entry, kv_cache, dst_k, dst_scale, block_table, cu)
+            torch.cuda.synchronize()
+            assert torch.equal(dst_k.cpu(), exp_k) and torch.equal(dst_scale.cpu(), exp_s), entry.name
+            continue
+        if c["indexing"] == "packed":
+            case = make_packed_case(seq_lens=[3 * bs + 7, 0, 5, bs], block_size=bs, format=c["format"],
+                                    seq_starts=[1, 4, 0, bs + 3] if i % 2 else None, workspace_gap=2,
+                                    rows=2 + 4 * bs + 12 + 9, raw_bytes=i % 3 == 1, seed=i, row_pad=8)
+            expected = clone_strided(case.out)
+            dequantize_and_gather_packed_torch(*case.reference_args(out=expected))
+            args = case.args("cuda")
+            out = args[1]
+            ops.launch_packed(entry, *args)
+        elif c["indexing"] == "sparse":
+            case = make_sparse_case(num_slots=3 * bs + 5, valid=0.6, block_size=bs, format=c["format"], seed=i,
+                                    raw_bytes=i % 3 == 1)
             expected = case.out.clone()
             dequantize_and_gather_sparse_torch(*case.args(out=expected))
             out, k_cache, slots, _ = case.args("cuda")
@@ -348,14 +371,23 @@ def test_every_shipped_writer_row_bit_exact():
     for i, entry in enumerate(writers):
         c = entry.config
         dtype = torch.int64 if c["slot_dtype"] == "int64" else torch.int32
+        pow2 = c.get("pow2_scale", False)
         for specials in (False, True):
             k, k_cache, slots, bs, fmt = writer_case(c["format"], c["block_size"], i, dtype, specials)
             expected = clone_strided(k_cache)
-            quantize_and_insert_torch(k, expected, slots, bs, fmt)
+            quantize_and_insert_torch(k, expected, slots, bs, fmt, pow2_scale=pow2)
             k_gpu, cache_gpu, slots_gpu = _on_gpu(k), _on_gpu(k_cache), _on_gpu(slots)
             insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl)
             torch.cuda.synchronize()
             assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, specials)
+            if fmt.tail:  # the tail from a tensor of its own (concat_and_cache_ds_mla's k_pe)
+                values, tail = k[:, : fmt.values], k[:, fmt.values:].contiguous()
+                cache_gpu = _on_gpu(k_cache)
+                insert.launch_entry(entry, _on_gpu(values), cache_gpu, slots_gpu, pdl=entry.pdl, tail=_on_gpu(tail),
+                                    checked=insert.validate_ds_mla(_on_gpu(values), _on_gpu(tail), cache_gpu,
+                                                                   slots_gpu)[0])
+                torch.cuda.synchronize()
+                assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, "tail")
 
 
 @pytest.mark.parametrize("backend", ["cubin", "triton"])

@@ -26,13 +26,14 @@ from kvgen.testing import as_format, make_case, make_sparse_case, mismatches
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "fp8_384.toml"
-# 128 e4m3 values, no tail, a code per 32 (4 codes, a 4-byte scale row): 132-byte
-# records, 128-wide output rows, 8-piece data rows -- fewer than a warp's lanes.
+# 128 e4m3 values, no tail, a code per 16 (8 codes, an 8-byte scale row): 136-byte
+# records (not the shipped indexer's 132: two formats of one size cannot be
+# loaded together), 128-wide output rows, 8-piece data rows -- fewer than a warp's lanes.
 HEAD128 = """
 [formats.h128]
 values = 128
-scale_group = 32
-record_bytes = 132
+scale_group = 16
+record_bytes = 136
 
 [[dequant_gather]]
 format = "h128"
@@ -106,7 +107,7 @@ def test_the_example_builds_into_its_own_folder_on_the_cpu(tmp_path):
 
 
 def _page_pad(fmt, bs, seed):
-    """Pages start 16 bytes apart (132-byte records need padding at block size 1), plus some."""
+    """Pages start 16 bytes apart (136-byte records need padding at block size 1), plus some."""
     return -bs * as_format(fmt).record_bytes % 16 + 16 * (seed % 3)
 
 
@@ -154,7 +155,7 @@ def test_kernel_dirs_from_the_environment(trees, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['dsv4_584', 'fp8_384', 'h128', 'v41_528'] torch"
+    assert done.stdout.strip() == "['dsv4_584', 'fp8_384', 'h128', 'indexer_132', 'v32_656', 'v41_288', 'v41_528'] torch"
 
 
 def test_user_rows_join_dispatch(with_trees, monkeypatch):

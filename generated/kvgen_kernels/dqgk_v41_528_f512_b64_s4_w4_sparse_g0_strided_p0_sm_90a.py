@@ -2,7 +2,8 @@
 # template or the spec and run `make generate` (or `kvgen generate --spec`).
 """kvgen kernel dqgk_v41_528_f512_b64_s4_w4_sparse_g0_strided_p0_sm_90a
 
-Dequantize and gather a paged FP8 K cache (format v41_528) into BF16 rows.
+Dequantize and gather a paged K cache (format v41_528: 512 e4m3 values, ue8m0 scales,
+page_split) into BF16 rows.
 Config (every generator parameter):
     format       = {'name': 'v41_528', 'values': 512, 'scale_group': 32, 'tail': 0, 'value_kind': 'e4m3', 'scale_kind': 'ue8m0', 'scale_pad': 0, 'placement': 'page_split'}
     block_size   = 64
@@ -13,6 +14,7 @@ Config (every generator parameter):
     schedule     = strided
     pdl          = False
     arch         = sm_90a
+    output       = bf16
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (strided schedule).
@@ -24,8 +26,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64, Uint8, Uint32
 from cutlass.cute.nvgpu import cpasync
-
-from .ptx_helpers_hopper import dequant_fp8x8
+from .ptx_helpers_hopper import dequant_e4m3_ue8m0_x8 as dequant_x8
 
 NAME = "dqgk_v41_528_f512_b64_s4_w4_sparse_g0_strided_p0_sm_90a"
 CONFIG = {'format': {'name': 'v41_528',
@@ -43,7 +44,8 @@ CONFIG = {'format': {'name': 'v41_528',
  'gather_lens': False,
  'schedule': 'strided',
  'pdl': False,
- 'arch': 'sm_90a'}
+ 'arch': 'sm_90a',
+ 'output': 'bf16'}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -60,25 +62,37 @@ POINTER_ALIGN = {
     "k_cache": 16,
     "slot_indices": 4,
 }
-
 # Layout and launch constants, fixed per config.
 BLOCK_SIZE = 64  # tokens per page
-DATA_BYTES = 512  # fp8 values then the bf16 tail
-SCALE_BYTES = 16  # UE8M0 codes per token row (padded)
-SCALE_GROUP = 32  # fp8 values per code
-FP8_DIM = 512
-FP8_CHUNKS = FP8_DIM // 8  # output chunks of 8 values that are dequantized
+RECORD_BYTES = 528
+# Page-split: data rows (values, then the tail) at r * DATA_BYTES, then scale
+# rows (scales, then pad) at BLOCK_SIZE * DATA_BYTES + r * SCALE_BYTES.
+SRC_BYTES = 512  # a data row
+DATA_BYTES = SRC_BYTES
+SCALE_BYTES = 16
+# A staged record (kvgen.formats.Format.offsets): where its parts lie in shared memory.
+VALUE_OFF = 0
+SCALE_OFF = 512
+TAIL_OFF = 512
+SCALE_GROUP = 32  # values per scale
+SCALE_SIZE = 1  # bytes per scale
+VALUE_CHUNKS = 64  # output chunks of 8 values that are decoded
 OUT_CHUNKS = 64  # 16-byte chunks (8 bf16) of an output row: the head dim / 8
-DATA_CHUNKS = DATA_BYTES // 16  # 16-byte cp.async pieces of a data row
-STAGE_BYTES = 528  # data row + scale row, 16-byte aligned
+SRC_PIECES = 32  # 16-byte cp.async pieces of a data row
+SCALE_PIECES = 1  # 16-byte pieces of a scale row (0: one smaller copy)
+VALUE_PIECES = 32  # 16-byte pieces of the value bytes
+STAGE_BYTES = 528  # one staged record, 16-byte aligned
 NUM_STAGES = 4
 NUM_WARPS = 4
 THREADS = 128
 SMEM_BYTES = 8448  # dynamic shared memory per CTA
-# Lane l copies data piece l (l < DATA_CHUNKS) and piece l + 32 (l < EXTRA_CHUNKS);
-# lane SCALE_LANE, the first with one piece to copy or none, copies the scale row.
-EXTRA_CHUNKS = DATA_CHUNKS - 32
-SCALE_LANE = DATA_CHUNKS % 32
+# Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
+# with the fewest pieces, copies a scale row smaller than 16 bytes.
+SCALE_LANE = SRC_PIECES % 32
+
+
+
+
 
 
 
@@ -114,15 +128,14 @@ def kernel(
     s_words = s_ring  # (word, stage)
     s_bytes = cute.recast_tensor(s_ring, Uint8)  # (byte, stage)
     s_pieces = cute.logical_divide(s_ring, (4, None))  # ((4 words, piece), stage)
-    s_scale = cute.logical_divide(s_ring, (SCALE_BYTES // 4, None))[(None, DATA_BYTES // SCALE_BYTES), None]
 
     cp_data = cute.make_copy_atom(
         cpasync.CopyG2SOp(cute.nvgpu.LoadCacheMode.GLOBAL), Uint32, num_bits_per_copy=128
     )
-    cp_scale = cute.make_copy_atom(cpasync.CopyG2SOp(), Uint32, num_bits_per_copy=SCALE_BYTES * 8)
     st_global = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint32, num_bits_per_copy=128)
     rows = num_slots  # one 1-D range of slots; grid = (1, workers)
-    first = worker * NUM_WARPS + warp
+    row_begin = Int32(0)
+    first = row_begin + worker * NUM_WARPS + warp
     step = num_workers * NUM_WARPS
     limit = rows
 
@@ -136,26 +149,24 @@ def kernel(
                 # 64-bit page addressing: caches beyond 4 GiB.
                 page_off = Int64(page) * page_stride
                 src = cute.make_tensor(
-                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * DATA_BYTES), divby=16), dtype=Uint32),
-                    cute.make_layout((4, DATA_CHUNKS)),
+                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * SRC_BYTES), divby=16), dtype=Uint32),
+                    cute.make_layout((4, SRC_PIECES)),
                 )
-                cute.copy(cp_data, src[None, lane], s_pieces[(None, lane), s])
-                if lane < EXTRA_CHUNKS:
-                    cute.copy(cp_data, src[None, lane + 32], s_pieces[(None, lane + 32), s])
-                if lane == SCALE_LANE:
-                    scale_src = cute.make_tensor(
-                        cute.recast_ptr(
-                            k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=SCALE_BYTES),
-                            dtype=Uint32,
-                        ),
-                        cute.make_layout(SCALE_BYTES // 4),
-                    )
-                    cute.copy(cp_scale, scale_src, s_scale[None, s])
+                scale_src = cute.make_tensor(
+                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=16),
+                                    dtype=Uint32),
+                    cute.make_layout((4, SCALE_PIECES)),
+                )
+                piece = lane + 0
+                cute.copy(cp_data, src[None, piece], s_pieces[(None, piece), s])
+                piece = lane + 32
+                if piece < SRC_PIECES + SCALE_PIECES:
+                    cute.copy(cp_data, scale_src[None, piece - SRC_PIECES], s_pieces[(None, piece), s])
         cute.arch.cp_async_commit_group()
 
     compute_stage = Int32(0)
     fill_stage = Int32(NUM_STAGES - 1)
-    regs = cute.make_rmem_tensor((4, 2), Uint32)  # (word, half): each half one 16-byte store
+    regs = cute.make_rmem_tensor((4, 2), Uint32)  # (word, pass): each pass one 16-byte store
     for t in cutlass.range(first, limit, step):
         ahead = t + (NUM_STAGES - 1) * step
         if ahead < limit:
@@ -166,34 +177,34 @@ def kernel(
                 # 64-bit page addressing: caches beyond 4 GiB.
                 page_off = Int64(page) * page_stride
                 src = cute.make_tensor(
-                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * DATA_BYTES), divby=16), dtype=Uint32),
-                    cute.make_layout((4, DATA_CHUNKS)),
+                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * SRC_BYTES), divby=16), dtype=Uint32),
+                    cute.make_layout((4, SRC_PIECES)),
                 )
-                cute.copy(cp_data, src[None, lane], s_pieces[(None, lane), fill_stage])
-                if lane < EXTRA_CHUNKS:
-                    cute.copy(cp_data, src[None, lane + 32], s_pieces[(None, lane + 32), fill_stage])
-                if lane == SCALE_LANE:
-                    scale_src = cute.make_tensor(
-                        cute.recast_ptr(
-                            k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=SCALE_BYTES),
-                            dtype=Uint32,
-                        ),
-                        cute.make_layout(SCALE_BYTES // 4),
-                    )
-                    cute.copy(cp_scale, scale_src, s_scale[None, fill_stage])
+                scale_src = cute.make_tensor(
+                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=16),
+                                    dtype=Uint32),
+                    cute.make_layout((4, SCALE_PIECES)),
+                )
+                piece = lane + 0
+                cute.copy(cp_data, src[None, piece], s_pieces[(None, piece), fill_stage])
+                piece = lane + 32
+                if piece < SRC_PIECES + SCALE_PIECES:
+                    cute.copy(cp_data, scale_src[None, piece - SRC_PIECES], s_pieces[(None, piece), fill_stage])
         cute.arch.cp_async_commit_group()
         cute.arch.cp_async_wait_group(NUM_STAGES - 1)
         cute.arch.sync_warp()
 
-        # Lane l writes output chunks l and l + 32 (16 bytes each).
-        # chunk lane: eight fp8 values -> 16 bytes of bf16
-        code = Uint32(s_bytes[DATA_BYTES + (lane) * 8 // SCALE_GROUP, compute_stage])
-        v = dequant_fp8x8(s_words[2 * (lane), compute_stage], s_words[2 * (lane) + 1, compute_stage], code)
+        # Lane l writes output chunks l, l + 32, ... (16 bytes each).
+        
+        # chunk lane: eight e4m3 values -> 16 bytes of bf16
+        scale = Uint32(s_bytes[SCALE_OFF + (lane) * 8 // SCALE_GROUP, compute_stage])
+        v = dequant_x8(s_words[VALUE_OFF // 4 + 2 * (lane), compute_stage], s_words[VALUE_OFF // 4 + 2 * (lane) + 1, compute_stage], scale)
         for k in cutlass.range_constexpr(4):
             regs[k, 0] = v[k]
-        # chunk lane + 32: eight fp8 values -> 16 bytes of bf16
-        code = Uint32(s_bytes[DATA_BYTES + (lane + 32) * 8 // SCALE_GROUP, compute_stage])
-        v = dequant_fp8x8(s_words[2 * (lane + 32), compute_stage], s_words[2 * (lane + 32) + 1, compute_stage], code)
+        
+        # chunk lane + 32: eight e4m3 values -> 16 bytes of bf16
+        scale = Uint32(s_bytes[SCALE_OFF + (lane + 32) * 8 // SCALE_GROUP, compute_stage])
+        v = dequant_x8(s_words[VALUE_OFF // 4 + 2 * (lane + 32), compute_stage], s_words[VALUE_OFF // 4 + 2 * (lane + 32) + 1, compute_stage], scale)
         for k in cutlass.range_constexpr(4):
             regs[k, 1] = v[k]
         # Every lane has read this stage before any lane refills it.

@@ -10,76 +10,6 @@ from cutlass import Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-
-@dsl_user_op
-def dequant_fp8x8(lo, hi, code, *, loc=None, ip=None):
-    """Eight e4m3 values (two little-endian words) times 2^(code-127) -> four bf16x2 words.
-
-    e4m3 -> f16 (`cvt.rn.f16x2.e4m3x2`) and f16 -> bf16 (`cvt.rn.bf16.f16`) are
-    exact for every e4m3 value (NaN stays NaN), so the one rounding is the
-    `mul.rn.bf16x2` by the power-of-two scale: round to nearest even, which is
-    what the torch reference does in float32 before its cast.
-    """
-    asm = (
-        "{\n"
-        ".reg .b16 q<4>, h<8>;\n"
-        ".reg .b32 f<4>, s;\n"
-        ".reg .pred pz, pm;\n"
-        "mov.b32 {q0, q1}, $4;\n"
-        "mov.b32 {q2, q3}, $5;\n"
-        "cvt.rn.f16x2.e4m3x2 f0, q0;\n"
-        "cvt.rn.f16x2.e4m3x2 f1, q1;\n"
-        "cvt.rn.f16x2.e4m3x2 f2, q2;\n"
-        "cvt.rn.f16x2.e4m3x2 f3, q3;\n"
-        # UE8M0 code -> bf16 scale s, in both halves. code << 7 is the bf16
-        # pattern of 2^(code-127) for codes 1..254; kvgen gives the two edge
-        # codes their OCP-MX meaning (docs/semantics.md), both fixed by OR-ing
-        # in 0x40: code 0 -> 0x0040 = 2^-127 (a bare shift gives +0), code 255
-        # -> 0x7FC0 = NaN (a bare shift gives +Inf).
-        "shl.b32 s, $6, 7;\n"
-        "setp.eq.u32 pz, $6, 0;\n"
-        "setp.eq.u32 pm, $6, 255;\n"
-        "or.pred pz, pz, pm;\n"
-        "@pz or.b32 s, s, 64;\n"
-        "prmt.b32 s, s, s, 0x1010;\n"
-        "mov.b32 {h0, h1}, f0;\n"
-        "mov.b32 {h2, h3}, f1;\n"
-        "mov.b32 {h4, h5}, f2;\n"
-        "mov.b32 {h6, h7}, f3;\n"
-        "cvt.rn.bf16.f16 h0, h0;\n"
-        "cvt.rn.bf16.f16 h1, h1;\n"
-        "cvt.rn.bf16.f16 h2, h2;\n"
-        "cvt.rn.bf16.f16 h3, h3;\n"
-        "cvt.rn.bf16.f16 h4, h4;\n"
-        "cvt.rn.bf16.f16 h5, h5;\n"
-        "cvt.rn.bf16.f16 h6, h6;\n"
-        "cvt.rn.bf16.f16 h7, h7;\n"
-        "mov.b32 f0, {h0, h1};\n"
-        "mov.b32 f1, {h2, h3};\n"
-        "mov.b32 f2, {h4, h5};\n"
-        "mov.b32 f3, {h6, h7};\n"
-        "mul.rn.bf16x2 $0, f0, s;\n"
-        "mul.rn.bf16x2 $1, f1, s;\n"
-        "mul.rn.bf16x2 $2, f2, s;\n"
-        "mul.rn.bf16x2 $3, f3, s;\n"
-        "}"
-    )
-    operands = [Uint32(v).ir_value(loc=loc, ip=ip) for v in (lo, hi, code)]
-    result = llvm.inline_asm(
-        llvm.StructType.get_literal([T.i32()] * 4),
-        operands,
-        asm,
-        "=r,=r,=r,=r,r,r,r",
-        has_side_effects=False,
-        is_align_stack=False,
-        loc=loc,
-        ip=ip,
-    )
-    return [Uint32(llvm.extractvalue(T.i32(), result, [k], loc=loc, ip=ip)) for k in range(4)]
-
-
-
-# ---- the packing side (writers) ---------------------------------------------
 def _asm_u32(asm, constraints, values, outputs, *, loc, ip):
     """Run one asm block over 32-bit operands; return its `outputs` 32-bit results."""
     operands = [Uint32(v).ir_value(loc=loc, ip=ip) for v in values]
@@ -91,6 +21,172 @@ def _asm_u32(asm, constraints, values, outputs, *, loc, ip):
     return [Uint32(llvm.extractvalue(T.i32(), result, [k], loc=loc, ip=ip)) for k in range(outputs)]
 
 
+
+# ---- the reading side: decode eight values, apply their scale ----------------
+# One asm block per (value kind, scale kind) pair, composed from one PTX piece
+# per value kind (-> four bf16x2 words x0..x3, exact), one per scale kind
+# (-> s: a bf16x2 scale in both halves, or a float32) and one per way of
+# applying it. Every kind enters here once (kvgen/formats.py names them).
+
+def _vec(*registers):
+    """A PTX vector operand, {a, b}."""
+    return "{" + ", ".join(registers) + "}"
+
+
+def _e4m3_to_bf16(lo, hi):
+    """Eight e4m3 values (two little-endian words) -> x0..x3, exact."""
+    # e4m3 -> f16 (`cvt.rn.f16x2.e4m3x2`) and f16 -> bf16 (`cvt.rn.bf16.f16`)
+    # are exact for every e4m3 value; NaN stays NaN.
+    return (
+        ".reg .b16 q<4>, h<8>;\n"
+        f"mov.b32 {_vec('q0', 'q1')}, {lo};\n"
+        f"mov.b32 {_vec('q2', 'q3')}, {hi};\n"
+        "cvt.rn.f16x2.e4m3x2 x0, q0;\n"
+        "cvt.rn.f16x2.e4m3x2 x1, q1;\n"
+        "cvt.rn.f16x2.e4m3x2 x2, q2;\n"
+        "cvt.rn.f16x2.e4m3x2 x3, q3;\n"
+        + "".join(f"mov.b32 {_vec(f'h{2 * i}', f'h{2 * i + 1}')}, x{i};\n" for i in range(4))
+        + "".join(f"cvt.rn.bf16.f16 h{i}, h{i};\n" for i in range(8))
+        + "".join(f"mov.b32 x{i}, {_vec(f'h{2 * i}', f'h{2 * i + 1}')};\n" for i in range(4))
+    )
+
+
+def _e2m1_to_bf16(word):
+    """Eight e2m1 values (one word; value 2i in the low nibble of byte i) -> x0..x3, exact.
+
+    Byte k is spread into two 16-bit lanes, its low nibble in the low lane;
+    a nibble's magnitude bits shifted left by 6 are a bf16 whose exponent is
+    biased by 1 where bf16 wants 127 (and whose one subnormal, 0.5, is
+    e2m1's); `fma.rn.bf16x2` by 2^126 with a -0 addend rebiases exactly and
+    keeps -0.
+    """
+    return (
+        ".reg .b32 t<4>, m<4>, g<4>;\n"
+        + "".join(
+            f"prmt.b32 t{k}, {word}, z, 0x{4}{k}{4}{k};\n"  # byte k in both lanes
+            f"shr.b32 m{k}, t{k}, 4;\n"
+            f"and.b32 m{k}, m{k}, 0x000F0000;\n"
+            f"and.b32 t{k}, t{k}, 0x0000000F;\n"
+            f"or.b32 t{k}, t{k}, m{k};\n"  # low nibble | high nibble << 16
+            f"and.b32 m{k}, t{k}, 0x00070007;\n"
+            f"and.b32 g{k}, t{k}, 0x00080008;\n"
+            f"shl.b32 x{k}, m{k}, 6;\n"
+            f"shl.b32 g{k}, g{k}, 12;\n"
+            f"or.b32 x{k}, x{k}, g{k};\n"
+            f"fma.rn.bf16x2 x{k}, x{k}, k126, nz;\n"
+            for k in range(4)
+        )
+    )
+
+
+_VALUE_DECODERS = {"e4m3": (_e4m3_to_bf16, 2), "e2m1": (_e2m1_to_bf16, 1)}  # (PTX piece, input words)
+
+
+def _ue8m0_scale(code):
+    """A UE8M0 code -> s, the bf16 2^(code-127) in both halves.
+
+    code << 7 is the bf16 pattern of 2^(code-127) for codes 1..254; kvgen gives
+    the two edge codes their OCP-MX meaning (docs/semantics.md), both fixed by
+    OR-ing in 0x40: code 0 -> 0x0040 = 2^-127 (a bare shift gives +0), code 255
+    -> 0x7FC0 = NaN (a bare shift gives +Inf).
+    """
+    return (
+        ".reg .pred pz, pm;\n"
+        f"shl.b32 s, {code}, 7;\n"
+        f"setp.eq.u32 pz, {code}, 0;\n"
+        f"setp.eq.u32 pm, {code}, 255;\n"
+        "or.pred pz, pz, pm;\n"
+        "@pz or.b32 s, s, 64;\n"
+        "prmt.b32 s, s, s, 0x1010;\n"
+    )
+
+
+def _e4m3_scale(byte):
+    """An e4m3 scale byte -> s, its exact bf16 value in both halves (NaN stays NaN)."""
+    return (
+        ".reg .b16 sq<2>, sh<2>;\n"
+        f"prmt.b32 s, {byte}, z, 0x0000;\n"
+        "mov.b32 {sq0, sq1}, s;\n"
+        "cvt.rn.f16x2.e4m3x2 s, sq0;\n"
+        "mov.b32 {sh0, sh1}, s;\n"
+        "cvt.rn.bf16.f16 sh0, sh0;\n"
+        "cvt.rn.bf16.f16 sh1, sh1;\n"
+        "mov.b32 s, {sh0, sh1};\n"
+    )
+
+
+def _f32_scale(bits):
+    """A float32 scale, as it stands."""
+    return f"mov.b32 s, {bits};\n"
+
+
+def _apply_bf16_scale():
+    """x * s in bf16: the product of these kinds is exact in float32, so its
+    one rounding (to nearest even) is the bf16 multiply's."""
+    return "".join(f"mul.rn.bf16x2 ${i}, x{i}, s;\n" for i in range(4))
+
+
+def _apply_f32_scale():
+    """x * s in float32 (`mul.rn.f32`, subnormals kept), then to bf16, nearest even."""
+    return ".reg .f32 fl, fh, fs;\n.reg .b32 ul, uh;\nmov.b32 fs, s;\n" + "".join(
+        f"shl.b32 ul, x{i}, 16;\n"
+        f"and.b32 uh, x{i}, 0xFFFF0000;\n"
+        "mov.b32 fl, ul;\n"
+        "mov.b32 fh, uh;\n"
+        "mul.rn.f32 fl, fl, fs;\n"
+        "mul.rn.f32 fh, fh, fs;\n"
+        f"cvt.rn.bf16x2.f32 ${i}, fh, fl;\n"
+        for i in range(4)
+    )
+
+
+# scale kind -> (PTX piece, how it is applied)
+_SCALES = {"ue8m0": (_ue8m0_scale, _apply_bf16_scale), "e4m3": (_e4m3_scale, _apply_bf16_scale),
+           "f32": (_f32_scale, _apply_f32_scale)}
+
+
+def _dequant_asm(value_kind, scale_kind):
+    decode, words = _VALUE_DECODERS[value_kind]
+    scale, apply = _SCALES[scale_kind]
+    inputs = [f"${4 + i}" for i in range(words)]
+    return (
+        "{\n"
+        ".reg .b32 x<4>, s, z, nz, k120, k126, qnan;\n"
+        "mov.b32 z, 0;\n"
+        "mov.b32 nz, 0x80008000;\n"  # -0 in both halves
+        "mov.b32 k120, 0x7B807B80;\n"  # 2^120 in both halves
+        "mov.b32 k126, 0x7E807E80;\n"  # 2^126 in both halves
+        "mov.b32 qnan, 0x007F007F;\n"  # an e4m3 NaN's magnitude in both halves
+        + scale(f"${4 + words}")
+        + decode(*inputs)
+        + apply()
+        + "}"
+    )
+
+
+def _dequant_op(value_kind, scale_kind):
+    words = _VALUE_DECODERS[value_kind][1]
+    asm = _dequant_asm(value_kind, scale_kind)
+    constraints = "=r,=r,=r,=r," + ",".join("r" * (words + 1))
+
+    @dsl_user_op
+    def dequant_x8(*operands, loc=None, ip=None):
+        return _asm_u32(asm, constraints, operands, 4, loc=loc, ip=ip)
+
+    dequant_x8.__doc__ = (f"Eight {value_kind} values ({words} little-endian word(s)) times their {scale_kind} "
+                          "scale -> four bf16x2 words (docs/semantics.md, Decoding).")
+    return dequant_x8
+
+
+dequant_e4m3_ue8m0_x8 = _dequant_op("e4m3", "ue8m0")
+dequant_e4m3_e4m3_x8 = _dequant_op("e4m3", "e4m3")
+dequant_e4m3_f32_x8 = _dequant_op("e4m3", "f32")
+dequant_e2m1_ue8m0_x8 = _dequant_op("e2m1", "ue8m0")
+dequant_e2m1_e4m3_x8 = _dequant_op("e2m1", "e4m3")
+dequant_e2m1_f32_x8 = _dequant_op("e2m1", "f32")
+
+
+# ---- the packing side (writers) ---------------------------------------------
 @dsl_user_op
 def absmax_bf16x8(w0, w1, w2, w3, *, loc=None, ip=None):
     """max |x| of eight bf16 values (four bf16x2 words), as float32 bits.
@@ -181,17 +277,12 @@ def ue8m0_code(amax, *, loc=None, ip=None):
 
 
 
-@dsl_user_op
-def quantize_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
-    """Eight bf16 values (four bf16x2 words) times `scale` (float32 bits, a power
-    of two) -> eight e4m3 bytes (two little-endian words).
-
-    The product is exact (bf16 has 8 significant bits; a subnormal product only
-    arises for values e4m3 rounds to zero anyway); `cvt.rn.satfinite.e4m3x2.f32`
-    rounds it to nearest even, saturates past 448 (Inf included) and gives 0x7F
-    for NaN -- measured on the H100 (docs/semantics.md states the contract).
-    """
-    asm = (
+def _quantize_e4m3_asm(op):
+    """Eight bf16 values (four bf16x2 words) `op` the float32 `scale` -> eight
+    e4m3 bytes (two little-endian words): `cvt.rn.satfinite.e4m3x2.f32` rounds
+    to nearest even, saturates past 448 (Inf included) and gives 0x7F for NaN
+    -- measured on the H100 (docs/semantics.md states the contract)."""
+    return (
         "{\n"
         ".reg .b32 a<8>;\n"
         ".reg .f32 f<8>, s;\n"
@@ -213,14 +304,7 @@ def quantize_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
         "mov.b32 f5, a5;\n"
         "mov.b32 f6, a6;\n"
         "mov.b32 f7, a7;\n"
-        "mul.rn.f32 f0, f0, s;\n"
-        "mul.rn.f32 f1, f1, s;\n"
-        "mul.rn.f32 f2, f2, s;\n"
-        "mul.rn.f32 f3, f3, s;\n"
-        "mul.rn.f32 f4, f4, s;\n"
-        "mul.rn.f32 f5, f5, s;\n"
-        "mul.rn.f32 f6, f6, s;\n"
-        "mul.rn.f32 f7, f7, s;\n"
+        + "".join(f"{op} f{i}, f{i}, s;\n" for i in range(8)) +
         # cvt d, a, b puts a in the high byte: the value at the lower address goes last.
         "cvt.rn.satfinite.e4m3x2.f32 h0, f1, f0;\n"
         "cvt.rn.satfinite.e4m3x2.f32 h1, f3, f2;\n"
@@ -230,5 +314,153 @@ def quantize_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
         "mov.b32 $1, {h2, h3};\n"
         "}"
     )
-    return _asm_u32(asm, "=r,=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 2, loc=loc, ip=ip)
 
+
+
+_QUANTIZE_MUL = _quantize_e4m3_asm("mul.rn.f32")
+_QUANTIZE_DIV = _quantize_e4m3_asm("div.rn.f32")
+
+
+@dsl_user_op
+def quantize_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
+    """Eight bf16 values (four bf16x2 words) times `scale` (float32 bits, a power
+    of two: the product is exact) -> eight e4m3 bytes (two little-endian words)."""
+    return _asm_u32(_QUANTIZE_MUL, "=r,=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 2, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def quantize_div_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
+    """Eight bf16 values (four bf16x2 words) divided by `scale` (float32 bits;
+    `div.rn.f32`, the IEEE quotient) -> eight e4m3 bytes (two little-endian words)."""
+    return _asm_u32(_QUANTIZE_DIV, "=r,=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 2, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def f32_scale(amax, pow2, *, loc=None, ip=None):
+    """A group's amax (float32 bits) -> its float32 scale bits: max(amax / 448,
+    2^-126) (`div.rn.f32`; a NaN amax, a group of NaNs, gives 2^-126), rounded
+    up to a power of two when `pow2` is non-zero (mantissa bits cleared and the
+    exponent raised by one, unless already a power of two; +Inf stays +Inf)."""
+    asm = (
+        "{\n"
+        ".reg .f32 x;\n"
+        ".reg .b32 a, m, e;\n"
+        ".reg .pred up, p2;\n"
+        "mov.b32 x, $1;\n"
+        "div.rn.f32 x, x, 0f43E00000;\n"
+        "max.f32 x, x, 0f00800000;\n"
+        "mov.b32 a, x;\n"
+        "and.b32 m, a, 0x7FFFFF;\n"
+        "and.b32 e, a, 0x7F800000;\n"
+        "add.u32 e, e, 0x00800000;\n"
+        "setp.ne.u32 up, m, 0;\n"
+        "setp.ne.u32 p2, $2, 0;\n"
+        "and.pred up, up, p2;\n"
+        "@up mov.b32 a, e;\n"
+        "mov.b32 $0, a;\n"
+        "}"
+    )
+    return _asm_u32(asm, "=r,r,r", (amax, pow2), 1, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def nvfp4_scale(amax, *, loc=None, ip=None):
+    """A group's amax (float32 bits) -> [e4m3 scale byte, float32 bits of its value].
+
+    s = min(max(amax / 6, 2^-9), 448) (`div.rn.f32`; a NaN amax gives 2^-9),
+    rounded to the nearest e4m3 value, ties to even, in integers: s >= 2^-6
+    keeps its exponent (rebiased by 120) and rounds its mantissa to 3 bits;
+    smaller s is n * 2^-9 with n = s * 2^9 rounded to the nearest even integer.
+    s is positive and in range, so there is no sign, saturation or NaN.
+    """
+    asm = (
+        "{\n"
+        ".reg .f32 x;\n"
+        ".reg .b32 a, t, r, o, n, e, m;\n"
+        ".reg .pred up, tie, odd, small, sub;\n"
+        "mov.b32 x, $2;\n"
+        "div.rn.f32 x, x, 0f40C00000;\n"
+        "max.f32 x, x, 0f3B000000;\n"
+        "min.f32 x, x, 0f43E00000;\n"
+        "mov.b32 a, x;\n"
+        "shr.u32 t, a, 20;\n"
+        "sub.u32 t, t, 960;\n"
+        "and.b32 r, a, 0xFFFFF;\n"
+        "and.b32 o, t, 1;\n"
+        "setp.gt.u32 up, r, 0x80000;\n"
+        "setp.eq.u32 tie, r, 0x80000;\n"
+        "setp.ne.u32 odd, o, 0;\n"
+        "and.pred tie, tie, odd;\n"
+        "or.pred up, up, tie;\n"
+        "@up add.u32 t, t, 1;\n"
+        "mul.rn.f32 x, x, 0f44000000;\n"
+        "cvt.rni.u32.f32 n, x;\n"
+        "setp.lt.u32 small, a, 0x3C800000;\n"
+        "@small mov.b32 t, n;\n"
+        "mov.b32 $0, t;\n"
+        # Its value: exponent field e > 0 is ((e + 120) << 23) | (m << 20); e = 0 is m * 2^-9.
+        "shr.u32 e, t, 3;\n"
+        "and.b32 m, t, 7;\n"
+        "add.u32 a, e, 120;\n"
+        "shl.b32 a, a, 23;\n"
+        "shl.b32 r, m, 20;\n"
+        "or.b32 a, a, r;\n"
+        "setp.eq.u32 sub, e, 0;\n"
+        "cvt.rn.f32.u32 x, m;\n"
+        "mul.rn.f32 x, x, 0f3B000000;\n"
+        "@sub mov.b32 a, x;\n"
+        "mov.b32 $1, a;\n"
+        "}"
+    )
+    return _asm_u32(asm, "=r,=r,r", (amax,), 2, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
+    """Eight bf16 values (four bf16x2 words) over `scale` S (float32 bits, an
+    e4m3 value in [2^-9, 448]) -> eight e2m1 nibbles in one word, value i in
+    bits 4i..4i+3.
+
+    The contract's magnitude code is the number of thresholds t the quotient
+    v = x / S (`div.rn.f32`) passes (> 0.25, >= 0.75, > 1.25, >= 1.75, > 2.5,
+    >= 3.5, > 5). Here |x| is compared with t * S instead: the products are
+    exact (at most 7 significant bits, all normal), and a bf16 |x| that is not
+    exactly t * S lies at least 2^-9 of it away, where the rounding of x / S
+    (half a float32 step, 2^-24) cannot cross t -- so the comparisons agree for
+    every input (tests/test_formats_writer.py checks all 65536 bf16 values
+    against all 126 scales) and no division is needed. NaN compares false and
+    its sign is dropped, so NaN gives 0x0; the sign bit is the input's.
+    """
+    thresholds = (("gt", "0f3E800000"), ("ge", "0f3F400000"), ("gt", "0f3FA00000"), ("ge", "0f3FE00000"),
+                  ("gt", "0f40200000"), ("ge", "0f40600000"), ("gt", "0f40A00000"))
+
+    def one(i, word, half):
+        widen = f"shl.b32 u, {word}, 16;\n" if half == 0 else f"and.b32 u, {word}, 0xFFFF0000;\n"
+        return (
+            widen
+            + "and.b32 c, u, 0x7FFFFFFF;\n"
+            "mov.b32 g, c;\n"
+            "mov.b32 c, 0;\n"
+            + "".join(f"set.{op}.u32.f32 k, g, th{j};\nsub.u32 c, c, k;\n" for j, (op, _) in enumerate(thresholds))
+            + "shr.u32 u, u, 28;\n"
+            "and.b32 u, u, 8;\n"
+            "setp.nan.f32 isnan, g, g;\n"
+            "@isnan mov.b32 u, 0;\n"
+            "or.b32 c, c, u;\n"
+            f"shl.b32 c, c, {4 * i};\n"
+            "or.b32 $0, $0, c;\n"
+        )
+
+    words = ("$1", "$2", "$3", "$4")
+    asm = (
+        "{\n"
+        ".reg .b32 u, c, k;\n"
+        ".reg .f32 g, s, th<7>;\n"
+        ".reg .pred isnan;\n"
+        "mov.b32 s, $5;\n"
+        + "".join(f"mul.rn.f32 th{j}, s, {bound};\n" for j, (_, bound) in enumerate(thresholds))
+        + "mov.b32 $0, 0;\n"
+        + "".join(one(i, words[i // 2], i % 2) for i in range(8))
+        + "}"
+    )
+    return _asm_u32(asm, "=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 1, loc=loc, ip=ip)

@@ -2,9 +2,10 @@
 # template or the spec and run `make generate` (or `kvgen generate --spec`).
 """kvgen kernel qik_v41_528_f512_b64_t2_w4_int32_p0_sm_89
 
-Quantize bf16 rows of k and insert them into a paged FP8 K cache (format
-v41_528): token i goes to slot slot_mapping[i] (page * block_size + row;
-a negative slot skips it), as docs/semantics.md states byte for byte.
+Quantize bf16 rows of k and insert them into a paged K cache (format
+v41_528: 512 e4m3 values, ue8m0 scales, page_split): token i goes to slot
+slot_mapping[i] (page * block_size + row; a negative slot skips it), as
+docs/semantics.md states byte for byte.
 Config (every generator parameter):
     format           = {'name': 'v41_528', 'values': 512, 'scale_group': 32, 'tail': 0, 'value_kind': 'e4m3', 'scale_kind': 'ue8m0', 'scale_pad': 0, 'placement': 'page_split'}
     block_size       = 64
@@ -13,6 +14,7 @@ Config (every generator parameter):
     slot_dtype       = int32
     pdl              = False
     arch             = sm_89
+    pow2_scale       = False
 
 One warp writes one token: lane l handles 16-byte chunks l and l + 32 of the
 row (8 values each); the 4 lanes of a scale group reduce its
@@ -23,7 +25,6 @@ the first. The ABI is flat -- raw pointers and integers only (PARAMS).
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64, Uint8, Uint32
-
 from .ptx_helpers_integer import absmax_bf16x8, max_f32_bits, quantize_bf16x8, ue8m0_code
 
 NAME = "qik_v41_528_f512_b64_t2_w4_int32_p0_sm_89"
@@ -40,34 +41,40 @@ CONFIG = {'format': {'name': 'v41_528',
  'num_warps': 4,
  'slot_dtype': 'int32',
  'pdl': False,
- 'arch': 'sm_89'}
+ 'arch': 'sm_89',
+ 'pow2_scale': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
 PARAMS = (
     ("k", "__nv_bfloat16*"),
+    ("tail", "__nv_bfloat16*"),
     ("k_cache", "uint8_t*"),
     ("slot_mapping", "int32_t*"),
     ("k_stride", "int64_t"),
+    ("tail_stride", "int64_t"),
     ("page_stride", "int64_t"),
     ("num_tokens", "int32_t"),
 )
 POINTER_ALIGN = {
     "k": 16,
+    "tail": 16,
     "k_cache": 16,
     "slot_mapping": 4,
 }
-
 BLOCK_SIZE = 64  # tokens per page
 VALUES = 512  # e4m3 values per token
-DATA_BYTES = 512  # e4m3 values then the bf16 tail
-SCALE_BYTES = 16  # UE8M0 codes, then pad bytes (written 0)
+# Where row r's parts lie in a page (kvgen.formats.Format.regions): base + r * stride.
+VALUES_BASE, VALUES_STRIDE = 0, 512
+SCALES_BASE, SCALES_STRIDE = 32768, 16
+TAIL_BASE, TAIL_STRIDE = 512, 512
 NUM_SCALES = 16
-SCALE_PAD = 0
-FP8_CHUNKS = VALUES // 8  # chunks of 8 values that are quantized
+SCALE_PAD = 0  # pad bytes after the scales, written 0
+VALUE_CHUNKS = 64  # chunks of 8 values that are quantized
 OUT_CHUNKS = 64  # 16-byte chunks of a k row: the head dim / 8
-TAIL_CHUNKS = OUT_CHUNKS - FP8_CHUNKS
+TAIL_CHUNKS = OUT_CHUNKS - VALUE_CHUNKS
 LANES_PER_GROUP = 4  # chunks (lanes) per scale group
+POW2_SCALE = 0
 TOKENS_PER_WARP = 2
 NUM_WARPS = 4
 THREADS = 128
@@ -82,9 +89,11 @@ SMEM_BYTES = 0  # registers only
 @cute.kernel
 def kernel(
     k: cute.Pointer,
+    tail: cute.Pointer,
     k_cache: cute.Pointer,
     slot_mapping: cute.Pointer,
     k_stride: Int64,
+    tail_stride: Int64,
     page_stride: Int64,
     num_tokens: Int32,
 ):
@@ -111,12 +120,12 @@ def kernel(
             if t < num_tokens:
                 slots[u] = Int64(cute.make_tensor(slot_mapping + t, cute.make_layout(1))[0])
             if slots[u] >= 0:
-                row_src = cute.make_tensor(
+                k_src = cute.make_tensor(
                     cute.recast_ptr(k + cute.assume(Int64(t) * k_stride, divby=8), dtype=Uint32),
-                    cute.make_layout((4, OUT_CHUNKS)),
+                    cute.make_layout((4, VALUE_CHUNKS)),
                 )
-                cute.copy(ld_16, row_src[None, lane], rows[None, 0, u])
-                cute.copy(ld_16, row_src[None, lane + 32], rows[None, 1, u])
+                cute.copy(ld_16, k_src[None, lane], rows[None, 0, u])
+                cute.copy(ld_16, k_src[None, lane + 32], rows[None, 1, u])
         for u in cutlass.range_constexpr(TOKENS_PER_WARP):
             slot = slots[u]
             if slot >= 0:  # the same for the whole warp: the shuffles below see every lane
@@ -129,39 +138,46 @@ def kernel(
                 page = slot // BLOCK_SIZE
                 row = slot % BLOCK_SIZE
                 # 64-bit page addressing: caches beyond 4 GiB.
-                data_off = page * page_stride + row * DATA_BYTES
-                fp8_dst = cute.make_tensor(
-                    cute.recast_ptr(k_cache + cute.assume(data_off, divby=16), dtype=Uint32),
-                    cute.make_layout((2, FP8_CHUNKS)),
+                page_off = page * page_stride
+                value_dst = cute.make_tensor(
+                    cute.recast_ptr(k_cache + cute.assume(page_off + VALUES_BASE + row * VALUES_STRIDE, divby=16),
+                                    dtype=Uint32),
+                    cute.make_layout((2, VALUE_CHUNKS)),
                 )
-                scale_off = page * page_stride + BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES
-                code_dst = cute.make_tensor(k_cache + scale_off, cute.make_layout(SCALE_BYTES))
+                scale_off = page_off + SCALES_BASE + row * SCALES_STRIDE
+                scale_dst = cute.make_tensor(k_cache + scale_off, cute.make_layout(NUM_SCALES))
                 
-                # chunk lane: eight values -> 8 e4m3 bytes; its group's code from the group's lanes
+
+                # chunk lane: eight values -> their e4m3 bytes; its group's scale from the group's lanes
                 codes = ue8m0_code(amax[0, u])
                 q = quantize_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u], codes[1])
+                scale_byte = codes[0]
                 packed[0] = q[0]
                 packed[1] = q[1]
-                cute.copy(st_8, packed, fp8_dst[None, lane])
+                cute.copy(st_8, packed, value_dst[None, lane])
                 if (lane) % LANES_PER_GROUP == 0:
-                    code_dst[(lane) // LANES_PER_GROUP] = Uint8(codes[0])
+                    scale_dst[(lane) // LANES_PER_GROUP] = Uint8(scale_byte)
                 
-                # chunk lane + 32: eight values -> 8 e4m3 bytes; its group's code from the group's lanes
+
+                # chunk lane + 32: eight values -> their e4m3 bytes; its group's scale from the group's lanes
                 codes = ue8m0_code(amax[1, u])
                 q = quantize_bf16x8(rows[0, 1, u], rows[1, 1, u], rows[2, 1, u], rows[3, 1, u], codes[1])
+                scale_byte = codes[0]
                 packed[0] = q[0]
                 packed[1] = q[1]
-                cute.copy(st_8, packed, fp8_dst[None, lane + 32])
+                cute.copy(st_8, packed, value_dst[None, lane + 32])
                 if (lane + 32) % LANES_PER_GROUP == 0:
-                    code_dst[(lane + 32) // LANES_PER_GROUP] = Uint8(codes[0])
+                    scale_dst[(lane + 32) // LANES_PER_GROUP] = Uint8(scale_byte)
 
 
 @cute.jit
 def launch(
     k: cute.Pointer,
+    tail: cute.Pointer,
     k_cache: cute.Pointer,
     slot_mapping: cute.Pointer,
     k_stride: Int64,
+    tail_stride: Int64,
     page_stride: Int64,
     num_tokens: Int32,
 ):
@@ -169,9 +185,11 @@ def launch(
     # itself, with its own grid. The block shape is baked in (.reqntid).
     kernel(
         k,
+        tail,
         k_cache,
         slot_mapping,
         k_stride,
+        tail_stride,
         page_stride,
         num_tokens,
     ).launch(grid=(1, 1, 1), block=(THREADS, 1, 1), smem=0)

@@ -107,3 +107,40 @@ def check_write_slots(k_cache_blocks: int, slot_mapping: torch.Tensor, block_siz
                    lambda i: (f"slot_mapping: token {i} has slot {int(slots[i])}, outside [-1, {limit}) "
                               f"(k_cache holds {k_cache_blocks} pages x block_size {block_size})")),
                   (twice, duplicate)))
+
+
+def check_packed(k_cache: torch.Tensor, block_table: torch.Tensor, starts: torch.Tensor, num_reqs: int,
+                 num_rows: int, bounded: bool, seq_starts: torch.Tensor | None, block_size: int,
+                 starts_name: str) -> None:
+    """A packed gather's requests: `starts` does not decrease, and each request's
+    rows read positions >= 0 within its block-table row, whose entries there
+    lie in [0, num_blocks). Request r owns rows starts[r] .. starts[r+1] - 1
+    (the last one up to num_rows, or starts[num_reqs] when `bounded`)."""
+    _not_capturing(starts.device)
+    num_blocks, width = k_cache.shape[0], block_table.shape[1]
+    st = starts[: num_reqs + int(bounded)].to(torch.int64)
+    ends = st[1:] if bounded else torch.cat([st[1:], st.new_tensor([num_rows])])
+    first = st[:num_reqs].clamp(min=0, max=num_rows)
+    rows = (ends.clamp(max=num_rows) - first).clamp(min=0)
+    shift = seq_starts[:num_reqs].to(torch.int64) if seq_starts is not None else torch.zeros_like(first)
+    p_first = first - st[:num_reqs] + shift
+    p_last = p_first + rows - 1
+    column = torch.arange(width, device=block_table.device)
+    read = ((column[None, :] >= p_first[:, None] // block_size) & (column[None, :] <= p_last[:, None] // block_size)
+            & (rows > 0)[:, None])
+    page = block_table[:num_reqs].to(torch.int64)
+    capacity = width * block_size
+    checks = (
+        (st[1:] < st[:-1],
+         lambda i: (f"{starts_name}: entry {i + 1} ({int(st[i + 1])}) is below entry {i} ({int(st[i])}); requests "
+                    "must be packed in order")),
+        ((rows > 0) & (p_first < 0),
+         lambda r: f"seq_starts: request {r} starts at position {int(p_first[r])}; expected >= 0"),
+        ((rows > 0) & (p_last >= capacity),
+         lambda r: (f"block_table: request {r} reads position {int(p_last[r])}, past its row's capacity ({width} "
+                    f"pages x block_size {block_size} = {capacity} tokens)")),
+        (read & ((page < 0) | (page >= num_blocks)),
+         lambda r, c: (f"block_table: request {r}, column {c} holds page {int(page[r, c])}, outside the cache's "
+                       f"{num_blocks} pages [0, {num_blocks})")),
+    )
+    _raise_first(checks)

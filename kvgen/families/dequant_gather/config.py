@@ -23,17 +23,22 @@ SCHEDULES = ("strided", "contiguous")
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
 #   sparse: global slots (page * block_size + row) -> out row i; slot -1 leaves row i untouched
-INDEXING = ("dense", "sparse")
-GATHER_MODES = {"dense": (False, True), "sparse": (False,)}  # the gather_lens values each indexing takes
+#   packed: out row t <- request r's position t - starts[r] (+ seq_starts[r]), r the last request
+#           with starts[r] <= t (vLLM's cp_gather_* ops: requests packed one after another)
+INDEXING = ("dense", "sparse", "packed")
+GATHER_MODES = {"dense": (False, True), "sparse": (False,), "packed": (False,)}  # gather_lens values per indexing
+# What a kernel writes for each token.
+#   bf16: the decoded row (head_dim bf16 values)
+#   raw:  the record's value bytes and scale bytes, undecoded, to two outputs (packed only)
+OUTPUTS = ("bf16", "raw")
 
 MAX_STAGES = 16
 MAX_BLOCK_SIZE = 1024
-# What the template can move: each lane copies at most two 16-byte pieces of a
-# data row and stores at most two 16-byte chunks (8 bf16) of an output row; one
-# lane copies the scale row in one cp.async (4, 8 or 16 bytes).
-MAX_DATA_BYTES = 2 * 32 * 16
-MAX_HEAD_DIM = 2 * 32 * 8
-MAX_SCALE_BYTES = 16
+# What the template can move: each lane copies at most three 16-byte pieces of
+# a record and stores at most three 16-byte chunks (8 bf16) of an output row.
+MAX_PIECES_PER_LANE = 3
+MAX_RECORD_BYTES = MAX_PIECES_PER_LANE * 32 * 16
+MAX_HEAD_DIM = MAX_PIECES_PER_LANE * 32 * 8
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,16 @@ class DequantGatherConfig(FamilyConfig):
     block_size: int = param("b", f"tokens per cache page: a power of two, 1..{MAX_BLOCK_SIZE}")
     num_stages: int = param("s", f"cp.async ring depth per warp (tokens in flight), 1..{MAX_STAGES}")
     num_warps: int = param("w", "warps per CTA, 1..32; one token per warp per stage", default=4)
-    indexing: str = param("", "dense (block table) or sparse (slot indices); see INDEXING")
+    indexing: str = param("", "dense (block table), sparse (slot indices) or packed (requests one after another); "
+                              "see INDEXING")
     gather_lens: bool = param("g", "dense: the kernel reads gather_lens (else gathers whole sequences); "
                                    "sparse: false", default=None)
     schedule: str = param("", "token-to-warp schedule (see SCHEDULES)", default="strided")
     pdl: bool = param("p", "programmatic dependent launch: griddepcontrol.wait before any global access, then "
                            "launch_dependents (the runtime may then launch it with PDL)", default=True)
     arch: str = param("", "target architecture (a row of kvgen.config.ARCHS)", default="sm_90a")
+    output: str = param("", "bf16 (decoded rows) or raw (value and scale bytes; packed only); see OUTPUTS",
+                        default="bf16", named_at_default=False)
 
     family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "dequant_gather"  # its table in a spec file,
@@ -62,12 +70,13 @@ class DequantGatherConfig(FamilyConfig):
     # ---- derived, never stored ------------------------------------------------
     @property
     def params(self) -> tuple[KernelParam, ...]:
-        return KERNEL_PARAMS[self.indexing]
+        return KERNEL_PARAMS["raw" if self.output == "raw" else self.indexing]
 
     @property
     def stage_bytes(self) -> int:
-        """One token record in shared memory: data row, then scale row, 16-byte aligned."""
-        return _round_up(self.format.data_bytes + self.format.scale_bytes, 16)
+        """One token record in shared memory (Format.offsets: page-split data row
+        then scale row, or the inline record), 16-byte aligned."""
+        return _round_up(self.format.record_bytes, 16)
 
     @property
     def smem_bytes(self) -> int:
@@ -89,23 +98,26 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     check_types(c, {"block_size": int, "num_stages": int, "num_warps": int, "indexing": str, "gather_lens": bool,
-                    "schedule": str, "pdl": bool, "arch": str})
+                    "schedule": str, "pdl": bool, "arch": str, "output": str})
     check_choice("arch", c.arch, ARCHS)
     check_choice("schedule", c.schedule, SCHEDULES)
     check_choice("indexing", c.indexing, INDEXING)
+    check_choice("output", c.output, OUTPUTS)
     if c.gather_lens not in GATHER_MODES[c.indexing]:
-        raise ConfigError("gather_lens applies to dense indexing only (sparse calls take slot indices)")
+        raise ConfigError("gather_lens applies to dense indexing only (sparse calls take slot indices, packed calls "
+                          "request starts)")
     f = c.format
-    if (f.value_kind, f.scale_kind, f.placement) != ("e4m3", "ue8m0", "page_split"):
-        raise ConfigError(f"format {f.name}: the dequant_gather template reads page-split e4m3 values with UE8M0 "
-                          f"scales, not {f.placement} {f.value_kind} with {f.scale_kind}")
+    if c.output == "raw" and (c.indexing != "packed" or f.placement != "page_split"):
+        raise ConfigError("output='raw' (undecoded value and scale bytes) is built for packed indexing of page-split "
+                          f"formats, not {c.indexing} indexing of {f.placement} format {f.name}")
     if f.scale_group % 8 or f.tail % 8:
         raise ConfigError(f"format {f.name}: the template handles values in chunks of 8 (one 16-byte store), so "
                           f"scale_group ({f.scale_group}) and tail ({f.tail}) must be multiples of 8")
-    if f.head_dim > MAX_HEAD_DIM or f.data_bytes > MAX_DATA_BYTES or f.scale_bytes > MAX_SCALE_BYTES:
-        raise ConfigError(f"format {f.name}: the template moves at most {MAX_DATA_BYTES}-byte data rows, "
-                          f"{MAX_SCALE_BYTES}-byte scale rows and {MAX_HEAD_DIM}-value output rows; this one has "
-                          f"{f.data_bytes}, {f.scale_bytes} and {f.head_dim}")
+    if f.head_dim > MAX_HEAD_DIM or f.record_bytes > MAX_RECORD_BYTES:
+        raise ConfigError(f"format {f.name}: the template moves records of at most {MAX_RECORD_BYTES} bytes and output "
+                          f"rows of at most {MAX_HEAD_DIM} values; this one has {f.record_bytes} and {f.head_dim}")
+    if f.placement == "page_split" and f.scale_bytes > 16 and f.data_bytes // 16 + f.scale_bytes // 16 > 32 * 3:
+        raise ConfigError(f"format {f.name}: too many 16-byte pieces per record")
     if not 1 <= c.block_size <= MAX_BLOCK_SIZE or c.block_size & (c.block_size - 1):
         raise ConfigError(f"block_size={c.block_size} must be a power of two in 1..{MAX_BLOCK_SIZE}")
     if not 1 <= c.num_stages <= MAX_STAGES:
@@ -142,5 +154,35 @@ KERNEL_PARAMS: dict[str, tuple[KernelParam, ...]] = {
         KernelParam("out_stride_row", "int64_t"),
         KernelParam("page_stride", "int64_t"),
         KernelParam("num_slots", "int32_t"),
+    ),
+    "packed": (
+        KernelParam("out", "__nv_bfloat16*", 16),
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("block_table", "int32_t*", 4),
+        KernelParam("starts", "int32_t*", 4),  # request r's first row; num_reqs (+1 when bounded) entries
+        KernelParam("seq_starts", "int32_t*", 4),  # added to each request's positions; read only if has_seq_starts
+        KernelParam("out_stride_row", "int64_t"),
+        KernelParam("page_stride", "int64_t"),
+        KernelParam("block_table_stride", "int64_t"),
+        KernelParam("num_reqs", "int32_t"),
+        KernelParam("num_rows", "int32_t"),  # out.shape[0]: no row is written past it
+        KernelParam("bounded", "int32_t"),  # 1: rows >= starts[num_reqs] are not written
+        KernelParam("has_seq_starts", "int32_t"),
+    ),
+    "raw": (  # packed indexing, undecoded bytes out
+        KernelParam("out", "uint8_t*", 16),  # value bytes, [rows, value_bytes]
+        KernelParam("out_scales", "uint8_t*", 4),  # scale bytes (no pad), [rows, num_scales * scale_size]
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("block_table", "int32_t*", 4),
+        KernelParam("starts", "int32_t*", 4),
+        KernelParam("seq_starts", "int32_t*", 4),
+        KernelParam("out_stride_row", "int64_t"),  # bytes
+        KernelParam("scales_stride_row", "int64_t"),  # bytes
+        KernelParam("page_stride", "int64_t"),
+        KernelParam("block_table_stride", "int64_t"),
+        KernelParam("num_reqs", "int32_t"),
+        KernelParam("num_rows", "int32_t"),
+        KernelParam("bounded", "int32_t"),
+        KernelParam("has_seq_starts", "int32_t"),
     ),
 }

@@ -18,7 +18,7 @@ import torch
 from ...formats import Format
 from ...runtime.backend import Decision, decide, record_no_launch, serve
 from ...runtime.dispatch import launch_grid
-from ...runtime.index_check import check_dense, check_requested, check_slots
+from ...runtime.index_check import check_dense, check_packed, check_requested, check_slots
 from ...runtime.launch import launch
 from ...runtime.manifest import KernelEntry
 from ...runtime.validate import check_cache, check_one_device, expect, meta
@@ -262,3 +262,221 @@ def select_backend(out, k_cache, seq_lens, gather_lens, block_table, block_size,
 def select_backend_sparse(out, k_cache, slot_indices, block_size) -> str:
     """The backend that would serve this sparse call."""
     return decide_sparse(out, k_cache, slot_indices, block_size).backend
+
+
+# ------------------------------------------------------------ packed gathers
+class CheckedPacked(NamedTuple):
+    format: Format
+    block_size: int
+    row_stride: int  # dst rows, in elements
+    scale_row_stride: int  # raw gathers: dst_scale rows, in bytes
+    page_stride: int
+    block_table_stride: int
+    num_reqs: int
+    num_rows: int
+
+
+def _packed_common(cache_name, k_cache, block_table, starts_name, starts, num_reqs, min_starts):
+    """The cache, block table and request starts of a packed call."""
+    expect(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 3,
+           f"{cache_name}: expected a uint8 [num_blocks, block_size, record_bytes] tensor, got "
+           f"{tuple(k_cache.shape) if isinstance(k_cache, torch.Tensor) else type(k_cache).__name__}")
+    block_size = k_cache.shape[1]
+    try:
+        fmt, page_stride = check_cache(k_cache, block_size)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("k_cache", cache_name)) from None
+    bt_shape, bt_stride = meta("block_table", block_table, torch.int32, 2)
+    expect(bt_stride[1] == 1 or bt_shape[1] <= 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
+    expect(bt_shape[0] >= num_reqs, f"block_table: {bt_shape[0]} rows for {num_reqs} requests")
+    st_shape, st_stride = meta(starts_name, starts, torch.int32, 1)
+    expect(st_shape[0] >= min_starts, f"{starts_name}: {st_shape[0]} entries, expected at least {min_starts}")
+    expect(st_shape[0] <= 1 or st_stride[0] == 1, f"{starts_name}: must be contiguous")
+    return fmt, block_size, page_stride, bt_stride[0] if bt_shape[0] > 1 else max(bt_shape[1], 1)
+
+
+def validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts) -> CheckedPacked:
+    """Check every argument of cp_gather_and_upconvert_fp8_kv_cache before any launch."""
+    expect(type(batch_size) is int, f"batch_size: expected an int, got {type(batch_size).__name__}", TypeError)
+    expect(batch_size >= 0, f"batch_size: must be >= 0, got {batch_size}")
+    fmt, block_size, page_stride, bt_stride = _packed_common("src_cache", src_cache, block_table, "workspace_starts",
+                                                            workspace_starts, batch_size, batch_size)
+    dst_shape, dst_stride = meta("dst", dst, torch.bfloat16, 2)
+    expect(dst_shape[1] == fmt.head_dim, f"dst: last dimension must be {fmt.head_dim} (format {fmt.name}'s head "
+                                         f"dim), got {dst_shape[1]}")
+    expect(dst_stride[1] == 1, f"dst: innermost stride must be 1, got {dst_stride[1]}")
+    expect(dst_shape[0] < 2**31, "dst: at most 2^31 - 1 rows")
+    if seq_starts is not None:
+        ss_shape, ss_stride = meta("seq_starts", seq_starts, torch.int32, 1)
+        expect(ss_shape[0] >= batch_size, f"seq_starts: {ss_shape[0]} entries for {batch_size} requests")
+        expect(ss_shape[0] <= 1 or ss_stride[0] == 1, "seq_starts: must be contiguous")
+    check_one_device(dst, src_cache, block_table, workspace_starts, seq_starts)
+    row_stride = dst_stride[0] if dst_shape[0] > 1 else fmt.head_dim
+    return CheckedPacked(fmt, block_size, row_stride, 0, page_stride, bt_stride, batch_size, dst_shape[0])
+
+
+def validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> CheckedPacked:
+    """Check every argument of cp_gather_indexer_k_quant_cache before any launch."""
+    cu_shape, _ = meta("cu_seq_lens", cu_seq_lens, torch.int32, 1)
+    expect(cu_shape[0] >= 1, "cu_seq_lens: expected batch_size + 1 entries, got 0")
+    num_reqs = cu_shape[0] - 1
+    fmt, block_size, page_stride, bt_stride = _packed_common("kv_cache", kv_cache, block_table, "cu_seq_lens",
+                                                            cu_seq_lens, num_reqs, num_reqs + 1)
+    expect(fmt.placement == "page_split", f"kv_cache: format {fmt.name} keeps its scales inline; the raw gather "
+                                          "reads page-split caches")
+    scale_bytes = fmt.num_scales * fmt.scale_size
+    k_shape, k_stride = meta("dst_k", dst_k, torch.uint8, 2)
+    s_shape, s_stride = meta("dst_scale", dst_scale, torch.uint8, 2)
+    expect(k_shape[1] == fmt.value_bytes, f"dst_k: last dimension must be {fmt.value_bytes} (format {fmt.name}'s "
+                                          f"value bytes), got {k_shape[1]}")
+    expect(s_shape[1] == scale_bytes, f"dst_scale: last dimension must be {scale_bytes} (format {fmt.name}'s "
+                                      f"scale bytes), got {s_shape[1]}")
+    expect(s_shape[0] == k_shape[0], f"dst_scale: {s_shape[0]} rows for dst_k's {k_shape[0]}")
+    expect(k_stride[1] == 1 and s_stride[1] == 1, "dst_k/dst_scale: innermost stride must be 1")
+    expect(k_shape[0] < 2**31, "dst_k: at most 2^31 - 1 rows")
+    check_one_device(dst_k, kv_cache, dst_scale, block_table, cu_seq_lens)
+    return CheckedPacked(fmt, block_size, k_stride[0] if k_shape[0] > 1 else fmt.value_bytes,
+                         s_stride[0] if s_shape[0] > 1 else scale_bytes, page_stride, bt_stride, num_reqs, k_shape[0])
+
+
+def decide_packed(dst, checked: CheckedPacked, output: str, aligned: bool) -> Decision:
+    fields = (("indexing", "packed"), ("gather_lens", False), ("output", output))
+    return decide(FAMILY, checked.format.name, checked.block_size, fields, 1, checked.num_rows, dst.device, aligned)
+
+
+def launch_packed(entry: KernelEntry, src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,
+                  checked: Optional[CheckedPacked] = None, pdl: bool = False,
+                  grid: tuple[int, int, int] | None = None) -> None:
+    """Launch one packed (bf16) manifest row on cp_gather_and_upconvert_fp8_kv_cache's arguments."""
+    checked = checked or validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
+    values = {"out": dst.data_ptr(), "k_cache": src_cache.data_ptr(), "block_table": block_table.data_ptr(),
+              "starts": workspace_starts.data_ptr(),
+              "seq_starts": seq_starts.data_ptr() if seq_starts is not None else 0,
+              "out_stride_row": checked.row_stride, "bounded": 0, "has_seq_starts": int(seq_starts is not None)}
+    _launch_packed(entry, values, checked, dst.get_device(), pdl, grid)
+
+
+def launch_raw(entry: KernelEntry, kv_cache, dst_k, dst_scale, block_table, cu_seq_lens,
+               checked: Optional[CheckedPacked] = None, pdl: bool = False,
+               grid: tuple[int, int, int] | None = None) -> None:
+    """Launch one raw packed manifest row on cp_gather_indexer_k_quant_cache's arguments."""
+    checked = checked or validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+    values = {"out": dst_k.data_ptr(), "out_scales": dst_scale.data_ptr(), "k_cache": kv_cache.data_ptr(),
+              "block_table": block_table.data_ptr(), "starts": cu_seq_lens.data_ptr(), "seq_starts": 0,
+              "out_stride_row": checked.row_stride, "scales_stride_row": checked.scale_row_stride, "bounded": 1,
+              "has_seq_starts": 0}
+    _launch_packed(entry, values, checked, dst_k.get_device(), pdl, grid)
+
+
+def _launch_packed(entry: KernelEntry, values: dict, checked: CheckedPacked, device_index: int, pdl: bool,
+                   grid: tuple[int, int, int] | None) -> None:
+    values = {**values, "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
+              "num_reqs": checked.num_reqs, "num_rows": checked.num_rows}
+    launch(entry, values, grid or launch_grid(entry, 1, checked.num_rows), device_index, pdl)
+
+
+def _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts) -> None:
+    checked = validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
+    if checked.num_reqs == 0 or checked.num_rows == 0:
+        record_no_launch()
+        return
+    if check_requested():
+        check_packed(src_cache, block_table, workspace_starts, batch_size, checked.num_rows, False, seq_starts,
+                     checked.block_size, "workspace_starts")
+    aligned = dst.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
+    decision = decide_packed(dst, checked, "bf16", aligned)
+    args = (dst, src_cache, block_table, workspace_starts, batch_size, seq_starts, checked.block_size)
+
+    def triton_path():
+        from .triton import dequantize_and_gather_packed_triton
+
+        dequantize_and_gather_packed_triton(*args)
+
+    def torch_path():
+        from .reference import dequantize_and_gather_packed_torch
+
+        dequantize_and_gather_packed_torch(*args)
+
+    serve(decision, dst.device.type,
+          lambda entry, pdl: launch_packed(entry, src_cache, dst, block_table, workspace_starts, batch_size,
+                                           seq_starts, checked=checked, pdl=pdl),
+          triton_path, torch_path)
+
+
+def _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+    checked = validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+    if checked.num_reqs == 0 or checked.num_rows == 0:
+        record_no_launch()
+        return
+    if check_requested():
+        check_packed(kv_cache, block_table, cu_seq_lens, checked.num_reqs, checked.num_rows, True, None,
+                     checked.block_size, "cu_seq_lens")
+    aligned = dst_k.data_ptr() % 16 == 0 and checked.row_stride % 16 == 0
+    decision = decide_packed(dst_k, checked, "raw", aligned)
+    args = (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, checked.block_size)
+
+    def triton_path():
+        from .triton import gather_raw_packed_triton
+
+        gather_raw_packed_triton(*args)
+
+    def torch_path():
+        from .reference import gather_raw_packed_torch
+
+        gather_raw_packed_torch(*args)
+
+    serve(decision, dst_k.device.type,
+          lambda entry, pdl: launch_raw(entry, kv_cache, dst_k, dst_scale, block_table, cu_seq_lens, checked=checked,
+                                        pdl=pdl),
+          triton_path, torch_path)
+
+
+@torch.library.custom_op("kvgen::cp_gather_and_upconvert_fp8_kv_cache", mutates_args=("dst",))
+def _custom_op_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
+                      workspace_starts: torch.Tensor, batch_size: int,
+                      seq_starts: Optional[torch.Tensor] = None) -> None:
+    _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
+
+
+@_custom_op_packed.register_fake
+def _(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None) -> None:
+    return None
+
+
+def cp_gather_and_upconvert_fp8_kv_cache(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
+                                         workspace_starts: torch.Tensor, batch_size: int,
+                                         seq_starts: Optional[torch.Tensor] = None) -> None:
+    """vLLM's packed gather: dst row t (bf16 [T, head_dim]) <- the token of the
+    last request r < batch_size with workspace_starts[r] <= t, at position
+    t - workspace_starts[r] (+ seq_starts[r]), decoded; rows before
+    workspace_starts[0] are not touched. Any loaded format (the V3.2 656-byte
+    record is what vLLM passes); docs/semantics.md, "Packed gathers"."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.cp_gather_and_upconvert_fp8_kv_cache(src_cache, dst, block_table, workspace_starts,
+                                                             batch_size, seq_starts)
+        return
+    _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
+
+
+@torch.library.custom_op("kvgen::cp_gather_indexer_k_quant_cache", mutates_args=("dst_k", "dst_scale"))
+def _custom_op_raw(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor, block_table: torch.Tensor,
+                   cu_seq_lens: torch.Tensor) -> None:
+    _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+
+
+@_custom_op_raw.register_fake
+def _(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+    return None
+
+
+def cp_gather_indexer_k_quant_cache(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor,
+                                    block_table: torch.Tensor, cu_seq_lens: torch.Tensor) -> None:
+    """vLLM's raw packed gather of the indexer K cache: request r owns rows
+    cu_seq_lens[r] .. cu_seq_lens[r+1]-1 of dst_k (uint8 [T, value_bytes]) and
+    dst_scale (uint8 [T, scale bytes]), its positions from 0; the records'
+    value and scale bytes are copied undecoded; rows past cu_seq_lens[-1] are
+    not touched. Any loaded page-split format; docs/semantics.md."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+        return
+    _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)

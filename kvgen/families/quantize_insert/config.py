@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, param
 from ...formats import Format
 
-SLOT_DTYPES = {"int32": "int32_t*", "int64": "int64_t*"}  # slot_mapping's dtype: one kernel each, no cast
+SLOT_DTYPES = {"int32": "int32_t*", "int64": "int64_t*"}
+# (value kind, scale kind) pairs the template encodes, each by its rule in docs/semantics.md.
+ENCODINGS = (("e4m3", "ue8m0"), ("e4m3", "f32"), ("e2m1", "e4m3"))  # slot_mapping's dtype: one kernel each, no cast
 MAX_TOKENS_PER_WARP = 8
 MAX_BLOCK_SIZE = 1024
-# What the template can move: each lane handles at most two 16-byte chunks (8
-# bf16 values) of a row; a scale group spans a power-of-two number of lanes.
-MAX_HEAD_DIM = 2 * 32 * 8
+# What the template can move: each lane handles at most three 16-byte chunks
+# (8 bf16 values) of a row; a scale group spans a power-of-two number of lanes.
+MAX_HEAD_DIM = 3 * 32 * 8
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class QuantizeInsertConfig(FamilyConfig):
     pdl: bool = param("p", "programmatic dependent launch: griddepcontrol.wait before any global access, then "
                            "launch_dependents", default=True)
     arch: str = param("", "target architecture (a row of kvgen.config.ARCHS)", default="sm_90a")
+    pow2_scale: bool = param("u", "float32 scales only: round each scale up to a power of two (the indexer's "
+                                  "scale_fmt='ue8m0')", default=False, named_at_default=False)
 
     family = "qik"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "quantize_insert"  # its table in a spec file,
@@ -47,10 +51,12 @@ class QuantizeInsertConfig(FamilyConfig):
     @property
     def params(self) -> tuple[KernelParam, ...]:
         return (
-            KernelParam("k", "__nv_bfloat16*", 16),
+            KernelParam("k", "__nv_bfloat16*", 16),  # the values to quantize, [T, values] (rows k_stride apart)
+            KernelParam("tail", "__nv_bfloat16*", 16),  # the tail copied verbatim, [T, tail]: k + values, or k_pe
             KernelParam("k_cache", "uint8_t*", 16),
             KernelParam("slot_mapping", SLOT_DTYPES[self.slot_dtype], 4),  # slot or -1: token skipped
             KernelParam("k_stride", "int64_t"),  # elements between rows of k
+            KernelParam("tail_stride", "int64_t"),  # elements between rows of tail
             KernelParam("page_stride", "int64_t"),  # bytes between pages
             KernelParam("num_tokens", "int32_t"),  # slot_mapping.shape[0]: tokens past it are not written
         )
@@ -62,13 +68,16 @@ class QuantizeInsertConfig(FamilyConfig):
 
 def _check(c: QuantizeInsertConfig) -> None:
     check_types(c, {"block_size": int, "tokens_per_warp": int, "num_warps": int, "slot_dtype": str, "pdl": bool,
-                    "arch": str})
+                    "arch": str, "pow2_scale": bool})
     check_choice("arch", c.arch, ARCHS)
     check_choice("slot_dtype", c.slot_dtype, SLOT_DTYPES)
     f = c.format
-    if (f.value_kind, f.scale_kind, f.placement) != ("e4m3", "ue8m0", "page_split"):
-        raise ConfigError(f"format {f.name}: the quantize_insert template writes page-split e4m3 values with UE8M0 "
-                          f"scales, not {f.placement} {f.value_kind} with {f.scale_kind}")
+    if (f.value_kind, f.scale_kind) not in ENCODINGS:
+        raise ConfigError(f"format {f.name}: the quantize_insert template writes {sorted(ENCODINGS)} "
+                          f"(value kind, scale kind), not {(f.value_kind, f.scale_kind)}")
+    if c.pow2_scale and f.scale_kind != "f32":
+        raise ConfigError(f"pow2_scale applies to float32 scales; format {f.name}'s are {f.scale_kind} "
+                          "(UE8M0 scales are powers of two already)")
     lanes = f.scale_group // 8
     if f.scale_group % 8 or f.tail % 8 or lanes & (lanes - 1) or lanes > 32:
         raise ConfigError(f"format {f.name}: the template handles values in chunks of 8 over a power of two of lanes, "

@@ -38,14 +38,14 @@ class Checked(NamedTuple):
     k_stride: int
     num_tokens: int
     slot_dtype: str
+    tail_stride: int = 0  # a separate tail tensor's row stride (concat_and_cache_ds_mla's k_pe)
 
 
-def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked:
-    """Check every argument before any launch."""
-    k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
-    expect(isinstance(k_cache, torch.Tensor), f"k_cache: expected a torch.Tensor, got {type(k_cache).__name__}",
+def _check_cache(k_cache, block_size, record_bytes=None, name: str = "k_cache") -> tuple[Format, int]:
+    """The writer's cache (record or byte view): its format and page stride."""
+    expect(isinstance(k_cache, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(k_cache).__name__}",
            TypeError)
-    expect(k_cache.dtype == torch.uint8, f"k_cache: expected dtype torch.uint8, got {k_cache.dtype}", TypeError)
+    expect(k_cache.dtype == torch.uint8, f"{name}: expected dtype torch.uint8, got {k_cache.dtype}", TypeError)
     expect(type(block_size) is int, f"block_size: expected an int, got {type(block_size).__name__}", TypeError)
     expect(record_bytes is None or type(record_bytes) is int,
            f"record_bytes: expected an int or None, got {type(record_bytes).__name__}", TypeError)
@@ -53,29 +53,44 @@ def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked
     kc_shape, kc_strides = k_cache.shape, k_cache.stride()
     if len(kc_shape) == 3:  # the record view: its last dimension names the format
         expect(record_bytes is None or record_bytes == kc_shape[2],
-               f"record_bytes: {record_bytes} disagrees with k_cache.shape[-1] ({kc_shape[2]})")
-        fmt = format_named(kc_shape[2], "k_cache")
-        expect(block_size == kc_shape[1], f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
+               f"record_bytes: {record_bytes} disagrees with {name}.shape[-1] ({kc_shape[2]})")
+        fmt = format_named(kc_shape[2], name)
+        expect(block_size == kc_shape[1], f"block_size: must equal {name}.shape[1] ({kc_shape[1]}), got {block_size}")
         expect(kc_strides[2] == 1 and (kc_shape[1] == 1 or kc_strides[1] == fmt.record_bytes),
-               f"k_cache: each page must hold contiguous {fmt.record_bytes}-byte rows, got strides {tuple(kc_strides)}")
+               f"{name}: each page must hold contiguous {fmt.record_bytes}-byte rows, got strides {tuple(kc_strides)}")
     elif len(kc_shape) == 2:  # the byte view: record_bytes names the format
         fmt = format_named(DEFAULT_RECORD_BYTES if record_bytes is None else record_bytes, "record_bytes")
-        expect(kc_strides[1] == 1 or kc_shape[1] <= 1, f"k_cache: each page's bytes must be contiguous, got strides "
+        expect(kc_strides[1] == 1 or kc_shape[1] <= 1, f"{name}: each page's bytes must be contiguous, got strides "
                                                        f"{tuple(kc_strides)}")
         expect(block_size * fmt.record_bytes <= kc_shape[1],
                f"block_size: {block_size} records of {fmt.record_bytes} bytes do not fit a page of {kc_shape[1]} bytes "
-               "(k_cache.shape[1])")
+               "({name}.shape[1])")
     else:
-        raise ValueError(f"k_cache: expected [num_blocks, block_size, record_bytes] or [num_blocks, block_bytes], "
+        raise ValueError(f"{name}: expected [num_blocks, block_size, record_bytes] or [num_blocks, block_bytes], "
                          f"got shape {tuple(kc_shape)}")
     page_stride = kc_strides[0]
-    expect(page_stride % 16 == 0, f"k_cache: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
+    expect(page_stride % 16 == 0, f"{name}: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
     expect(kc_shape[0] <= 1 or page_stride >= block_size * fmt.record_bytes,
-           f"k_cache: page stride {page_stride} is smaller than a page ({block_size}*{fmt.record_bytes} bytes)")
-    expect(k_cache.data_ptr() % 16 == 0, "k_cache: data must be 16-byte aligned")
+           f"{name}: page stride {page_stride} is smaller than a page ({block_size}*{fmt.record_bytes} bytes)")
+    expect(k_cache.data_ptr() % 16 == 0, f"{name}: data must be 16-byte aligned")
+    return fmt, page_stride
+
+
+def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked:
+    """Check every argument before any launch."""
+    k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
+    fmt, page_stride = _check_cache(k_cache, block_size, record_bytes)
     expect(k_shape[1] == fmt.head_dim, f"k: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), "
                                        f"got {k_shape[1]}")
     expect(k_strides[1] == 1 or k_shape[1] <= 1, f"k: innermost stride must be 1, got {k_strides[1]}")
+    num_tokens = _check_slots(slot_mapping, k_shape[0], "k")
+    check_one_device(k, k_cache, slot_mapping)
+    k_stride = k_strides[0] if k_shape[0] > 1 else fmt.head_dim
+    return Checked(fmt, page_stride, k_stride, num_tokens, SLOT_DTYPES[slot_mapping.dtype])
+
+
+def _check_slots(slot_mapping, rows: int, rows_name: str) -> int:
+    """slot_mapping's checks; its length (the tokens written)."""
     if not isinstance(slot_mapping, torch.Tensor):
         raise TypeError(f"slot_mapping: expected a torch.Tensor, got {type(slot_mapping).__name__}")
     expect(slot_mapping.dtype in SLOT_DTYPES, f"slot_mapping: expected dtype torch.int32 or torch.int64, got "
@@ -83,21 +98,23 @@ def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked
     expect(slot_mapping.dim() == 1, f"slot_mapping: expected 1 dimension, got shape {tuple(slot_mapping.shape)}")
     num_tokens = slot_mapping.shape[0]
     expect(num_tokens <= 1 or slot_mapping.stride(0) == 1, "slot_mapping: must be contiguous")
-    expect(num_tokens <= k_shape[0], f"slot_mapping: {num_tokens} slots for {k_shape[0]} rows of k (at most one "
-                                     "slot per row)")
+    expect(num_tokens <= rows, f"slot_mapping: {num_tokens} slots for {rows} rows of {rows_name} (at most one "
+                               "slot per row)")
     expect(num_tokens < 2**31, "slot_mapping: at most 2^31 - 1 slots")
-    check_one_device(k, k_cache, slot_mapping)
-    k_stride = k_strides[0] if k_shape[0] > 1 else fmt.head_dim
-    return Checked(fmt, page_stride, k_stride, num_tokens, SLOT_DTYPES[slot_mapping.dtype])
+    return num_tokens
 
 
 def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
-                  checked: Optional[Checked] = None) -> Decision:
+                  checked: Optional[Checked] = None, tail=None, pow2_scale: bool = False) -> Decision:
     """Which backend would serve this call (no launch, no synchronisation)."""
     checked = checked or validate(k, k_cache, slot_mapping, block_size, record_bytes)
     aligned = k.data_ptr() % 16 == 0 and checked.k_stride % 8 == 0  # 16-byte loads of k's rows
-    return decide(FAMILY, checked.format.name, block_size, (("slot_dtype", checked.slot_dtype),), 1,
-                  checked.num_tokens, k.device, aligned)
+    if tail is not None:
+        aligned = aligned and tail.data_ptr() % 16 == 0 and checked.tail_stride % 8 == 0
+    elif checked.format.tail:
+        aligned = aligned and checked.format.values % 8 == 0  # the tail starts 16-byte aligned within k's row
+    fields = (("slot_dtype", checked.slot_dtype), ("pow2_scale", pow2_scale))
+    return decide(FAMILY, checked.format.name, block_size, fields, 1, checked.num_tokens, k.device, aligned)
 
 
 def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
@@ -107,37 +124,49 @@ def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
 
 
 def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, int, int] | None = None,
-                 checked: Optional[Checked] = None, pdl: bool = False) -> None:
-    """Launch one writer row of the manifest (the grid from launch_grid unless given)."""
+                 checked: Optional[Checked] = None, pdl: bool = False, tail=None) -> None:
+    """Launch one writer row of the manifest (the grid from launch_grid unless given). The
+    tail is k's own columns past the values unless a separate `tail` tensor is given."""
     if checked is None:
         checked = validate(k, k_cache, slot_mapping, entry.config["block_size"], entry.format.record_bytes)
-    values = {"k": k.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_mapping": slot_mapping.data_ptr(),
-              "k_stride": checked.k_stride, "page_stride": checked.page_stride, "num_tokens": checked.num_tokens}
+    fmt = checked.format
+    if tail is None:
+        tail_ptr, tail_stride = k.data_ptr() + 2 * fmt.values, checked.k_stride
+    else:
+        tail_ptr, tail_stride = tail.data_ptr(), checked.tail_stride
+    values = {"k": k.data_ptr(), "tail": tail_ptr, "k_cache": k_cache.data_ptr(),
+              "slot_mapping": slot_mapping.data_ptr(), "k_stride": checked.k_stride, "tail_stride": tail_stride,
+              "page_stride": checked.page_stride, "num_tokens": checked.num_tokens}
     launch(entry, values, grid or launch_grid(entry, checked.num_tokens), k.get_device(), pdl)
 
 
-def _run(k, k_cache, slot_mapping, block_size, record_bytes) -> None:
-    checked = validate(k, k_cache, slot_mapping, block_size, record_bytes)
+def _insert(k, k_cache, slot_mapping, block_size, checked: Checked, tail=None, pow2_scale: bool = False) -> None:
+    """Serve one validated write: k holds the values (and the tail, unless `tail` is given)."""
     if checked.num_tokens == 0:
         record_no_launch()
         return
     if check_requested():
         check_write_slots(k_cache.shape[0], slot_mapping, block_size)
-    decision = decide_insert(k, k_cache, slot_mapping, block_size, record_bytes, checked=checked)
+    decision = decide_insert(k, k_cache, slot_mapping, block_size, checked=checked, tail=tail, pow2_scale=pow2_scale)
+    args = (k, k_cache, slot_mapping, block_size, checked.format)
 
     def triton_path():
         from .triton import quantize_and_insert_triton
 
-        quantize_and_insert_triton(k, k_cache, slot_mapping, block_size, checked.format)
+        quantize_and_insert_triton(*args, tail=tail, pow2_scale=pow2_scale)
 
     def torch_path():
         from .reference import quantize_and_insert_torch
 
-        quantize_and_insert_torch(k, k_cache, slot_mapping, block_size, checked.format)
+        quantize_and_insert_torch(*args, tail=tail, pow2_scale=pow2_scale)
 
     serve(decision, k.device.type,
-          lambda entry, pdl: launch_entry(entry, k, k_cache, slot_mapping, checked=checked, pdl=pdl),
+          lambda entry, pdl: launch_entry(entry, k, k_cache, slot_mapping, checked=checked, pdl=pdl, tail=tail),
           triton_path, torch_path)
+
+
+def _run(k, k_cache, slot_mapping, block_size, record_bytes) -> None:
+    _insert(k, k_cache, slot_mapping, block_size, validate(k, k_cache, slot_mapping, block_size, record_bytes))
 
 
 @torch.library.custom_op("kvgen::quantize_and_insert_k_cache", mutates_args=("k_cache",))
@@ -162,6 +191,105 @@ def quantize_and_insert_k_cache(k: torch.Tensor, k_cache: torch.Tensor, slot_map
         torch.ops.kvgen.quantize_and_insert_k_cache(k, k_cache, slot_mapping, block_size, record_bytes)
         return
     _run(k, k_cache, slot_mapping, block_size, record_bytes)
+
+
+def _record_view(name: str, kv_cache) -> tuple[Format, int]:
+    """A writer's record view [num_blocks, block_size, record_bytes]: its format and block size."""
+    expect(isinstance(kv_cache, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(kv_cache).__name__}",
+           TypeError)
+    expect(kv_cache.dim() == 3, f"{name}: expected [num_blocks, block_size, record_bytes], got shape "
+                                f"{tuple(kv_cache.shape)}")
+    expect(kv_cache.dtype == torch.uint8, f"{name}: expected dtype torch.uint8, got {kv_cache.dtype}", TypeError)
+    return format_named(kv_cache.shape[2], name), kv_cache.shape[1]
+
+
+def validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping) -> tuple[Checked, int]:
+    """Check every argument of concat_and_cache_ds_mla; (what was read, the block size)."""
+    fmt, block_size = _record_view("kv_cache", kv_cache)
+    expect(fmt.tail > 0, f"kv_cache: format {fmt.name} has no bf16 tail for k_pe; use quantize_and_insert_k_cache")
+    c_shape, c_strides = meta("kv_c", kv_c, torch.bfloat16, 2)
+    p_shape, p_strides = meta("k_pe", k_pe, torch.bfloat16, 2)
+    expect(c_shape[1] == fmt.values, f"kv_c: last dimension must be {fmt.values} (format {fmt.name}'s quantized "
+                                     f"values), got {c_shape[1]}")
+    expect(p_shape[1] == fmt.tail, f"k_pe: last dimension must be {fmt.tail} (format {fmt.name}'s tail), got "
+                                   f"{p_shape[1]}")
+    expect(p_shape[0] == c_shape[0], f"k_pe: {p_shape[0]} rows for kv_c's {c_shape[0]}")
+    expect(c_strides[1] == 1 and p_strides[1] == 1, "kv_c/k_pe: innermost stride must be 1")
+    _, page_stride = _check_cache(kv_cache, block_size, name="kv_cache")
+    num_tokens = _check_slots(slot_mapping, c_shape[0], "kv_c")
+    check_one_device(kv_c, kv_cache, slot_mapping, k_pe)
+    return Checked(fmt, page_stride, c_strides[0] if c_shape[0] > 1 else fmt.values, num_tokens,
+                   SLOT_DTYPES[slot_mapping.dtype], p_strides[0] if p_shape[0] > 1 else fmt.tail), block_size
+
+
+@torch.library.custom_op("kvgen::concat_and_cache_ds_mla", mutates_args=("kv_cache",))
+def _custom_op_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    checked, block_size = validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
+    _insert(kv_c, kv_cache, slot_mapping, block_size, checked, tail=k_pe)
+
+
+@_custom_op_ds_mla.register_fake
+def _(kv_c, k_pe, kv_cache, slot_mapping) -> None:
+    return None
+
+
+def concat_and_cache_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor) -> None:
+    """vLLM's V3.2 writer: quantize kv_c (bf16 [T, 512]) with float32 scales and
+    store k_pe (bf16 [T, 64]) verbatim into the 656-byte inline records of
+    kv_cache (uint8 [num_blocks, block_size, 656]) at slot_mapping's slots (-1
+    skips). Any loaded format with a tail; docs/semantics.md, "Writing"."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.concat_and_cache_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
+        return
+    checked, block_size = validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
+    _insert(kv_c, kv_cache, slot_mapping, block_size, checked, tail=k_pe)
+
+
+def validate_indexer(k, kv_cache, slot_mapping, quant_block_size) -> tuple[Checked, int]:
+    fmt, block_size = _record_view("kv_cache", kv_cache)
+    expect(fmt.scale_kind == "f32", f"kv_cache: format {fmt.name} has {fmt.scale_kind} scales; the indexer writer "
+                                    "writes float32 scales")
+    expect(type(quant_block_size) is int, f"quant_block_size: expected an int, got "
+                                          f"{type(quant_block_size).__name__}", TypeError)
+    expect(quant_block_size == fmt.scale_group, f"quant_block_size: format {fmt.name} has one scale per "
+                                                f"{fmt.scale_group} values, got {quant_block_size}")
+    k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
+    _, page_stride = _check_cache(kv_cache, block_size, name="kv_cache")
+    expect(k_shape[1] == fmt.head_dim, f"k: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), "
+                                       f"got {k_shape[1]}")
+    expect(k_strides[1] == 1 or k_shape[1] <= 1, f"k: innermost stride must be 1, got {k_strides[1]}")
+    num_tokens = _check_slots(slot_mapping, k_shape[0], "k")
+    check_one_device(k, kv_cache, slot_mapping)
+    return Checked(fmt, page_stride, k_strides[0] if k_shape[0] > 1 else fmt.head_dim, num_tokens,
+                   SLOT_DTYPES[slot_mapping.dtype]), block_size
+
+
+@torch.library.custom_op("kvgen::indexer_k_quant_and_cache", mutates_args=("kv_cache",))
+def _custom_op_indexer(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, quant_block_size: int,
+                       scale_fmt: Optional[str] = None) -> None:
+    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size)
+    _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
+
+
+@_custom_op_indexer.register_fake
+def _(k, kv_cache, slot_mapping, quant_block_size, scale_fmt=None) -> None:
+    return None
+
+
+def indexer_k_quant_and_cache(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              quant_block_size: int, scale_fmt: Optional[str] = None) -> None:
+    """vLLM's indexer writer: quantize k (bf16 [T, 128]) with one float32 scale
+    per quant_block_size values (the format's group, 128) into kv_cache (uint8
+    [num_blocks, block_size, 132], page-split) at slot_mapping's slots (-1
+    skips); scale_fmt "ue8m0" rounds each scale up to a power of two, anything
+    else keeps it. docs/semantics.md, "Writing"."""
+    if torch.compiler.is_compiling():
+        torch.ops.kvgen.indexer_k_quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
+        return
+    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size)
+    _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
 
 
 def select_backend_insert(k, k_cache, slot_mapping, block_size, record_bytes=None) -> str:
