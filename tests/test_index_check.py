@@ -105,3 +105,34 @@ def test_check_refuses_to_run_inside_graph_capture(monkeypatch):
     with pytest.raises(ValueError, match="CUDA-graph capture"):
         with torch.cuda.graph(graph):
             kvgen.dequantize_and_gather_k_cache(*args)
+
+
+def test_packed_calls_are_checked(monkeypatch):
+    """KVGEN_CHECK=1 on the packed gathers: starts out of order, a position past the
+    block-table row, a page outside the cache -- each one line, nothing written."""
+    import kvgen
+    from kvgen.testing import make_packed_case, make_raw_packed_case
+
+    monkeypatch.setenv("KVGEN_CHECK", "1")
+    case = make_packed_case(seq_lens=[20, 9], block_size=16, format="v32_656", seed=1)
+    src, dst, block_table, starts, batch, _ = case.args()
+    before = dst.clone()
+    bad_starts = starts.flip(0).contiguous()
+    with pytest.raises(ValueError, match="workspace_starts: entry 1 .* below entry 0"):
+        kvgen.cp_gather_and_upconvert_fp8_kv_cache(src, dst, block_table, bad_starts, batch)
+    with pytest.raises(ValueError, match="block_table: request 0 reads position"):
+        kvgen.cp_gather_and_upconvert_fp8_kv_cache(src, dst, block_table, starts, batch,
+                                                   torch.tensor([40, 0], dtype=torch.int32))
+    table = block_table.clone()
+    table[1, 0] = src.shape[0]
+    with pytest.raises(ValueError, match="request 1, column 0 holds page"):
+        kvgen.cp_gather_and_upconvert_fp8_kv_cache(src, dst, table, starts, batch)
+    assert torch.equal(dst.view(torch.int16), before.view(torch.int16))
+
+    raw = make_raw_packed_case(seq_lens=[5, 7], block_size=16, seed=2)
+    kv_cache, dst_k, dst_scale, table, cu = raw.args()
+    table = table.clone()
+    table[0, 0] = -1
+    with pytest.raises(ValueError, match="request 0, column 0 holds page -1"):
+        kvgen.cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, table, cu)
+    assert bool((dst_k == 0xA5).all())
