@@ -80,7 +80,7 @@ def e4m3_rne_satfinite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(y), torch.full_like(q, E4M3_NAN), q)
 
 
-def div_rn(a: torch.Tensor, b: "torch.Tensor | float") -> torch.Tensor:
+def div_rn(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     """a / b as IEEE float32 divisions rounded to nearest even, on any device. The divisor is made a float32
     tensor on a's device: CUDA's div computes a * (1 / b) when b is a CPU scalar, which is not the same."""
     if not isinstance(b, torch.Tensor):
