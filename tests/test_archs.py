@@ -18,7 +18,7 @@ from kvgen.families.dequant_gather import op as ops
 from kvgen.paths import generated_dir
 from kvgen.runtime import backend
 from kvgen.runtime.loader import registry, reset_registry
-from kvgen.testing import SparseCase, make_case
+from kvgen.testing import make_case
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -147,22 +147,14 @@ def ptx_only(request, tmp_path):
 
 @pytest.mark.gpu
 def test_ptx_route_readers_on_the_golden_corpus(ptx_only, monkeypatch):
-    from tests.golden.corpus import CASES, DIGESTS, build_case, canonical_digest
+    from tests.golden.corpus import CASES, DIGESTS, build_case, canonical_digest, run_public
 
     digests = json.loads(DIGESTS.read_text())["cases"]
     wrong = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name in sorted(CASES):
-            case = build_case(name)
-            out = case.out.to("cuda")
-            if isinstance(case, SparseCase):
-                kvgen.dequantize_and_gather_k_cache_sparse(*case.args("cuda", out=out))
-                launched = case.slot_indices.numel() > 0
-            else:
-                kvgen.dequantize_and_gather_k_cache(*case.args("cuda", out=out))
-                launched = case.seq_lens.numel() > 0
-            torch.cuda.synchronize()
+            out, launched = run_public(build_case(name), "cuda")
             if launched and kvgen.last_backend() != "ptx":
                 wrong.append(f"{name}: served by {kvgen.last_backend()}")
             elif canonical_digest(out) != digests[name]["sha256"]:
@@ -183,7 +175,7 @@ def test_ptx_route_writers_on_the_golden_corpus(ptx_only):
         k, k_cache, slots, block_size = case.args("cuda")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            kvgen.quantize_and_insert_k_cache(k, k_cache, slots, block_size, record_bytes=case.record_bytes)
+            case.call_public(k, k_cache, slots, block_size)
         torch.cuda.synchronize()
         if slots.shape[0] and kvgen.last_backend() != "ptx":
             wrong.append(f"{name}: served by {kvgen.last_backend()}")

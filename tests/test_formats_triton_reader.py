@@ -502,3 +502,33 @@ def test_old_formats_every_scale_edge(name):
     values = torch.randint(0, 256, (n, fmt.value_bytes), generator=g, dtype=torch.uint8).numpy()
     scales = (np.arange(n * fmt.num_scales) % 256).reshape(n, fmt.num_scales).astype(np.uint8)
     check_edges(fmt, *edge_cache(fmt, values, scales))
+
+
+# A user's formats no shipped tree has: e2m1 values beside a bf16 tail (each column loads its
+# byte; once with a power-of-two head), inline records of e2m1 values with UE8M0 scales and of
+# e4m3 values with float32 scales.
+USER_FORMATS = (
+    Format("e2m1_tail", values=256, tail=64, value_kind="e2m1", scale_group=16, scale_kind="e4m3"),
+    Format("e2m1_p2_head", values=192, tail=64, value_kind="e2m1", scale_group=16, scale_kind="e4m3"),  # head 256
+    Format("e2m1_inline", values=256, tail=32, value_kind="e2m1", scale_group=32, placement="inline"),
+    Format("f32_inline_small", values=64, tail=16, scale_group=32, scale_kind="f32", placement="inline"),
+)
+
+
+@pytest.mark.parametrize("fmt", USER_FORMATS, ids=lambda f: f.name)
+def test_user_formats(fmt, monkeypatch):
+    """Formats of a user's tree (format_of answers them here): dense and packed on raw bytes,
+    Triton == numpy == torch."""
+    import kvgen.families.dequant_gather.triton as triton_module
+
+    monkeypatch.setattr(triton_module, "format_of", lambda k_cache: fmt)
+    monkeypatch.setattr(reference, "format_of", lambda k_cache: fmt)
+    kc, base, view, args = dense_case(fmt, 1, quantized=False)
+    got = run_triton(dequantize_and_gather_triton, base, view, kc, *args)
+    check(got, np_dense(kc, fmt, base, view, *args), f"{fmt.name} dense: Triton vs numpy")
+    expected = base.clone()
+    reference.dequantize_and_gather_torch(view(expected), kc, *args)
+    check(got, expected, f"{fmt.name} dense: Triton vs torch")
+    kc, base, view, args = packed_case(fmt, 0, False, True)
+    got = run_triton(dequantize_and_gather_packed_triton, base, view, kc, *args)
+    check(got, np_packed(kc, fmt, base, view, *args), f"{fmt.name} packed: Triton vs numpy")

@@ -8,9 +8,11 @@ import torch
 
 import kvgen
 from kvgen.runtime.loader import registry
-from kvgen.testing import SparseCase
+from kvgen.runtime.validate import format_of
+from kvgen.testing import PackedCase, RawPackedCase, SparseCase
 from tests.golden import corpus
-from tests.golden.corpus import CASES, DIGESTS, EXPECTED_DIR, FULL_TENSOR_CASES, build_case, canonical_digest, expected_text, oracle_output, reference_output
+from tests.golden.corpus import (CASES, DIGESTS, EXPECTED_DIR, FULL_TENSOR_CASES, build_case, canonical_digest,
+                                 expected_text, oracle_output, reference_output, run_public)
 
 DIGEST_TABLE = json.loads(DIGESTS.read_text())["cases"]
 
@@ -20,20 +22,19 @@ def test_corpus_is_complete_and_committed():
     assert set(DIGEST_TABLE) == set(CASES), "run `make golden` and commit tests/golden/"
 
 
-def test_corpus_covers_every_shipped_family_and_block_size():
-    def family(case):
-        indexing = "sparse" if isinstance(case, SparseCase) else "dense"
-        return case.k_cache.shape[-1], indexing, case.block_size
+def family(case) -> tuple[str, str, str, int]:
+    """(format name, indexing, output, block size): the key of registry().entries' dqgk configs."""
+    indexing = ("packed" if isinstance(case, (PackedCase, RawPackedCase)) else
+                "sparse" if isinstance(case, SparseCase) else "dense")
+    output = "raw" if isinstance(case, RawPackedCase) else "bf16"
+    return format_of(case.k_cache).name, indexing, output, case.block_size
 
-    # The corpus pins the two DeepSeek-V4 formats' dense and sparse gathers; the
-    # three formats of issue 15 and the packed gathers are vouched for by
-    # tests/test_formats_reader.py (reference == oracle) and are not in it yet.
-    pinned = {"dsv4_584": 584, "v41_528": 528}
-    shipped = {(pinned[e.config["format"]], e.config["indexing"], e.config["block_size"])
-               for e in registry().entries if e.family == "dqgk" and e.config["format"] in pinned
-               and e.config["indexing"] in ("dense", "sparse")}
+
+def test_corpus_covers_every_shipped_family_and_block_size():
+    shipped = {(e.config["format"], e.config["indexing"], e.config.get("output", "bf16"), e.config["block_size"])
+               for e in registry().entries if e.family == "dqgk"}
     covered = {family(build_case(name)) for name in CASES}
-    assert shipped <= covered, shipped - covered
+    assert shipped <= covered, sorted(shipped - covered)
 
 
 @pytest.mark.parametrize("name", FULL_TENSOR_CASES)
@@ -76,17 +77,9 @@ def test_a_disagreement_names_the_case_and_element_and_writes_nothing(monkeypatc
 
 
 def _run(backend: str, name: str, device: str, monkeypatch) -> torch.Tensor:
+    """The case's output after kvgen's public op on `backend` (a raw case's: raw_output(dst_k, dst_scale))."""
     monkeypatch.setenv("KVGEN_BACKEND", backend)
-    case = build_case(name)
-    out = case.out.to(device)
-    if isinstance(case, SparseCase):
-        kvgen.dequantize_and_gather_k_cache_sparse(*case.args(device, out=out))
-        launched = case.slot_indices.numel() > 0
-    else:
-        kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
-        launched = case.seq_lens.numel() > 0
-    if device == "cuda":
-        torch.cuda.synchronize()
+    out, launched = run_public(build_case(name), device)
     if launched:
         assert kvgen.last_backend() == backend
     return out

@@ -14,8 +14,8 @@ from kvgen.config import ARCHS
 from kvgen.families.dequant_gather.reference import (dequantize_and_gather_packed_torch,
                                                      dequantize_and_gather_sparse_torch, dequantize_and_gather_torch,
                                                      gather_raw_packed_torch)
-from kvgen.testing import (clone_strided, make_case, make_packed_case, make_raw_packed_case, make_sparse_case,
-                           mismatches, poisoned_out, whole_storage)
+from kvgen.testing import (POISON_BF16, clone_strided, make_case, make_packed_case, make_raw_packed_case,
+                           make_sparse_case, mismatches, poisoned_out, whole_storage)
 
 pytestmark = pytest.mark.gpu
 
@@ -197,9 +197,12 @@ def test_every_shipped_kernel_bit_exact():
             exp_k, exp_s = case.dst_k.clone(), case.dst_scale.clone()
             gather_raw_packed_torch(*case.reference_args(dst_k=exp_k, dst_scale=exp_s))
             kv_cache, dst_k, dst_scale, block_table, cu = case.args("cuda")
-            ops.launch_raw(entry, kv_cache, dst_k, dst_scale, block_table, cu)
-            torch.cuda.synchronize()
-            assert torch.equal(dst_k.cpu(), exp_k) and torch.equal(dst_scale.cpu(), exp_s), entry.name
+            for grid in (None, (1, 1, 1)):  # the dispatch grid, then one CTA: many tokens per warp
+                dst_k.fill_(0xA5)
+                dst_scale.fill_(0xA5)
+                ops.launch_raw(entry, kv_cache, dst_k, dst_scale, block_table, cu, grid=grid)
+                torch.cuda.synchronize()
+                assert torch.equal(dst_k.cpu(), exp_k) and torch.equal(dst_scale.cpu(), exp_s), (entry.name, grid)
             continue
         if c["indexing"] == "packed":
             case = make_packed_case(seq_lens=[3 * bs + 7, 0, 5, bs], block_size=bs, format=c["format"],
@@ -226,6 +229,18 @@ def test_every_shipped_kernel_bit_exact():
             ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset)
         torch.cuda.synchronize()
         assert mismatches(out.cpu(), expected) == 0, entry.name
+        # Again on one CTA (one worker per request): each warp walks many tokens
+        # through its ring, so every stage is refilled while others are in use.
+        out.view(torch.int16).fill_(POISON_BF16)
+        small = (out.shape[0] if c["indexing"] == "dense" else 1, 1, 1)
+        if c["indexing"] == "packed":
+            ops.launch_packed(entry, *args, grid=small)
+        elif c["indexing"] == "sparse":
+            ops.launch_entry_sparse(entry, out, k_cache, slots, grid=small)
+        else:
+            ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, grid=small)
+        torch.cuda.synchronize()
+        assert mismatches(out.cpu(), expected) == 0, (entry.name, "one CTA")
 
 
 @pytest.mark.parametrize("pdl", [False, True])
@@ -380,6 +395,10 @@ def test_every_shipped_writer_row_bit_exact():
             insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl)
             torch.cuda.synchronize()
             assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, specials)
+            cache_gpu = _on_gpu(k_cache)  # again on one CTA: each warp loops over many tokens
+            insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl, grid=(1, 1, 1))
+            torch.cuda.synchronize()
+            assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, "one CTA")
             if fmt.tail:  # the tail from a tensor of its own (concat_and_cache_ds_mla's k_pe)
                 values, tail = k[:, : fmt.values], k[:, fmt.values:].contiguous()
                 cache_gpu = _on_gpu(k_cache)

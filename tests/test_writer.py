@@ -57,7 +57,8 @@ def run(case: WriterCase, backend: str, device: str = "cpu") -> torch.Tensor:
     if device == "cpu":
         return run_case(case, BACKENDS[backend])
     k, k_cache, slots, block_size = case.args(device)
-    BACKENDS[backend](k, k_cache, slots, block_size, case.fmt)
+    k, kw = case.extra(k)  # the tail apart, pow2 scales: as the case asks
+    BACKENDS[backend](k, k_cache, slots, block_size, case.fmt, **kw)
     torch.cuda.synchronize()
     return _to(k_cache, "cpu")
 
@@ -449,14 +450,12 @@ def test_writer_functions_on_cuda_tensors(backend):
 def test_writer_backends_on_gpu(backend, monkeypatch):
     import kvgen
 
-    op = getattr(kvgen, "quantize_and_insert_k_cache", None)
-    assert op is not None, "kvgen.quantize_and_insert_k_cache is missing"
     monkeypatch.setenv("KVGEN_BACKEND", backend)
     wrong = []
     for name in sorted(CASES):
         case = build_case(name)
         k, k_cache, slots, block_size = case.args("cuda")
-        op(k, k_cache, slots, block_size, record_bytes=case.record_bytes)
+        case.call_public(k, k_cache, slots, block_size)
         torch.cuda.synchronize()
         cache = _to(k_cache, "cpu")  # the whole storage, padding and poison around the pages included
         if slots.shape[0] and kvgen.last_backend() != backend:

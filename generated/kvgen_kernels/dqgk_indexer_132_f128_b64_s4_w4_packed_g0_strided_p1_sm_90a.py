@@ -176,7 +176,7 @@ def kernel(
         if first + s * step < limit:
             # Row first + s * step belongs to the last request r with starts[r] <= it (every row
             # here is >= starts[0]): binary lifting over the requests, warp-uniform loads.
-            t = first + s * step
+            packed_row = first + s * step
             r = Int32(0)
             r_start = first_start
             step_r = top_step
@@ -184,11 +184,11 @@ def kernel(
                 cand = r + step_r
                 if cand < num_reqs:
                     cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
-                    if cand_start <= t:
+                    if cand_start <= packed_row:
                         r = cand
                         r_start = cand_start
                 step_r = step_r >> 1
-            pos = t - r_start
+            pos = packed_row - r_start
             if has_seq_starts != 0:
                 pos = pos + cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
             page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]
@@ -221,7 +221,7 @@ def kernel(
         if ahead < limit:
             # Row ahead belongs to the last request r with starts[r] <= it (every row
             # here is >= starts[0]): binary lifting over the requests, warp-uniform loads.
-            t = ahead
+            packed_row = ahead
             r = Int32(0)
             r_start = first_start
             step_r = top_step
@@ -229,11 +229,11 @@ def kernel(
                 cand = r + step_r
                 if cand < num_reqs:
                     cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
-                    if cand_start <= t:
+                    if cand_start <= packed_row:
                         r = cand
                         r_start = cand_start
                 step_r = step_r >> 1
-            pos = t - r_start
+            pos = packed_row - r_start
             if has_seq_starts != 0:
                 pos = pos + cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
             page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]

@@ -161,13 +161,23 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
     return min(rows, key=score)
 
 
+# A warp's share of a gather is at least this many record bytes (a V4.1
+# record's): small records give each warp several tokens, so the ring's fill and
+# drain are paid once per several records, not per record. Measured on the H100
+# (BENCHMARKS.md, log 16): 132-byte records (4 tokens a warp) 27.8 -> 18.0 us at
+# 65536 tokens; 288-byte records are best at one token a warp (two: +1%), as are
+# the 528-, 584- and 656-byte ones, which keep their grid.
+MIN_WARP_BYTES = 528
+
+
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int,
                 target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """grid = (requests, workers): enough warps for the longest possible gather
-    (max_rows bounds every gather length), the whole grid held near target_ctas.
-    A sparse call is one request of max_rows = number of slots."""
-    warps = entry.config["num_warps"]
-    workers = min(-(-max_rows // warps), -(-target_ctas // num_reqs), MAX_GRID_Y)
+    (max_rows bounds every gather length), each with at least MIN_WARP_BYTES of
+    records, the whole grid held near target_ctas. A sparse or packed call is
+    one request of max_rows = number of slots (rows)."""
+    per_warp = entry.config["num_warps"] * max(1, MIN_WARP_BYTES // entry.format.record_bytes)
+    workers = min(-(-max_rows // per_warp), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)
 
 

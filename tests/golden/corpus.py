@@ -11,6 +11,11 @@ and nothing is written.
 A digest is the sha256 of the whole `out` tensor (poisoned before the call,
 so untouched rows count too) after every NaN other than the poison is
 canonicalised to 0x7FC0: kvgen's comparison rule lets NaN payloads differ.
+Dense, sparse and packed (bf16) cases digest their `out` so (a packed case's
+`out` is dst, [T, head_dim]). A raw packed case (cp_gather_indexer_k_quant_cache)
+digests its two uint8 outputs, both poisoned with POISON_BYTE before the call,
+together: the sha256 of torch.cat([dst_k, dst_scale], dim=1) (row t is dst_k[t]
+then dst_scale[t]), bytes as they stand (no NaN rule: nothing is decoded).
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ from typing import Callable
 
 import torch
 
-from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
-from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
+from kvgen.families.dequant_gather.oracle import (dequantize_and_gather_oracle, dequantize_and_gather_packed_oracle,
+                                                  dequantize_and_gather_sparse_oracle, gather_raw_packed_oracle)
+from kvgen.families.dequant_gather.reference import (dequantize_and_gather_packed_torch,
+                                                     dequantize_and_gather_sparse_torch, dequantize_and_gather_torch,
+                                                     gather_raw_packed_torch)
 from kvgen.runtime.validate import format_of
-from kvgen.testing import POISON_BF16, Case, SparseCase, first_mismatch, make_case, make_sparse_case
+from kvgen.testing import (POISON_BF16, POISON_BYTE, Case, PackedCase, RawPackedCase, SparseCase, clone_strided,
+                           first_mismatch, make_case, make_packed_case, make_raw_packed_case, make_sparse_case)
 from tests.golden.digests import Disagreement
 from tests.golden.digests import main as digests_main
 
@@ -40,22 +49,24 @@ TAIL_SPECIALS = (0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0x0001, 0x8001, 0x8000,
 
 
 def _overwrite_records(case, fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]):
-    """Rewrite every record in place: fill(fp8 bytes [n, fp8_dim], codes [n, groups], tail u16 [n, 64])."""
-    layout = format_of(case.k_cache)
-    kc = case.k_cache
-    bs, data_bytes = case.block_size, layout.data_bytes
-    data = kc.as_strided((kc.shape[0], bs, data_bytes), (kc.stride(0), data_bytes, 1), kc.storage_offset())
-    codes = kc.as_strided((kc.shape[0], bs, layout.scale_bytes), (kc.stride(0), layout.scale_bytes, 1),
-                          kc.storage_offset() + bs * data_bytes)
+    """Rewrite every record in place, wherever the format places its parts (Format.regions: page_split
+    or inline): fill(value bytes [n, value_bytes], scale bytes [n, num_scales * scale_size] (uint8; for
+    UE8M0 one code a column), tail int32 [n, 64] (bf16 bits, the first `tail` columns used)). Scale pad
+    bytes are left as they were."""
+    fmt = format_of(case.k_cache)
+    kc, bs = case.k_cache, case.block_size
     n = kc.shape[0] * bs
-    fp8 = torch.empty((n, layout.values), dtype=torch.uint8)
-    scale = torch.empty((n, layout.num_scales), dtype=torch.uint8)
+    parts = {"values": torch.empty((n, fmt.value_bytes), dtype=torch.uint8),
+             "scales": torch.empty((n, fmt.num_scales * fmt.scale_size), dtype=torch.uint8)}
     tail = torch.empty((n, 64), dtype=torch.int32)
-    fill(fp8, scale, tail)
-    data[..., : layout.values] = fp8.view(kc.shape[0], bs, -1)
-    tail_bytes = data_bytes - layout.values
-    data[..., layout.values:] = tail[:, : tail_bytes // 2].to(torch.int16).view(torch.uint8).view(kc.shape[0], bs, -1)
-    codes[..., : scale.shape[1]] = scale.view(kc.shape[0], bs, -1)
+    fill(parts["values"], parts["scales"], tail)
+    parts["tail"] = tail[:, : fmt.tail].to(torch.int16).view(torch.uint8)
+    for part, (base, row_stride, _) in fmt.regions(bs).items():
+        src = parts[part]
+        if src.shape[1] == 0:
+            continue
+        view = kc.as_strided((kc.shape[0], bs, src.shape[1]), (kc.stride(0), row_stride, 1), kc.storage_offset() + base)
+        view[:] = src.view(kc.shape[0], bs, -1)
     return case
 
 
@@ -74,6 +85,33 @@ def _tail_specials(fp8, scale, tail):
     scale[:] = torch.tensor(SCALE_EDGES[: scale.shape[1]], dtype=torch.uint8)
     specials = torch.tensor([v - (1 << 16) if v >= 1 << 15 else v for v in TAIL_SPECIALS], dtype=torch.int32)
     tail[:] = specials.repeat(tail.shape[1] // len(specials) + 1)[: tail.shape[1]]
+
+
+# float32 scale bit patterns: 0, -0, the least subnormal, the largest finite, +Inf, NaN, then -Inf, 1,
+# FLT_MIN, 2^-10 and -3.5.
+F32_SCALE_EDGES = (0x00000000, 0x80000000, 0x00000001, 0x7F7FFFFF, 0x7F800000, 0x7FC00000,
+                   0xFF800000, 0x3F800000, 0x00800000, 0x3A800000, 0xC0600000)
+
+
+def _f32(bits) -> torch.Tensor:
+    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32)
+
+
+def _every_fp8_byte_f32_scales(fp8, scale, tail):
+    """Every e4m3 value byte, under every float32 scale edge (cycled per token and scale)."""
+    n = fp8.shape[0]
+    token = torch.arange(n)[:, None]
+    fp8[:] = ((torch.arange(fp8.shape[1])[None, :] + 37 * token) % 256).to(torch.uint8)
+    edges = _f32(F32_SCALE_EDGES)
+    k = scale.shape[1] // 4
+    scale.view(torch.int32)[:] = edges[(torch.arange(k)[None, :] + token) % len(edges)]
+    tail[:] = torch.randint(0, 1 << 16, tail.shape, generator=torch.Generator().manual_seed(7)) - (1 << 15)
+
+
+def _tail_specials_f32(fp8, scale, tail):
+    """The tail specials of _tail_specials, under float32 scales 1 and 2^-10 (inline records)."""
+    _tail_specials(fp8, torch.empty((fp8.shape[0], 0), dtype=torch.uint8), tail)
+    scale.view(torch.int32)[:] = _f32((0x3F800000, 0x3A800000))[torch.arange(scale.shape[1] // 4) % 2]
 
 
 def _cases() -> dict[str, Callable[[], Case]]:
@@ -143,42 +181,141 @@ def _cases() -> dict[str, Callable[[], Case]]:
             make_sparse_case(num_slots=64, valid=0.9, block_size=16, format=layout, seed=205), _every_fp8_byte)
     c["sparse_dsv4_584_tail_specials"] = lambda: _overwrite_records(
         make_sparse_case(num_slots=20, valid=0.8, block_size=16, seed=206), _tail_specials)
+
+    # The three formats of docs/semantics.md's "Three more record formats": dense and sparse gathers at
+    # every block size (few rows: the Triton interpreter runs every case), raw bytes, edge bytes.
+    for i, fmt in enumerate(("v41_288", "v32_656", "indexer_132")):
+        x = 300 + 100 * i
+        for bs in (16, 32, 64, 128, 256):
+            # rows past a page boundary up to block size 32 (small pages keep the cases cheap)
+            # at block size 32 random record bytes (NaN and Inf scales...), padded pages, a strided block table
+            c[f"{fmt}_dense_b{bs}"] = lambda bs=bs, fmt=fmt, x=x: make_case(
+                seq_lens=[min(bs, 32) + 3, 5], gather_lens=[min(bs, 32) + 2, 5], block_size=bs, offset=1, format=fmt,
+                extra_pages=1, raw_bytes=bs == 32, page_pad=16 * (bs == 32), block_table_pad=2 * (bs == 32),
+                seed=x + bs)
+            # at block size 16 random record bytes
+            c[f"{fmt}_sparse_b{bs}"] = lambda bs=bs, fmt=fmt, x=x: make_sparse_case(
+                num_slots=24, valid=0.75, block_size=bs, format=fmt, extra_pages=1, raw_bytes=bs == 16,
+                seed=x + 1 + bs)
+    # e2m1: every value byte (every nibble, 0x8 = -0 included) under the e4m3 scale edges of SCALE_EDGES
+    # (0x00, 0x01 subnormal, 0x7E = 448, 0x7F NaN, 0x80 = -0, 0xFE = -448, 0xFF NaN, ...).
+    c["v41_288_edge_bytes"] = lambda: _overwrite_records(
+        make_case(seq_lens=[20, 3], block_size=16, format="v41_288", seed=310), _every_fp8_byte)
+    c["v41_288_sparse_edge_bytes"] = lambda: _overwrite_records(
+        make_sparse_case(num_slots=24, valid=0.9, block_size=16, format="v41_288", seed=311), _every_fp8_byte)
+    # float32 scales: 0, -0, subnormal, the largest finite, +-Inf, NaN; inline and page_split.
+    for fmt, x in (("v32_656", 410), ("indexer_132", 510)):
+        c[f"{fmt}_edge_f32_scales"] = lambda fmt=fmt, x=x: _overwrite_records(
+            make_case(seq_lens=[12, 11], block_size=16, format=fmt, seed=x), _every_fp8_byte_f32_scales)
+        c[f"{fmt}_sparse_edge_f32_scales"] = lambda fmt=fmt, x=x: _overwrite_records(
+            make_sparse_case(num_slots=24, valid=0.9, block_size=16, format=fmt, seed=x + 1),
+            _every_fp8_byte_f32_scales)
+        c[f"{fmt}_packed_edge_f32_scales"] = lambda fmt=fmt, x=x: _overwrite_records(
+            make_packed_case(seq_lens=[7, 9], block_size=16, format=fmt, seq_starts=[3, 0], seed=x + 2),
+            _every_fp8_byte_f32_scales)
+    c["v32_656_tail_specials"] = lambda: _overwrite_records(
+        make_case(seq_lens=[4], block_size=16, format="v32_656", seed=420), _tail_specials_f32)
+
+    # Packed gathers (cp_gather_and_upconvert_fp8_kv_cache), every format and block size: with seq_starts
+    # (b16, b64, b256) and without, rows before workspace_starts[0] (left poisoned: b32, b64, b128), rows
+    # past the last request's seq_lens (its own: b32), an empty request, strided dst rows and random
+    # record bytes (b64).
+    for i, fmt in enumerate(("dsv4_584", "v41_528", "v41_288", "v32_656", "indexer_132")):
+        x = 800 + 50 * i
+        for j, bs in enumerate((16, 32, 64, 128, 256)):
+            with_starts = j % 2 == 0
+            c[f"packed_{fmt}_b{bs}"] = lambda bs=bs, fmt=fmt, x=x, j=j, with_starts=with_starts: make_packed_case(
+                seq_lens=[5, 0, 6] if j == 2 else [5, 3, 6], block_size=bs, format=fmt, extra_pages=1,
+                seq_starts=[min(bs, 32) - 2, 5, min(bs, 32) + 1] if with_starts else None, workspace_gap=j % 3,
+                rows=15 + 4 if j == 1 else None, raw_bytes=j == 2, row_pad=8 * (j == 2), seed=x + j)
+    c["packed_v41_288_edge_bytes"] = lambda: _overwrite_records(
+        make_packed_case(seq_lens=[10, 8], block_size=16, format="v41_288", workspace_gap=2, seed=1010),
+        _every_fp8_byte)
+    c["packed_empty_batch"] = lambda: make_packed_case(seq_lens=[], block_size=16, format="v32_656", rows=3,
+                                                       seed=1011)
+
+    # Raw packed gathers (cp_gather_indexer_k_quant_cache) of indexer_132, every block size.
+    for j, bs in enumerate((16, 32, 64, 128, 256)):
+        c[f"raw_packed_indexer_132_b{bs}"] = lambda bs=bs, j=j: make_raw_packed_case(
+            seq_lens=[min(bs, 32) + 1, 0, 4], block_size=bs, first_row=j % 2 * 3, raw_bytes=j % 2 == 1,
+            extra_pages=1, seed=1100 + j)
+    c["raw_packed_indexer_132_edge_f32_scales"] = lambda: _overwrite_records(
+        make_raw_packed_case(seq_lens=[11, 13], block_size=16, first_row=1, page_pad=16, seed=1110),
+        _every_fp8_byte_f32_scales)
     return c
 
 
 CASES = _cases()
 
 
-def build_case(name: str) -> Case:
+AnyCase = Case | SparseCase | PackedCase | RawPackedCase
+
+
+def build_case(name: str) -> AnyCase:
     return CASES[name]()
 
 
 def canonical_digest(out: torch.Tensor) -> str:
+    """bf16: the sha256 of the bits, every NaN but the poison as 0x7FC0. uint8 (a raw case's
+    torch.cat([dst_k, dst_scale], 1), see raw_output): the sha256 of the bytes as they stand."""
+    if out.dtype == torch.uint8:
+        return hashlib.sha256(out.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     bits = out.detach().cpu().contiguous().view(torch.int16).clone()
     nan = torch.isnan(out.detach().cpu().float()) & (bits != POISON_BF16)
     bits[nan] = 0x7FC0
     return hashlib.sha256(bits.numpy().tobytes()).hexdigest()
 
 
-def reference_output(case: Case | SparseCase) -> torch.Tensor:
-    out = case.out.clone()
-    reference = dequantize_and_gather_sparse_torch if isinstance(case, SparseCase) else dequantize_and_gather_torch
-    reference(*case.args(out=out))
+def raw_output(dst_k: torch.Tensor, dst_scale: torch.Tensor) -> torch.Tensor:
+    """A raw case's two outputs as the one uint8 tensor its digest covers: row t is dst_k[t] then dst_scale[t]."""
+    return torch.cat([dst_k.detach().cpu(), dst_scale.detach().cpu()], dim=1)
+
+
+def _output(case: AnyCase, dense, sparse, packed, raw) -> torch.Tensor:
+    if isinstance(case, RawPackedCase):
+        dst_k, dst_scale = case.dst_k.clone(), case.dst_scale.clone()
+        raw(*case.reference_args(dst_k=dst_k, dst_scale=dst_scale))
+        return raw_output(dst_k, dst_scale)
+    out = clone_strided(case.out)  # strides kept: a packed dst may have padded rows
+    if isinstance(case, PackedCase):
+        packed(*case.reference_args(out=out))
+    else:
+        (sparse if isinstance(case, SparseCase) else dense)(*case.args(out=out))
     return out
 
 
-def oracle_output(case: Case | SparseCase) -> torch.Tensor:
-    out = case.out.clone()
-    oracle = dequantize_and_gather_sparse_oracle if isinstance(case, SparseCase) else dequantize_and_gather_oracle
-    oracle(*case.args(out=out))
-    return out
+def reference_output(case: AnyCase) -> torch.Tensor:
+    return _output(case, dequantize_and_gather_torch, dequantize_and_gather_sparse_torch,
+                   dequantize_and_gather_packed_torch, gather_raw_packed_torch)
+
+
+def oracle_output(case: AnyCase) -> torch.Tensor:
+    return _output(case, dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle,
+                   dequantize_and_gather_packed_oracle, gather_raw_packed_oracle)
+
+
+def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    if a.dtype != torch.uint8:
+        return first_mismatch(a, b)
+    differ = (a != b).nonzero()
+    if differ.numel() == 0:
+        return None
+    row, col = (int(i) for i in differ[0])
+    return (f"{differ.shape[0]} byte(s) differ; first at row {row}, byte {col} of dst_k ‖ dst_scale: "
+            f"0x{int(a[row, col]):02x} vs 0x{int(b[row, col]):02x}")
+
+
+def rows_written(out: torch.Tensor) -> int:
+    if out.dtype == torch.uint8:
+        return int((out != POISON_BYTE).any(-1).sum())
+    return int((out.view(torch.int16) != POISON_BF16).any(-1).sum())
 
 
 def agreed_output(name: str) -> torch.Tensor:
     """The case's output, from the reference, after the oracle has given the same (else Disagreement)."""
     case = build_case(name)
     out = reference_output(case)
-    problem = first_mismatch(out, oracle_output(case))
+    problem = _first_mismatch(out, oracle_output(case))
     if problem is not None:
         raise Disagreement(f"golden case {name!r}: the torch reference and the oracle disagree: {problem}")
     return out
@@ -203,7 +340,7 @@ def compute() -> dict[str, dict]:
         except Disagreement as err:
             disagreements.append(str(err))
             continue
-        written = int((out.view(torch.int16) != POISON_BF16).any(-1).sum())  # rows written
+        written = rows_written(out)
         table[name] = {"sha256": canonical_digest(out), "shape": list(out.shape), "rows_written": written}
     if disagreements:
         raise Disagreement("\n".join(disagreements))
@@ -222,3 +359,29 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_public(case, device: str) -> tuple[torch.Tensor, bool]:
+    """The case through kvgen's public op on `device`: (its output -- a raw
+    case's raw_output(dst_k, dst_scale) --, whether a kernel was launched)."""
+    import kvgen
+
+    if isinstance(case, RawPackedCase):
+        dst_k, dst_scale = case.dst_k.to(device), case.dst_scale.to(device)
+        kvgen.cp_gather_indexer_k_quant_cache(*case.args(device, dst_k=dst_k, dst_scale=dst_scale))
+        launched = int(case.cu_seq_lens[-1] - case.cu_seq_lens[0]) > 0
+    elif isinstance(case, PackedCase):
+        out = clone_strided(case.out, device)
+        kvgen.cp_gather_and_upconvert_fp8_kv_cache(*case.args(device, out=out))
+        launched = case.batch_size > 0 and out.shape[0] > int(case.workspace_starts[0])
+    elif isinstance(case, SparseCase):
+        out = case.out.to(device)
+        kvgen.dequantize_and_gather_k_cache_sparse(*case.args(device, out=out))
+        launched = case.slot_indices.numel() > 0
+    else:
+        out = case.out.to(device)
+        kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
+        launched = case.seq_lens.numel() > 0
+    if device == "cuda" or str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return (raw_output(dst_k, dst_scale) if isinstance(case, RawPackedCase) else out), launched

@@ -11,6 +11,10 @@ independent numpy encoder (.../oracle.py), and accepted only where the two
 leave the same storage byte for byte: a disagreement names the case and the
 first differing byte (page, data or scale row, byte offset), and nothing is
 written.
+
+Cases of the formats of docs/semantics.md's "Three more record formats" may pass the tail apart
+(`split_tail`: k[:, :values] and the tail in its own strided buffer, as concat_and_cache_ds_mla does) or
+round float32 scales up to powers of two (`pow2_scale`, indexer_k_quant_and_cache's scale_fmt="ue8m0").
 """
 
 from __future__ import annotations
@@ -51,6 +55,39 @@ class WriterCase:
     fmt: Format
     byte_view: bool
     meta: dict = field(default_factory=dict)
+    split_tail: bool = False  # pass the tail apart: fn(k[:, :values], ..., tail=k_pe)
+    pow2_scale: bool = False  # float32 scales rounded up to powers of two
+
+    def extra(self, k: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The writer's k and keyword arguments for this case (k: the full [T, head_dim] input)."""
+        kw = {"pow2_scale": True} if self.pow2_scale else {}
+        if not self.split_tail:
+            return k, kw
+        # Rows fmt.tail + 16 apart, 8 elements in, NaN around them: strided, and still
+        # 16-byte aligned, so the cubins serve it (a misaligned k_pe goes to Triton).
+        buffer = torch.full((k.shape[0], self.fmt.tail + 16), float("nan"), dtype=torch.bfloat16, device=k.device)
+        tail = buffer[:, 8: 8 + self.fmt.tail]
+        tail.copy_(k[:, self.fmt.values:])
+        return k[:, : self.fmt.values], {**kw, "tail": tail}
+
+    def call_public(self, k, k_cache, slots, block_size) -> None:
+        """The case through the entry point a user would call: the indexer's for
+        pow2 scales, concat_and_cache_ds_mla for a tail apart, else
+        quantize_and_insert_k_cache (record or byte view)."""
+        import kvgen
+
+        if not (self.pow2_scale or self.split_tail):
+            kvgen.quantize_and_insert_k_cache(k, k_cache, slots, block_size, record_bytes=self.record_bytes)
+            return
+        fmt = self.fmt
+        records = k_cache if k_cache.dim() == 3 else k_cache.as_strided(
+            (k_cache.shape[0], block_size, fmt.record_bytes), (k_cache.stride(0), fmt.record_bytes, 1),
+            k_cache.storage_offset())
+        if self.pow2_scale:  # (with a tail apart too: no public op takes both; the bytes are the same)
+            kvgen.indexer_k_quant_and_cache(k, records, slots, fmt.scale_group, "ue8m0")
+        else:
+            values, kw = self.extra(k)
+            kvgen.concat_and_cache_ds_mla(values, kw["tail"], records, slots)
 
     @property
     def record_bytes(self) -> int | None:
@@ -87,7 +124,8 @@ def bits_of(x: torch.Tensor) -> np.ndarray:
 def writer_case(*, format: "str | Format", block_size: int, seed: int, tokens: int = 40, num_blocks: int = 3,
                 fill: Callable | None = None, valid: float = 0.8, mapped: int | None = None,
                 slots: list[int] | None = None, slot_dtype: torch.dtype = torch.int64, byte_view: bool = False,
-                block_pad: int = 0, page_pad: int = 0, lead: int = 0, k_row_pad: int = 0) -> WriterCase:
+                block_pad: int = 0, page_pad: int = 0, lead: int = 0, k_row_pad: int = 0,
+                split_tail: bool = False, pow2_scale: bool = False) -> WriterCase:
     """A random call. `fill(tokens, fmt, rng)` gives k (bf16 [tokens, head_dim]; default random normal);
     `mapped` (default: tokens) is slot_mapping's length; `slots` overrides the random distinct slots (a
     fraction `valid` of them real, the rest -1). The cache is the byte view [num_blocks, block_size *
@@ -124,7 +162,7 @@ def writer_case(*, format: "str | Format", block_size: int, seed: int, tokens: i
     else:
         k_cache = storage.as_strided((num_blocks, block_size, fmt.record_bytes), (stride, fmt.record_bytes, 1), lead)
     return WriterCase(k=k, k_cache=k_cache, slot_mapping=slot_mapping, block_size=block_size, fmt=fmt,
-                      byte_view=byte_view, meta=dict(seed=seed))
+                      byte_view=byte_view, meta=dict(seed=seed), split_tail=split_tail, pow2_scale=pow2_scale)
 
 
 # ---- inputs that reach the edge cases --------------------------------------------------------------------------
@@ -252,6 +290,33 @@ def fill_specials(tokens, fmt, rng):
     return k
 
 
+# e2m1 steps and the ties between them (docs/semantics.md: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
+# 2.5 -> 2, 3.5 -> 4, 5 -> 4), times the group's scale.
+E2M1_STEPS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def fill_e2m1_ties(tokens, fmt, rng):
+    """Groups of amax 6 * 2^s (s = a / 6 = 2^s exactly: an exact e4m3 scale) holding every e2m1 tie and step
+    times 2^s, either sign (-0 too), and the bf16 neighbours of each tie; some groups with a NaN, +-Inf."""
+    n = _groups(tokens, fmt)
+    s = rng.integers(-9, 7, n)  # 2^-9 (e4m3's least subnormal) .. 2^6 (6 * 64 = 384 < 448)
+    pool = np.array(E2M1_TIES + E2M1_STEPS)
+    v = pool[(np.arange(n)[:, None] * 5 + np.arange(fmt.scale_group)[None, :]) % len(pool)]
+    v = v * np.where(rng.random(v.shape) < 0.5, -1.0, 1.0)
+    v[:, 0] = 6.0
+    bits = _bf16_bits_of_floats(np.ldexp(v, s[:, None])).astype(np.int64)
+    near = rng.random(bits.shape) < 0.15  # a bf16 step either side of a tie
+    bits[near] += np.where(rng.random(int(near.sum())) < 0.5, 1, -1)
+    bits[:, 0] = _bf16_bits_of_floats(np.ldexp(6.0, s))
+    kind = np.arange(n) % 6
+    bits[kind == 1, 1] = 0x7FC1  # NaN: ignored by the amax, nibble 0x0
+    bits[kind == 2, 2] = 0x7F80  # +Inf: the scale saturates
+    bits[kind == 3, 3] = 0xFF80
+    bits[kind == 4] = 0x8000  # a group of -0
+    return _with_tail(bits.astype(np.uint16), tokens, fmt, rng)
+
+
 def fill_random_bits(tokens, fmt, rng):
     """Random bf16 bit patterns: every class (NaN, Inf, subnormal, huge, tiny) in every group."""
     return bf16(rng.integers(0, 1 << 16, (tokens, fmt.head_dim)))
@@ -311,6 +376,33 @@ def _cases() -> dict[str, Callable[[], WriterCase]]:
         c[f"{p}_duplicates_b16"] = lambda layout=layout, x=x: writer_case(
             format=layout, block_size=16, seed=x + 20, tokens=30, fill=fill_duplicate_rows,
             slots=_duplicate_slots(30, 3 * 16, np.random.default_rng(x + 20)))
+
+    # The formats of docs/semantics.md's "Three more record formats": every block size, special inputs.
+    for fmt, p, x in (("v41_288", "nvfp4", 2000), ("v32_656", "v32", 3000), ("indexer_132", "idx", 4000)):
+        pows = (False, True) if as_format(fmt).scale_kind == "f32" else (False,)
+        splits = (False, True) if as_format(fmt).tail else (False,)
+        for i, bs in enumerate(BLOCK_SIZES):
+            pow2, split = pows[i % len(pows)], splits[(i // 2) % len(splits)]
+            c[f"{p}_random_b{bs}" + "_pow2" * pow2 + "_split" * split] = \
+                lambda bs=bs, fmt=fmt, x=x, i=i, pow2=pow2, split=split: writer_case(
+                    format=fmt, block_size=bs, seed=x + bs, tokens=min(bs + 5, 24), num_blocks=2 - (i >= 2),
+                    slot_dtype=(torch.int64, torch.int32)[i % 2], pow2_scale=pow2, split_tail=split)
+        fills = {"zeros": fill_zeros, "tiny": fill_tiny, "subnormal": fill_subnormal, "extremes": fill_extremes,
+                 "specials": fill_specials, "random_bits": fill_random_bits}
+        fills.update({"e2m1_ties": fill_e2m1_ties} if fmt == "v41_288" else {"e4m3_ties": fill_ties})
+        for j, (what, fill) in enumerate(fills.items()):
+            for pow2 in pows:  # float32 scales: each fill with and without pow2, the tail apart in one of them
+                split = splits[(j + pow2) % len(splits)]
+                c[f"{p}_{what}" + "_pow2" * pow2 + "_split" * split] = \
+                    lambda fmt=fmt, x=x, j=j, fill=fill, pow2=pow2, split=split: writer_case(
+                        format=fmt, block_size=16, seed=x + 100 + j, fill=fill, tokens=12, num_blocks=1,
+                        valid=0.9, pow2_scale=pow2, split_tail=split, slot_dtype=(torch.int64, torch.int32)[j % 2])
+        c[f"{p}_byte_view_padded_b32"] = lambda fmt=fmt, x=x: writer_case(
+            format=fmt, block_size=32, seed=x + 200, tokens=10, num_blocks=2, byte_view=True, block_pad=48,
+            page_pad=16, lead=32, k_row_pad=8)
+        c[f"{p}_duplicates_b16"] = lambda fmt=fmt, x=x: writer_case(
+            format=fmt, block_size=16, seed=x + 201, tokens=12, fill=fill_duplicate_rows, num_blocks=1,
+            slots=_duplicate_slots(12, 16, np.random.default_rng(x + 201)))
     return c
 
 
@@ -325,9 +417,11 @@ def build_case(name: str) -> WriterCase:
 
 
 def run_case(case: WriterCase, fn) -> torch.Tensor:
-    """fn(k, k_cache, slot_mapping, block_size, fmt) on a fresh copy of the case's poisoned cache; the cache."""
+    """fn(k, k_cache, slot_mapping, block_size, fmt[, tail=, pow2_scale=]) on a fresh copy of the case's
+    poisoned cache; the cache."""
     k, k_cache, slots, block_size = case.args()
-    fn(k, k_cache, slots, block_size, case.fmt)
+    k, kw = case.extra(k)
+    fn(k, k_cache, slots, block_size, case.fmt, **kw)
     return k_cache
 
 

@@ -87,8 +87,14 @@ def _dequant_tile(cache_ptr, page, row, tok_ok, page_stride,
     m_tail = tok_ok[:, None] & ((col >= VALUES) & (col < HEAD))[None, :]
 
     # The loads first (the old formats' order), then the decoding.
-    if VALUE_KIND == "e2m1":  # value 2i in the low nibble of byte i, 2i+1 in the high one
-        raw = tl.load(cache_ptr + record[:, None] + (col // 2)[None, :], mask=m_val, other=0).to(tl.int32)
+    if VALUE_KIND == "e2m1" and VALUES == HEAD_P2:  # no tail: the packed bytes whole, each split in two
+        half = tl.arange(0, VALUES // 2)
+        packed = tl.load(cache_ptr + record[:, None] + half[None, :], mask=tok_ok[:, None], other=0).to(tl.int32)
+        # value 2i in the low nibble of byte i, 2i+1 in the high one: join interleaves them
+        raw = tl.reshape(tl.join(packed & 0xF, packed >> 4), (packed.shape[0], VALUES))
+    elif VALUE_KIND == "e2m1":  # a tail beside: each column loads its byte
+        raw = (tl.load(cache_ptr + record[:, None] + (col // 2)[None, :], mask=m_val, other=0).to(tl.int32)
+               >> ((col & 1) * 4)[None, :]) & 0xF
     else:
         raw = tl.load(cache_ptr + record[:, None] + col[None, :], mask=m_val, other=0).to(tl.int32)
     if SCALE_KIND == "f32":  # little-endian float32, used as it stands
@@ -103,7 +109,7 @@ def _dequant_tile(cache_ptr, page, row, tok_ok, page_stride,
     tail = tl.load(tail_ptr, mask=m_tail, other=0)
 
     if VALUE_KIND == "e2m1":
-        value = _e2m1_to_f32((raw >> ((col & 1) * 4)[None, :]) & 0xF)
+        value = _e2m1_to_f32(raw)
     else:
         value = _e4m3_to_f32(raw)
     if SCALE_KIND == "f32":

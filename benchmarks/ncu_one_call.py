@@ -1,0 +1,16 @@
+"""Probe (H100): one call of a bench_formats shape, for ncu.
+
+    ncu --section SpeedOfLight -k regex:qik_v41_288 python benchmarks/ncu_one_call.py "v41_288 write 65536"
+"""
+
+import sys
+
+import torch
+
+from kvgen.tools.bench_formats import SHAPES, _case, _forced
+
+shape = next(b for b in SHAPES if b.label == sys.argv[1])
+call, outs, torch_path, moved = _case(shape, 0)
+for _ in range(3):
+    _forced("cubin", call)()
+torch.cuda.synchronize()
