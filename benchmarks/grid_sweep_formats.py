@@ -44,7 +44,7 @@ def sweep_reader(b: Bench, per_warp=(1, 2, 4, 8, 16, 32)):
             reqs = 8 if b.op == "dense" else 1
             workers = max(1, b.tokens // reqs // (warps * k))
             grid = (reqs, min(workers, 65535), 1)
-            variants[f"s{entry.config['num_stages']} {k} tok/warp"] = [_launcher(b, entry, grid)]
+            variants[f"s{entry.config['num_stages']}w{warps} k{k}"] = [_launcher(b, entry, grid)]
     for name, calls in variants.items():
         for t in outs:
             t.view(torch.uint8).fill_(0xA5)
@@ -162,12 +162,17 @@ def args_format(b: Bench):
 
 
 if __name__ == "__main__":
-    for op in ("packed", "raw"):
-        for n in (65536, 262144):
-            sweep_reader(Bench(f"indexer_132 {op} {n}", "indexer_132", op, n))
-    for op in ("dense", "sparse"):
-        sweep_reader(Bench(f"v41_288 {op} 262144", "v41_288", op, 262144))
-    for fmt in ("v41_288", "v32_656", "indexer_132"):
-        for n in (65536, 262144):
-            sweep_writer(Bench(f"{fmt} write {n}", fmt, "write", n))
+    import sys
 
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "raw":
+        for op in ("raw", "dense"):
+            sweep_reader(Bench(f"indexer_132 {op} 262144", "indexer_132", op, 262144), per_warp=(4, 8, 16, 32))
+    if what in ("all", "readers"):
+        for op in ("dense", "sparse", "packed", "raw"):
+            for n in (65536, 262144):
+                sweep_reader(Bench(f"indexer_132 {op} {n}", "indexer_132", op, n), per_warp=(2, 4, 8))
+    if what in ("all", "writers"):
+        for fmt in ("v41_288", "v32_656", "indexer_132"):
+            for n in (65536, 262144):
+                sweep_writer(Bench(f"{fmt} write {n}", fmt, "write", n))

@@ -28,6 +28,7 @@ import sys
 import time
 
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+ROWS_ENV = "KVGEN_SANITIZE_ROWS"  # --rows REGEX: only the manifest rows whose names match (the calls' subprocess reads it)
 # memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors";
 # racecheck: "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)".
 _SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error")
@@ -41,8 +42,11 @@ def calls() -> int:
     import kvgen
     from kvgen.families.dequant_gather import op as ops
     from kvgen.runtime.loader import registry
-    from kvgen.families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
-    from kvgen.testing import make_case, make_sparse_case, mismatches
+    from kvgen.families.dequant_gather.reference import (dequantize_and_gather_packed_torch,
+                                                         dequantize_and_gather_sparse_torch,
+                                                         dequantize_and_gather_torch, gather_raw_packed_torch)
+    from kvgen.testing import make_case, make_packed_case, make_raw_packed_case, make_sparse_case, mismatches
+    from tests.golden.corpus import run_public
 
     def dense_case(layout, bs, gather_lens, seed):
         gl = [2 * bs + 1, 3] if gather_lens else None
@@ -56,12 +60,36 @@ def calls() -> int:
     from kvgen.config import ARCHS
 
     here = torch.cuda.get_device_capability()
-    runs_here = [e for e in registry().entries if ARCHS[e.arch].serves(here)]  # cubins of this arch, and PTX
+    runs_here = [e for e in registry().entries if ARCHS[e.arch].serves(here)  # cubins of this arch, and PTX
+                 and re.search(os.environ.get(ROWS_ENV, ""), e.name)]
     entries = [e for e in runs_here if e.family == "dqgk"]
     writers = [e for e in runs_here if e.family == "qik"]
+    def packed_case(layout, bs, seed):
+        return make_packed_case(seq_lens=[2 * bs + 3, 0, 9], block_size=bs, format=layout, seq_starts=[1, 0, 4],
+                                workspace_gap=2, rows=2 + 2 * bs + 3 + 12, seed=seed)
+
+    def raw_case(layout, bs, seed):
+        return make_raw_packed_case(seq_lens=[2 * bs + 3, 0, 9], block_size=bs, format=layout, first_row=2, seed=seed)
+
     for i, entry in enumerate(entries):  # every shipped reader row, launched directly
         c = entry.config
-        if c["indexing"] == "sparse":
+        if c["indexing"] == "packed" and c.get("output") == "raw":
+            case = raw_case(c["format"], c["block_size"], i)
+            exp_k, exp_s = case.dst_k.clone(), case.dst_scale.clone()
+            gather_raw_packed_torch(*case.reference_args(dst_k=exp_k, dst_scale=exp_s))
+            kv_cache, dst_k, dst_scale, block_table, cu = case.args("cuda")
+            ops.launch_raw(entry, kv_cache, dst_k, dst_scale, block_table, cu, pdl=entry.pdl)
+            torch.cuda.synchronize()
+            bad += int((dst_k.cpu() != exp_k).sum()) + int((dst_scale.cpu() != exp_s).sum())
+            continue
+        if c["indexing"] == "packed":
+            case = packed_case(c["format"], c["block_size"], i)
+            expected = case.out.clone()
+            dequantize_and_gather_packed_torch(*case.reference_args(out=expected))
+            args = case.args("cuda")
+            out = args[1]
+            ops.launch_packed(entry, *args, pdl=entry.pdl)
+        elif c["indexing"] == "sparse":
             case = sparse_case(c["format"], c["block_size"], i)
             expected = case.out.clone()
             dequantize_and_gather_sparse_torch(*case.args(out=expected))
@@ -75,9 +103,22 @@ def calls() -> int:
             ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, pdl=entry.pdl)
         torch.cuda.synchronize()
         bad += mismatches(out.cpu(), expected)
-    families = sorted({(e.config["format"], e.config["indexing"], e.config["gather_lens"], e.config["block_size"])
-                       for e in entries if not ARCHS[e.arch].ptx})
-    for i, (layout, indexing, gather_lens, bs) in enumerate(families):  # the public ops, dispatched
+    families = sorted({(e.config["format"], e.config["indexing"], e.config["gather_lens"], e.config["block_size"],
+                        e.config.get("output", "bf16")) for e in entries if not ARCHS[e.arch].ptx})
+    for i, (layout, indexing, gather_lens, bs, output) in enumerate(families):  # the public ops, dispatched
+        if indexing == "packed":
+            case = (raw_case if output == "raw" else packed_case)(layout, bs, 1000 + i)
+            got, _ = run_public(case, "cuda")
+            if output == "raw":
+                exp_k, exp_s = case.dst_k.clone(), case.dst_scale.clone()
+                gather_raw_packed_torch(*case.reference_args(dst_k=exp_k, dst_scale=exp_s))
+                bad += int((got.cpu() != torch.cat([exp_k, exp_s], dim=1)).sum())
+            else:
+                expected = case.out.clone()
+                dequantize_and_gather_packed_torch(*case.reference_args(out=expected))
+                bad += mismatches(got.cpu(), expected)
+            assert kvgen.last_backend() == "cubin"
+            continue
         if indexing == "sparse":
             case = sparse_case(layout, bs, 1000 + i)
             expected = case.out.clone()
@@ -115,13 +156,17 @@ def writer_calls(writers) -> int:
         c = entry.config
         dtype = torch.int64 if c["slot_dtype"] == "int64" else torch.int32
         k, k_cache, slots, bs, fmt = writer_case(c["format"], c["block_size"], i, dtype, specials=i % 2 == 1)
+        pow2 = bool(c.get("pow2_scale", False))
         expected = clone_strided(k_cache)
-        quantize_and_insert_torch(k, expected, slots, bs, fmt)
+        quantize_and_insert_torch(k, expected, slots, bs, fmt, pow2_scale=pow2)
         cache = _to(k_cache, "cuda")
         if i < len(writers):
             insert.launch_entry(entry, _to(k, "cuda"), cache, _to(slots, "cuda"), pdl=entry.pdl)
         else:  # the op, dispatched
-            kvgen.quantize_and_insert_k_cache(_to(k, "cuda"), cache, _to(slots, "cuda"), bs)
+            if pow2:
+                kvgen.indexer_k_quant_and_cache(_to(k, "cuda"), cache, _to(slots, "cuda"), fmt.scale_group, "ue8m0")
+            else:
+                kvgen.quantize_and_insert_k_cache(_to(k, "cuda"), cache, _to(slots, "cuda"), bs)
             assert kvgen.last_backend() == "cubin"
         torch.cuda.synchronize()
         bad += int((whole_storage(cache).cpu() != whole_storage(expected)).sum())
@@ -172,9 +217,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", action="store_true", help="run the calls only (under a tool)")
     parser.add_argument("--tool", action="append", choices=TOOLS, help="only this tool (repeatable)")
+    parser.add_argument("--rows", metavar="REGEX", help="only the manifest rows whose names match (re.search)")
     parser.add_argument("--out-of-bounds", action="store_true",
                         help="run one out-of-bounds gather (under a tool): the harness's self-test")
     args = parser.parse_args(argv)
+    if args.rows is not None:
+        os.environ[ROWS_ENV] = args.rows  # inherited by the tools' subprocesses
     if args.calls:
         return 1 if calls() else 0
     if args.out_of_bounds:

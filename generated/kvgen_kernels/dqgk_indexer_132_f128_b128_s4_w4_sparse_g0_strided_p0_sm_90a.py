@@ -16,7 +16,7 @@ Config (every generator parameter):
     arch         = sm_90a
     output       = bf16
 
-One warp gathers one token per stage through a 4-deep cp.async ring
+One warp gathers 4 tokens (lane groups of 8) per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (strided schedule).
 The ABI is flat -- raw pointers and integers only (PARAMS) -- so the cubin is
 launched directly from the CUDA driver API, with no CuteDSL at run time.
@@ -85,10 +85,15 @@ STAGE_BYTES = 144  # one staged record, 16-byte aligned
 NUM_STAGES = 4
 NUM_WARPS = 4
 THREADS = 128
-SMEM_BYTES = 2304  # dynamic shared memory per CTA
+SMEM_BYTES = 9216  # dynamic shared memory per CTA
 # Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
-SCALE_LANE = SRC_PIECES % 32
+SCALE_LANE = SRC_PIECES % 8
+# A warp moves TOKENS_PER_STEP records a step: its lanes form groups of
+# LANES_PER_TOKEN, group g taking token u * TOKENS_PER_STEP + g of step unit u;
+# "lane" below is a lane's place in its group.
+TOKENS_PER_STEP = 4
+LANES_PER_TOKEN = 8
 
 
 
@@ -118,13 +123,14 @@ def kernel(
     req, worker, _ = cute.arch.block_idx()
     _, num_workers, _ = cute.arch.grid_dim()
     warp = cute.arch.make_warp_uniform(tid // 32)
-    lane = tid % 32
+    lane = tid % LANES_PER_TOKEN
+    grp = (tid % 32) // LANES_PER_TOKEN
 
-    # Per-warp ring of NUM_STAGES token records.
+    # Per-warp ring of NUM_STAGES steps of TOKENS_PER_STEP records; each lane group sees its own.
     smem = cutlass.memory.SmemAllocator()
     s_ring = smem.allocate_tensor(
-        Uint32, cute.make_layout((STAGE_BYTES // 4, NUM_STAGES, NUM_WARPS)), byte_alignment=16
-    )[None, None, warp]
+        Uint32, cute.make_layout((STAGE_BYTES // 4, TOKENS_PER_STEP, NUM_STAGES, NUM_WARPS)), byte_alignment=16
+    )[None, grp, None, warp]
     s_words = s_ring  # (word, stage)
     s_bytes = cute.recast_tensor(s_ring, Uint8)  # (byte, stage)
     s_pieces = cute.logical_divide(s_ring, (4, None))  # ((4 words, piece), stage)
@@ -137,88 +143,101 @@ def kernel(
     st_global = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint32, num_bits_per_copy=128)
     rows = num_slots  # one 1-D range of slots; grid = (1, workers)
     row_begin = Int32(0)
-    first = row_begin + worker * NUM_WARPS + warp
+    # The schedule runs over step units of TOKENS_PER_STEP rows each.
+    units = (rows - row_begin + TOKENS_PER_STEP - 1) // TOKENS_PER_STEP
+    first = worker * NUM_WARPS + warp
     step = num_workers * NUM_WARPS
-    limit = rows
+    limit = units
 
     # Prologue: fill stages 0 .. NUM_STAGES-2.
     for s in cutlass.range_constexpr(NUM_STAGES - 1):
         if first + s * step < limit:
-            slot = cute.make_tensor(slot_indices + first + s * step, cute.make_layout(1))[0]
-            page = slot // BLOCK_SIZE
-            row = slot % BLOCK_SIZE
-            if slot >= 0:  # slot -1: nothing loaded, nothing stored
-                # 64-bit page addressing: caches beyond 4 GiB.
-                page_off = Int64(page) * page_stride
-                src = cute.make_tensor(
-                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * SRC_BYTES), divby=16), dtype=Uint32),
-                    cute.make_layout((4, SRC_PIECES)),
-                )
-                piece = lane + 0
-                if piece < SRC_PIECES:
-                    cute.copy(cp_data, src[None, piece], s_pieces[(None, piece), s])
-                if lane == SCALE_LANE:
-                    scale_src = cute.make_tensor(
-                        cute.recast_ptr(
-                            k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=SCALE_BYTES),
-                            dtype=Uint32,
-                        ),
-                        cute.make_layout(SCALE_BYTES // 4),
+            # This lane group's row of step unit first + s * step.
+            load_row = row_begin + (first + s * step) * TOKENS_PER_STEP + grp
+            if load_row < rows:
+                slot = cute.make_tensor(slot_indices + load_row, cute.make_layout(1))[0]
+                page = slot // BLOCK_SIZE
+                row = slot % BLOCK_SIZE
+                if slot >= 0:  # slot -1: nothing loaded, nothing stored
+                    # 64-bit page addressing: caches beyond 4 GiB.
+                    page_off = Int64(page) * page_stride
+                    src = cute.make_tensor(
+                        cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * SRC_BYTES), divby=16), dtype=Uint32),
+                        cute.make_layout((4, SRC_PIECES)),
                     )
-                    cute.copy(cp_scale, scale_src, s_scale[None, s])
+                    piece = lane + 0
+                    cute.copy(cp_data, src[None, piece], s_pieces[(None, piece), s])
+                    if lane == SCALE_LANE:
+                        scale_src = cute.make_tensor(
+                            cute.recast_ptr(
+                                k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=SCALE_BYTES),
+                                dtype=Uint32,
+                            ),
+                            cute.make_layout(SCALE_BYTES // 4),
+                        )
+                        cute.copy(cp_scale, scale_src, s_scale[None, s])
         cute.arch.cp_async_commit_group()
 
     compute_stage = Int32(0)
     fill_stage = Int32(NUM_STAGES - 1)
-    regs = cute.make_rmem_tensor((4, 1), Uint32)  # (word, pass): each pass one 16-byte store
+    regs = cute.make_rmem_tensor((4, 2), Uint32)  # (word, pass): each pass one 16-byte store
     for t in cutlass.range(first, limit, step):
         ahead = t + (NUM_STAGES - 1) * step
         if ahead < limit:
-            slot = cute.make_tensor(slot_indices + ahead, cute.make_layout(1))[0]
-            page = slot // BLOCK_SIZE
-            row = slot % BLOCK_SIZE
-            if slot >= 0:  # slot -1: nothing loaded, nothing stored
-                # 64-bit page addressing: caches beyond 4 GiB.
-                page_off = Int64(page) * page_stride
-                src = cute.make_tensor(
-                    cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * SRC_BYTES), divby=16), dtype=Uint32),
-                    cute.make_layout((4, SRC_PIECES)),
-                )
-                piece = lane + 0
-                if piece < SRC_PIECES:
-                    cute.copy(cp_data, src[None, piece], s_pieces[(None, piece), fill_stage])
-                if lane == SCALE_LANE:
-                    scale_src = cute.make_tensor(
-                        cute.recast_ptr(
-                            k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=SCALE_BYTES),
-                            dtype=Uint32,
-                        ),
-                        cute.make_layout(SCALE_BYTES // 4),
+            # This lane group's row of step unit ahead.
+            load_row = row_begin + (ahead) * TOKENS_PER_STEP + grp
+            if load_row < rows:
+                slot = cute.make_tensor(slot_indices + load_row, cute.make_layout(1))[0]
+                page = slot // BLOCK_SIZE
+                row = slot % BLOCK_SIZE
+                if slot >= 0:  # slot -1: nothing loaded, nothing stored
+                    # 64-bit page addressing: caches beyond 4 GiB.
+                    page_off = Int64(page) * page_stride
+                    src = cute.make_tensor(
+                        cute.recast_ptr(k_cache + cute.assume(page_off + Int64(row * SRC_BYTES), divby=16), dtype=Uint32),
+                        cute.make_layout((4, SRC_PIECES)),
                     )
-                    cute.copy(cp_scale, scale_src, s_scale[None, fill_stage])
+                    piece = lane + 0
+                    cute.copy(cp_data, src[None, piece], s_pieces[(None, piece), fill_stage])
+                    if lane == SCALE_LANE:
+                        scale_src = cute.make_tensor(
+                            cute.recast_ptr(
+                                k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES), divby=SCALE_BYTES),
+                                dtype=Uint32,
+                            ),
+                            cute.make_layout(SCALE_BYTES // 4),
+                        )
+                        cute.copy(cp_scale, scale_src, s_scale[None, fill_stage])
         cute.arch.cp_async_commit_group()
         cute.arch.cp_async_wait_group(NUM_STAGES - 1)
         cute.arch.sync_warp()
 
         # Lane l writes output chunks l, l + 32, ... (16 bytes each).
         
-        if lane < VALUE_CHUNKS:
-            # chunk lane: eight e4m3 values -> 16 bytes of bf16
-            scale = s_words[SCALE_OFF // 4 + (lane) * 8 // SCALE_GROUP, compute_stage]
-            v = dequant_x8(s_words[VALUE_OFF // 4 + 2 * (lane), compute_stage], s_words[VALUE_OFF // 4 + 2 * (lane) + 1, compute_stage], scale)
-            for k in cutlass.range_constexpr(4):
-                regs[k, 0] = v[k]
+        # chunk lane: eight e4m3 values -> 16 bytes of bf16
+        scale = s_words[SCALE_OFF // 4 + (lane) * 8 // SCALE_GROUP, compute_stage]
+        v = dequant_x8(s_words[VALUE_OFF // 4 + 2 * (lane), compute_stage], s_words[VALUE_OFF // 4 + 2 * (lane) + 1, compute_stage], scale)
+        for k in cutlass.range_constexpr(4):
+            regs[k, 0] = v[k]
+        
+        # chunk lane + 8: eight e4m3 values -> 16 bytes of bf16
+        scale = s_words[SCALE_OFF // 4 + (lane + 8) * 8 // SCALE_GROUP, compute_stage]
+        v = dequant_x8(s_words[VALUE_OFF // 4 + 2 * (lane + 8), compute_stage], s_words[VALUE_OFF // 4 + 2 * (lane + 8) + 1, compute_stage], scale)
+        for k in cutlass.range_constexpr(4):
+            regs[k, 1] = v[k]
         # Every lane has read this stage before any lane refills it.
         cute.arch.sync_warp()
+        out_row_index = row_begin + t * TOKENS_PER_STEP + grp
+        if out_row_index < rows:
 
-        out_offset = Int64(t) * out_stride_row
-        slot = cute.make_tensor(slot_indices + t, cute.make_layout(1))[0]
-        if slot >= 0:
-            out_row = cute.make_tensor(
-                cute.recast_ptr(out + cute.assume(out_offset, divby=8), dtype=Uint32), cute.make_layout((4, OUT_CHUNKS))
-            )
-            if lane < 16:
+            out_offset = Int64(out_row_index) * out_stride_row
+            slot = cute.make_tensor(slot_indices + out_row_index, cute.make_layout(1))[0]
+            if slot >= 0:
+                out_row = cute.make_tensor(
+                    cute.recast_ptr(out + cute.assume(out_offset, divby=8), dtype=Uint32), cute.make_layout((4, OUT_CHUNKS))
+                )
                 cute.copy(st_global, regs[None, 0], out_row[None, lane])
+                cute.copy(st_global, regs[None, 1], out_row[None, lane + 8])
 
         compute_stage = compute_stage + 1
         if compute_stage == NUM_STAGES:

@@ -116,8 +116,8 @@ def _case(b: Bench, seed: int):
             call = lambda: kvgen.cp_gather_indexer_k_quant_cache(cache, dst_k, dst_s, block_table, starts)  # noqa
             torch_path = lambda: rd.gather_raw_packed_torch(dst_k, dst_s, cache, block_table, starts, BLOCK_SIZE)
             outs = [dst_k, dst_s]
-    if b.op == "raw":
-        moved = n * (fmt.value_bytes + 2 * fmt.num_scales * fmt.scale_size)
+    if b.op == "raw":  # the value and scale bytes, read from the record and written out
+        moved = n * 2 * (fmt.value_bytes + fmt.num_scales * fmt.scale_size)
     else:
         moved = n * (fmt.record_bytes + 2 * fmt.head_dim)
     return call, outs, torch_path, moved
@@ -193,7 +193,9 @@ if __name__ == "__main__":
     import json
     import sys
 
-    report = run()
+    # python -m kvgen.tools.bench_formats [OUT.json [SUBSTRING]]: only the shapes whose label holds SUBSTRING.
+    only = sys.argv[2] if len(sys.argv) > 2 else ""
+    report = run(tuple(b for b in SHAPES if only in b.label))
     print(markdown(report))
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:

@@ -9,6 +9,7 @@ consult. Imported by the runtime too: no torch, no jinja2, no CuteDSL.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,28 @@ MAX_BLOCK_SIZE = 1024
 MAX_PIECES_PER_LANE = 3
 MAX_RECORD_BYTES = MAX_PIECES_PER_LANE * 32 * 16
 MAX_HEAD_DIM = MAX_PIECES_PER_LANE * 32 * 8
+MAX_TOKENS_PER_STEP = 8
+
+
+@functools.lru_cache(maxsize=None)  # asked at every launch
+def tokens_per_step(fmt: Format, output: str = "bf16") -> int:
+    """Records a warp moves per ring step: 32 lanes split into groups of the
+    fewest lanes (a power of two) that move a record with at most
+    MAX_PIECES_PER_LANE 16-byte pieces each -- one group (the whole warp) for
+    every record of 288 bytes or more, four for the 132-byte indexer's (eight
+    for its raw gather), so a small record no longer costs a whole warp step.
+    Derived from the format, never chosen: one place says it (the template and
+    the launch grid both ask here)."""
+    inline = fmt.placement == "inline"
+    pieces = (fmt.record_bytes if inline else fmt.data_bytes) // 16
+    if not inline and fmt.scale_bytes >= 16:
+        pieces += fmt.scale_bytes // 16
+    stores = fmt.value_bytes // 16 if output == "raw" else fmt.head_dim // 8
+    need = max(-(-pieces // MAX_PIECES_PER_LANE), -(-stores // MAX_PIECES_PER_LANE), 1)
+    if output == "raw":
+        need = max(need, fmt.num_scales * fmt.scale_size)  # a lane per scale byte
+    lanes = 1 << (need - 1).bit_length()
+    return min(32 // min(lanes, 32), MAX_TOKENS_PER_STEP)
 
 
 @dataclass(frozen=True)
@@ -79,8 +102,12 @@ class DequantGatherConfig(FamilyConfig):
         return _round_up(self.format.record_bytes, 16)
 
     @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.format, self.output)
+
+    @property
     def smem_bytes(self) -> int:
-        return self.stage_bytes * self.num_stages * self.num_warps
+        return self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
 
     @classmethod
     def from_product(cls, point: dict[str, Any]):

@@ -22,7 +22,7 @@ from ...runtime.index_check import check_dense, check_packed, check_requested, c
 from ...runtime.launch import launch
 from ...runtime.manifest import KernelEntry
 from ...runtime.validate import check_cache, check_one_device, expect, meta
-from .config import DequantGatherConfig
+from .config import DequantGatherConfig, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
 
@@ -122,6 +122,12 @@ def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[C
 
 
 # -------------------------------------------------------------------- launch
+def _grid(entry: KernelEntry, num_reqs: int, max_rows: int) -> tuple[int, int, int]:
+    """The dispatch grid for a row: its warps move tokens_per_step records a step."""
+    return launch_grid(entry, num_reqs, max_rows,
+                       tokens_per_step=tokens_per_step(entry.format, entry.config.get("output", "bf16")))
+
+
 def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
                  grid: tuple[int, int, int] | None = None, checked: Optional[Checked] = None,
                  pdl: bool = False) -> None:
@@ -137,7 +143,7 @@ def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_
         "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
         "offset": offset, "max_rows": checked.max_rows,
     }
-    launch(entry, values, grid or launch_grid(entry, checked.num_reqs, checked.max_rows), out.get_device(), pdl)
+    launch(entry, values, grid or _grid(entry, checked.num_reqs, checked.max_rows), out.get_device(), pdl)
 
 
 def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tuple[int, int, int] | None = None,
@@ -147,7 +153,7 @@ def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tu
     values = {"out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_indices": slot_indices.data_ptr(),
               "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
               "num_slots": checked.num_slots}
-    launch(entry, values, grid or launch_grid(entry, 1, checked.num_slots), out.get_device(), pdl)
+    launch(entry, values, grid or _grid(entry, 1, checked.num_slots), out.get_device(), pdl)
 
 
 def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
@@ -372,7 +378,7 @@ def _launch_packed(entry: KernelEntry, values: dict, checked: CheckedPacked, dev
                    grid: tuple[int, int, int] | None) -> None:
     values = {**values, "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
               "num_reqs": checked.num_reqs, "num_rows": checked.num_rows}
-    launch(entry, values, grid or launch_grid(entry, 1, checked.num_rows), device_index, pdl)
+    launch(entry, values, grid or _grid(entry, 1, checked.num_rows), device_index, pdl)
 
 
 def _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts) -> None:
