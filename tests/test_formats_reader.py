@@ -192,12 +192,16 @@ def test_packed_plan_by_hand():
     # Bounded (cu_seq_lens [2, 5, 5, 9]: three requests): rows >= 9 are not written; positions from 0.
     t, r, p = packed_plan(starts, 3, 12, True)
     assert t.tolist() == list(range(2, 9)) and r.tolist() == [0] * 3 + [2] * 4 and p.tolist() == [0, 1, 2, 0, 1, 2, 3]
-    # Decreasing starts: still the *last* request with starts[r] <= t.
+    # Decreasing starts are refused (the unchecked GPU paths give no defined answer), bound included.
     dec = torch.tensor([0, 6, 3], dtype=torch.int32)
-    t, r, p = packed_plan(dec, 3, 8, False)
-    assert r.tolist() == [0, 0, 0, 2, 2, 2, 2, 2] and p.tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
-    assert [list(map(int, x)) for x in oracle._packed_rows(dec.numpy().astype(np.int64), 3, 8, False, None)] == \
-        [t.tolist(), r.tolist(), p.tolist()]
+    with pytest.raises(ValueError, match="in order"):
+        packed_plan(dec, 3, 8, False)
+    with pytest.raises(ValueError, match="in order"):
+        oracle._packed_rows(dec.numpy().astype(np.int64), 3, 8, False, None)
+    with pytest.raises(ValueError, match="in order"):
+        packed_plan(torch.tensor([0, 6, 3], dtype=torch.int32), 2, 8, True)  # cu_seq_lens [0, 6, 3]
+    equal = torch.tensor([4, 4, 4], dtype=torch.int32)  # equal starts: the last request owns every row
+    assert packed_plan(equal, 3, 6, False)[1].tolist() == [2, 2]
     # No requests, no rows.
     assert all(x.numel() == 0 for x in packed_plan(starts, 0, 12, False))
     assert all(x.numel() == 0 for x in packed_plan(starts, 4, 0, False))

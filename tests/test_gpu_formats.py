@@ -56,9 +56,11 @@ def test_dense_and_sparse(fmt, backend, raw, monkeypatch):
 @pytest.mark.parametrize("fmt", ("dsv4_584", "v41_528") + NEW_FORMATS)
 def test_packed(fmt, backend, monkeypatch):
     _served_by(backend, monkeypatch)
-    for bs, seq_starts in ((16, None), (64, [3, 0, 70])):
-        case = make_packed_case(seq_lens=[2 * bs + 3, 0, 9], block_size=bs, format=fmt, seq_starts=seq_starts,
-                                workspace_gap=3, rows=3 + 2 * bs + 3 + 20, raw_bytes=bs == 64, seed=bs, row_pad=8)
+    many = [3, 0, 0, 5, 1, 0, 7, 2, 0, 4, 6, 0, 1, 1, 0, 3, 2]  # 17 requests: five levels of the search
+    for bs, lens, seq_starts in ((16, None, None), (64, None, [3, 0, 70]), (16, many, [i % 3 for i in range(17)])):
+        lens = lens or [2 * bs + 3, 0, 9]
+        case = make_packed_case(seq_lens=lens, block_size=bs, format=fmt, seq_starts=seq_starts,
+                                workspace_gap=3, rows=3 + sum(lens) + 20, raw_bytes=bs == 64, seed=bs, row_pad=8)
         expected = clone_strided(case.out)
         dequantize_and_gather_packed_torch(*case.reference_args(out=expected))
         args = case.args("cuda")
@@ -144,6 +146,7 @@ def test_packed_in_a_cuda_graph(monkeypatch):
     dequantize_and_gather_packed_torch(*case.reference_args(out=expected))
     args = case.args("cuda")
     kvgen.cp_gather_and_upconvert_fp8_kv_cache(*args)  # load outside capture
+    assert kvgen.last_backend() == "cubin"  # the graph holds the cubin, not a fallback
     args[1].view(torch.int16).fill_(0x7FBF)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

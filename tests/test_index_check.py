@@ -123,6 +123,9 @@ def test_packed_calls_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="block_table: request 0 reads position"):
         kvgen.cp_gather_and_upconvert_fp8_kv_cache(src, dst, block_table, starts, batch,
                                                    torch.tensor([40, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seq_starts: request 1 starts at position -3"):
+        kvgen.cp_gather_and_upconvert_fp8_kv_cache(src, dst, block_table, starts, batch,
+                                                   torch.tensor([0, -3], dtype=torch.int32))
     table = block_table.clone()
     table[1, 0] = src.shape[0]
     with pytest.raises(ValueError, match="request 1, column 0 holds page"):
@@ -131,6 +134,8 @@ def test_packed_calls_are_checked(monkeypatch):
 
     raw = make_raw_packed_case(seq_lens=[5, 7], block_size=16, seed=2)
     kv_cache, dst_k, dst_scale, table, cu = raw.args()
+    with pytest.raises(ValueError, match="cu_seq_lens: the last request ends at row 12, past the output's 10 rows"):
+        kvgen.cp_gather_indexer_k_quant_cache(kv_cache, dst_k[:10], dst_scale[:10], table, cu)
     table = table.clone()
     table[0, 0] = -1
     with pytest.raises(ValueError, match="request 0, column 0 holds page -1"):

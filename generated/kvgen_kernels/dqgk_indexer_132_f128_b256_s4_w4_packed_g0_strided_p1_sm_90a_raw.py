@@ -190,7 +190,7 @@ def kernel(
             load_row = row_begin + (first + s * step) * TOKENS_PER_STEP + grp
             if load_row < rows:
                 # Row load_row belongs to the last request r with starts[r] <= it (every row
-                # here is >= starts[0]): binary lifting over the requests, warp-uniform loads.
+                # here is >= starts[0]): binary lifting over the requests, a search per lane group.
                 packed_row = load_row
                 r = Int32(0)
                 r_start = first_start
@@ -239,7 +239,7 @@ def kernel(
             load_row = row_begin + (ahead) * TOKENS_PER_STEP + grp
             if load_row < rows:
                 # Row load_row belongs to the last request r with starts[r] <= it (every row
-                # here is >= starts[0]): binary lifting over the requests, warp-uniform loads.
+                # here is >= starts[0]): binary lifting over the requests, a search per lane group.
                 packed_row = load_row
                 r = Int32(0)
                 r_start = first_start

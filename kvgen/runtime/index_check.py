@@ -113,9 +113,10 @@ def check_packed(k_cache: torch.Tensor, block_table: torch.Tensor, starts: torch
                  num_rows: int, bounded: bool, seq_starts: torch.Tensor | None, block_size: int,
                  starts_name: str) -> None:
     """A packed gather's requests: `starts` does not decrease, and each request's
-    rows read positions >= 0 within its block-table row, whose entries there
-    lie in [0, num_blocks). Request r owns rows starts[r] .. starts[r+1] - 1
-    (the last one up to num_rows, or starts[num_reqs] when `bounded`)."""
+    rows read positions >= 0 within its block-table row (and int32), whose
+    entries there lie in [0, num_blocks). Request r owns rows starts[r] ..
+    starts[r+1] - 1 (the last one up to num_rows, or starts[num_reqs] when
+    `bounded`, which must then not lie past the output's rows)."""
     _not_capturing(starts.device)
     num_blocks, width = k_cache.shape[0], block_table.shape[1]
     st = starts[: num_reqs + int(bounded)].to(torch.int64)
@@ -136,9 +137,13 @@ def check_packed(k_cache: torch.Tensor, block_table: torch.Tensor, starts: torch
                     "must be packed in order")),
         ((rows > 0) & (p_first < 0),
          lambda r: f"seq_starts: request {r} starts at position {int(p_first[r])}; expected >= 0"),
-        ((rows > 0) & (p_last >= capacity),
+        ((rows > 0) & (p_last >= min(capacity, 2**31)),
          lambda r: (f"block_table: request {r} reads position {int(p_last[r])}, past its row's capacity ({width} "
-                    f"pages x block_size {block_size} = {capacity} tokens)")),
+                    f"pages x block_size {block_size} = {capacity} tokens)" if int(p_last[r]) >= capacity else
+                    f"seq_starts: request {r} reads position {int(p_last[r])}, past int32")),
+        (((st[num_reqs:num_reqs + 1] > num_rows) if bounded else st[:0] > 0),
+         lambda _: (f"{starts_name}: the last request ends at row {int(st[num_reqs])}, past the output's "
+                    f"{num_rows} rows (its tokens from row {num_rows} on would be dropped)")),
         (read & ((page < 0) | (page >= num_blocks)),
          lambda r, c: (f"block_table: request {r}, column {c} holds page {int(page[r, c])}, outside the cache's "
                        f"{num_blocks} pages [0, {num_blocks})")),

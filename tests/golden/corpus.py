@@ -233,6 +233,13 @@ def _cases() -> dict[str, Callable[[], Case]]:
         _every_fp8_byte)
     c["packed_empty_batch"] = lambda: make_packed_case(seq_lens=[], block_size=16, format="v32_656", rows=3,
                                                        seed=1011)
+    # 17 requests with runs of empty ones: five levels of the kernels' request search.
+    many = [3, 0, 0, 5, 1, 0, 7, 2, 0, 4, 6, 0, 1, 1, 0, 3, 2]
+    c["packed_many_requests"] = lambda: make_packed_case(
+        seq_lens=many, block_size=16, format="indexer_132", workspace_gap=2, seq_starts=[i % 3 for i in range(17)],
+        rows=2 + sum(many) + 3, seed=1012)
+    c["raw_packed_many_requests"] = lambda: make_raw_packed_case(
+        seq_lens=many, block_size=16, format="indexer_132", first_row=2, seed=1013)
 
     # Raw packed gathers (cp_gather_indexer_k_quant_cache) of indexer_132, every block size.
     for j, bs in enumerate((16, 32, 64, 128, 256)):

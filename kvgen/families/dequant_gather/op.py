@@ -3,10 +3,14 @@
 `dequantize_and_gather_k_cache(out, k_cache, seq_lens, gather_lens,
 block_table, block_size, offset)` has vLLM's DeepSeek-V4 signature and
 semantics; `dequantize_and_gather_k_cache_sparse(out, k_cache, slot_indices,
-block_size)` gathers global slots (docs/semantics.md). Both serve every format
-of the loaded kernel trees (told apart by k_cache.shape[-1]) and are also
-registered as PyTorch custom ops (`torch.ops.kvgen.*`, mutating `out`, with
-fake implementations) so they can sit inside torch.compile and CUDA graphs.
+block_size)` gathers global slots; vLLM's packed gathers
+`cp_gather_and_upconvert_fp8_kv_cache` (decoded) and
+`cp_gather_indexer_k_quant_cache` (raw bytes) take requests packed one after
+another (docs/semantics.md). All serve every format of the loaded kernel
+trees (told apart by the cache's shape[-1]; the raw gather, page-split ones)
+and are also registered as PyTorch custom ops (`torch.ops.kvgen.*`, mutating
+their outputs, with fake implementations) so they can sit inside
+torch.compile and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ def dequantize_and_gather_k_cache_sparse(out: torch.Tensor, k_cache: torch.Tenso
     dequantized like the dense op; slot -1 leaves out[i] untouched (no load, no
     store). `out` is bf16 [n, head_dim] or [..., head_dim] (flattened to n
     rows); the format is told apart by k_cache.shape[-1] among the loaded
-    trees' formats (584 and 528 shipped)."""
+    trees' formats (584, 528, 288, 656 and 132 shipped)."""
     if torch.compiler.is_compiling():
         torch.ops.kvgen.dequantize_and_gather_k_cache_sparse(out, k_cache, slot_indices, block_size)
         return
@@ -288,6 +292,8 @@ def _packed_common(cache_name, k_cache, block_table, starts_name, starts, num_re
            f"{cache_name}: expected a uint8 [num_blocks, block_size, record_bytes] tensor, got "
            f"{tuple(k_cache.shape) if isinstance(k_cache, torch.Tensor) else type(k_cache).__name__}")
     block_size = k_cache.shape[1]
+    expect(block_size > 0, f"{cache_name}: its block size (shape[1]) must be positive, got shape "
+                           f"{tuple(k_cache.shape)}")
     try:
         fmt, page_stride = check_cache(k_cache, block_size)
     except (TypeError, ValueError) as err:
@@ -304,7 +310,7 @@ def _packed_common(cache_name, k_cache, block_table, starts_name, starts, num_re
 def validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts) -> CheckedPacked:
     """Check every argument of cp_gather_and_upconvert_fp8_kv_cache before any launch."""
     expect(type(batch_size) is int, f"batch_size: expected an int, got {type(batch_size).__name__}", TypeError)
-    expect(batch_size >= 0, f"batch_size: must be >= 0, got {batch_size}")
+    expect(0 <= batch_size < 2**30, f"batch_size: must be in [0, 2^30), got {batch_size}")
     fmt, block_size, page_stride, bt_stride = _packed_common("src_cache", src_cache, block_table, "workspace_starts",
                                                             workspace_starts, batch_size, batch_size)
     dst_shape, dst_stride = meta("dst", dst, torch.bfloat16, 2)
@@ -321,22 +327,36 @@ def validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, s
     return CheckedPacked(fmt, block_size, row_stride, 0, page_stride, bt_stride, batch_size, dst_shape[0])
 
 
+def byte_rows(name: str, t) -> torch.Tensor:
+    """A 2-D destination of the raw gather as uint8 rows (a view: writes land in
+    t). vLLM passes dst_k as float8_e4m3fn and dst_scale as uint8 [T, 4] or
+    float32 [T, 1]: any dtype, its rows' bytes are what is copied."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    expect(t.dim() == 2, f"{name}: expected 2 dimensions, got shape {tuple(t.shape)}")
+    expect(t.stride(1) == 1 or t.shape[1] <= 1, f"{name}: innermost stride must be 1, got {t.stride(1)}")
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
 def validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> CheckedPacked:
-    """Check every argument of cp_gather_indexer_k_quant_cache before any launch."""
+    """Check every argument of cp_gather_indexer_k_quant_cache before any launch
+    (dst_k and dst_scale as byte_rows gives them)."""
     cu_shape, _ = meta("cu_seq_lens", cu_seq_lens, torch.int32, 1)
     expect(cu_shape[0] >= 1, "cu_seq_lens: expected batch_size + 1 entries, got 0")
+    expect(cu_shape[0] <= 2**30, f"cu_seq_lens: at most 2^30 requests, got {cu_shape[0] - 1}")
     num_reqs = cu_shape[0] - 1
     fmt, block_size, page_stride, bt_stride = _packed_common("kv_cache", kv_cache, block_table, "cu_seq_lens",
                                                             cu_seq_lens, num_reqs, num_reqs + 1)
-    expect(fmt.placement == "page_split", f"kv_cache: format {fmt.name} keeps its scales inline; the raw gather "
-                                          "reads page-split caches")
+    expect(fmt.placement == "page_split" and fmt.tail == 0,
+           f"kv_cache: the raw gather copies a page-split record's values and scales; format {fmt.name} is "
+           f"{fmt.placement}" + (f" with a {fmt.tail}-value bf16 tail" if fmt.tail else ""))
     scale_bytes = fmt.num_scales * fmt.scale_size
     k_shape, k_stride = meta("dst_k", dst_k, torch.uint8, 2)
     s_shape, s_stride = meta("dst_scale", dst_scale, torch.uint8, 2)
-    expect(k_shape[1] == fmt.value_bytes, f"dst_k: last dimension must be {fmt.value_bytes} (format {fmt.name}'s "
-                                          f"value bytes), got {k_shape[1]}")
-    expect(s_shape[1] == scale_bytes, f"dst_scale: last dimension must be {scale_bytes} (format {fmt.name}'s "
-                                      f"scale bytes), got {s_shape[1]}")
+    expect(k_shape[1] == fmt.value_bytes, f"dst_k: rows must be {fmt.value_bytes} bytes (format {fmt.name}'s "
+                                          f"values), got {k_shape[1]}")
+    expect(s_shape[1] == scale_bytes, f"dst_scale: rows must be {scale_bytes} bytes (format {fmt.name}'s "
+                                      f"scales), got {s_shape[1]}")
     expect(s_shape[0] == k_shape[0], f"dst_scale: {s_shape[0]} rows for dst_k's {k_shape[0]}")
     expect(k_stride[1] == 1 and s_stride[1] == 1, "dst_k/dst_scale: innermost stride must be 1")
     expect(k_shape[0] < 2**31, "dst_k: at most 2^31 - 1 rows")
@@ -366,6 +386,7 @@ def launch_raw(entry: KernelEntry, kv_cache, dst_k, dst_scale, block_table, cu_s
                checked: Optional[CheckedPacked] = None, pdl: bool = False,
                grid: tuple[int, int, int] | None = None) -> None:
     """Launch one raw packed manifest row on cp_gather_indexer_k_quant_cache's arguments."""
+    dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)
     checked = checked or validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
     values = {"out": dst_k.data_ptr(), "out_scales": dst_scale.data_ptr(), "k_cache": kv_cache.data_ptr(),
               "block_table": block_table.data_ptr(), "starts": cu_seq_lens.data_ptr(), "seq_starts": 0,
@@ -410,6 +431,7 @@ def _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_s
 
 
 def _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+    dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)
     checked = validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
     if checked.num_reqs == 0 or checked.num_rows == 0:
         record_no_launch()
@@ -417,7 +439,8 @@ def _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
     if check_requested():
         check_packed(kv_cache, block_table, cu_seq_lens, checked.num_reqs, checked.num_rows, True, None,
                      checked.block_size, "cu_seq_lens")
-    aligned = dst_k.data_ptr() % 16 == 0 and checked.row_stride % 16 == 0
+    aligned = (dst_k.data_ptr() % 16 == 0 and checked.row_stride % 16 == 0  # 16-byte value stores
+               and dst_scale.data_ptr() % 4 == 0 and checked.scale_row_stride % 4 == 0)  # the ABI's assumption
     decision = decide_packed(dst_k, checked, "raw", aligned)
     args = (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, checked.block_size)
 
@@ -478,10 +501,11 @@ def _(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
 def cp_gather_indexer_k_quant_cache(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor,
                                     block_table: torch.Tensor, cu_seq_lens: torch.Tensor) -> None:
     """vLLM's raw packed gather of the indexer K cache: request r owns rows
-    cu_seq_lens[r] .. cu_seq_lens[r+1]-1 of dst_k (uint8 [T, value_bytes]) and
-    dst_scale (uint8 [T, scale bytes]), its positions from 0; the records'
-    value and scale bytes are copied undecoded; rows past cu_seq_lens[-1] are
-    not touched. Any loaded page-split format; docs/semantics.md."""
+    cu_seq_lens[r] .. cu_seq_lens[r+1]-1 of dst_k ([T, value_bytes] bytes: uint8,
+    or float8_e4m3fn as vLLM passes it) and dst_scale ([T, scale bytes]: uint8
+    [T, 4] or float32 [T, 1]), its positions from 0; the records' value and
+    scale bytes are copied undecoded; rows past cu_seq_lens[-1] are not
+    touched. Any loaded page-split format without a tail; docs/semantics.md."""
     if torch.compiler.is_compiling():
         torch.ops.kvgen.cp_gather_indexer_k_quant_cache(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
         return

@@ -287,6 +287,9 @@ def _packed_rows(starts: np.ndarray, num_reqs: int, num_rows: int, bounded: bool
     words: row t belongs to the last request r < num_reqs with starts[r] <= t (none: not
     written); bounded: rows t >= starts[num_reqs] are not written."""
     num_reqs = max(num_reqs, 0)
+    ordered = starts[: num_reqs + int(bool(bounded))] if num_reqs else starts[:0]
+    if (np.diff(ordered) < 0).any():
+        raise ValueError("starts: requests must be packed in order (starts must not decrease)")
     t = np.arange(max(num_rows, 0), dtype=np.int64)
     owns = starts[None, :num_reqs] <= t[:, None]  # [rows, requests]: r could own t
     has = owns.any(axis=1)

@@ -125,6 +125,7 @@ def packed_plan(starts: torch.Tensor, num_reqs: int, num_rows: int, bounded: boo
     Row t in [0, num_rows) belongs to the last r < num_reqs with starts[r] <= t
     (a row with none is not written); with `bounded`, rows t >= starts[num_reqs]
     are not written either. p = t - starts[r] (+ seq_starts[r] when given).
+    Starts that decrease are a caller's mistake: ValueError.
     """
     device = starts.device
     num_reqs, num_rows = max(int(num_reqs), 0), max(int(num_rows), 0)
@@ -132,11 +133,11 @@ def packed_plan(starts: torch.Tensor, num_reqs: int, num_rows: int, bounded: boo
     if num_reqs == 0 or num_rows == 0:
         return empty, empty, empty.clone()
     s = starts[:num_reqs].to(torch.int64)
-    # The last r with s[r] <= t is the last r with m[r] <= t, m the suffix minimum of s
-    # (non-decreasing), so it is one binary search: no [rows, requests] table.
-    m = torch.flip(torch.cummin(torch.flip(s, (0,)), dim=0).values, (0,))
+    checked = starts[: num_reqs + int(bool(bounded))].to(torch.int64)
+    if bool((checked[1:] < checked[:-1]).any()):  # a host-side check, as for the other index values
+        raise ValueError("starts: a request starts before the one ahead of it; requests must be packed in order")
     t = torch.arange(num_rows, device=device, dtype=torch.int64)
-    r = torch.searchsorted(m, t, right=True) - 1
+    r = torch.searchsorted(s, t, right=True) - 1  # the last r with s[r] <= t
     keep = r >= 0
     if bounded:
         keep &= t < starts[num_reqs].to(torch.int64)

@@ -5,9 +5,11 @@ record_bytes=None)` has the convention the serving stacks call (vLLM's): k
 bf16 [T, head_dim], the cache as its record view [num_blocks, block_size,
 record_bytes] or its byte view [num_blocks, block_bytes], slots int32 or
 int64 (-1 skips a token; only the first slot_mapping.shape[0] tokens are
-written). It serves every UE8M0 e4m3 format of the loaded kernel trees and is
-registered as `torch.ops.kvgen.quantize_and_insert_k_cache` (mutating
-k_cache, with a fake implementation). docs/semantics.md states the bytes.
+written). It serves every format of the loaded kernel trees. vLLM's
+`concat_and_cache_ds_mla` (the tail from a tensor of its own) and
+`indexer_k_quant_and_cache` (float32 scales, optionally powers of two) are
+the same writer. Each is registered as `torch.ops.kvgen.*` (mutating the
+cache, with a fake implementation). docs/semantics.md states the bytes.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _check_cache(k_cache, block_size, record_bytes=None, name: str = "k_cache") 
                                                        f"{tuple(kc_strides)}")
         expect(block_size * fmt.record_bytes <= kc_shape[1],
                f"block_size: {block_size} records of {fmt.record_bytes} bytes do not fit a page of {kc_shape[1]} bytes "
-               "({name}.shape[1])")
+               f"({name}.shape[1])")
     else:
         raise ValueError(f"{name}: expected [num_blocks, block_size, record_bytes] or [num_blocks, block_bytes], "
                          f"got shape {tuple(kc_shape)}")
@@ -200,6 +202,8 @@ def _record_view(name: str, kv_cache) -> tuple[Format, int]:
     expect(kv_cache.dim() == 3, f"{name}: expected [num_blocks, block_size, record_bytes], got shape "
                                 f"{tuple(kv_cache.shape)}")
     expect(kv_cache.dtype == torch.uint8, f"{name}: expected dtype torch.uint8, got {kv_cache.dtype}", TypeError)
+    expect(kv_cache.shape[1] > 0, f"{name}: its block size (shape[1]) must be positive, got shape "
+                                  f"{tuple(kv_cache.shape)}")
     return format_named(kv_cache.shape[2], name), kv_cache.shape[1]
 
 
@@ -247,7 +251,9 @@ def concat_and_cache_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: to
     _insert(kv_c, kv_cache, slot_mapping, block_size, checked, tail=k_pe)
 
 
-def validate_indexer(k, kv_cache, slot_mapping, quant_block_size) -> tuple[Checked, int]:
+def validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt=None) -> tuple[Checked, int]:
+    expect(scale_fmt is None or isinstance(scale_fmt, str),
+           f"scale_fmt: expected a str or None, got {type(scale_fmt).__name__}", TypeError)
     fmt, block_size = _record_view("kv_cache", kv_cache)
     expect(fmt.scale_kind == "f32", f"kv_cache: format {fmt.name} has {fmt.scale_kind} scales; the indexer writer "
                                     "writes float32 scales")
@@ -269,7 +275,7 @@ def validate_indexer(k, kv_cache, slot_mapping, quant_block_size) -> tuple[Check
 @torch.library.custom_op("kvgen::indexer_k_quant_and_cache", mutates_args=("kv_cache",))
 def _custom_op_indexer(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, quant_block_size: int,
                        scale_fmt: Optional[str] = None) -> None:
-    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size)
+    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
     _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
 
 
@@ -283,12 +289,14 @@ def indexer_k_quant_and_cache(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     """vLLM's indexer writer: quantize k (bf16 [T, 128]) with one float32 scale
     per quant_block_size values (the format's group, 128) into kv_cache (uint8
     [num_blocks, block_size, 132], page-split) at slot_mapping's slots (-1
-    skips); scale_fmt "ue8m0" rounds each scale up to a power of two, anything
-    else keeps it. docs/semantics.md, "Writing"."""
+    skips); scale_fmt "ue8m0" rounds each scale up to a power of two, any other
+    string or None keeps it. It writes any loaded format with float32 scales
+    (k then [T, head_dim]; the V3.2 656-byte record too). docs/semantics.md,
+    "Writing"."""
     if torch.compiler.is_compiling():
         torch.ops.kvgen.indexer_k_quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
         return
-    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size)
+    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
     _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
 
 
