@@ -50,10 +50,7 @@ def check_dense(k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: torc
     capacity = width * block_size
     rows = gathered.clamp(min=0, max=max(max_rows, 0))
     start = seq - gathered
-    column = torch.arange(width, device=block_table.device)
-    read = ((column[None, :] >= start[:, None] // block_size)
-            & (column[None, :] <= (start + rows - 1)[:, None] // block_size) & (rows > 0)[:, None])
-    page = block_table.to(torch.int64)
+    bad_page = _pages_outside(block_table, start, start + rows - 1, rows > 0, block_size, num_blocks)
     checks = (  # (mask, message for its first hit): in the order a reader would ask
         ((gathered < 0) | (gathered > seq) if gather_lens is not None else seq < 0,
          lambda r: (f"gather_lens: request {r} gathers {int(gathered[r])} tokens of a seq_len of {int(seq[r])}; "
@@ -62,11 +59,23 @@ def check_dense(k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: torc
         (seq > capacity,
          lambda r: (f"seq_lens: request {r} has seq_len {int(seq[r])}, past its block-table row's capacity "
                     f"({width} pages x block_size {block_size} = {capacity} tokens)")),
-        (read & ((page < 0) | (page >= num_blocks)),
-         lambda r, c: (f"block_table: request {r}, column {c} holds page {int(page[r, c])}, outside k_cache's "
-                       f"{num_blocks} pages [0, {num_blocks})")),
+        bad_page,
     )
     _raise_first(checks)
+
+
+def _pages_outside(block_table: torch.Tensor, first: torch.Tensor, last: torch.Tensor, reads: torch.Tensor,
+                   block_size: int, num_blocks: int):
+    """(mask, message) for the block-table entries a call reads -- request r's
+    columns first[r] // block_size .. last[r] // block_size, where reads[r] --
+    that hold a page outside [0, num_blocks); other entries may hold anything."""
+    column = torch.arange(block_table.shape[1], device=block_table.device)
+    read = ((column[None, :] >= first[:, None] // block_size) & (column[None, :] <= last[:, None] // block_size)
+            & reads[:, None])
+    page = block_table[: first.shape[0]].to(torch.int64)
+    return (read & ((page < 0) | (page >= num_blocks)),
+            lambda r, c: (f"block_table: request {r}, column {c} holds page {int(page[r, c])}, outside the cache's "
+                          f"{num_blocks} pages [0, {num_blocks})"))
 
 
 def check_slots(k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
@@ -126,10 +135,6 @@ def check_packed(k_cache: torch.Tensor, block_table: torch.Tensor, starts: torch
     shift = seq_starts[:num_reqs].to(torch.int64) if seq_starts is not None else torch.zeros_like(first)
     p_first = first - st[:num_reqs] + shift
     p_last = p_first + rows - 1
-    column = torch.arange(width, device=block_table.device)
-    read = ((column[None, :] >= p_first[:, None] // block_size) & (column[None, :] <= p_last[:, None] // block_size)
-            & (rows > 0)[:, None])
-    page = block_table[:num_reqs].to(torch.int64)
     capacity = width * block_size
     checks = (
         (st[1:] < st[:-1],
@@ -144,8 +149,6 @@ def check_packed(k_cache: torch.Tensor, block_table: torch.Tensor, starts: torch
         (((st[num_reqs:num_reqs + 1] > num_rows) if bounded else st[:0] > 0),
          lambda _: (f"{starts_name}: the last request ends at row {int(st[num_reqs])}, past the output's "
                     f"{num_rows} rows (its tokens from row {num_rows} on would be dropped)")),
-        (read & ((page < 0) | (page >= num_blocks)),
-         lambda r, c: (f"block_table: request {r}, column {c} holds page {int(page[r, c])}, outside the cache's "
-                       f"{num_blocks} pages [0, {num_blocks})")),
+        _pages_outside(block_table, p_first, p_last, rows > 0, block_size, num_blocks),
     )
     _raise_first(checks)

@@ -218,21 +218,25 @@ def _runner(backend: str, args, entry=None, grid=None, pdl: bool = False, pdl_en
         return lambda: ops.launch_entry(entry, args[0], args[1], args[2], args[3], args[4], args[6],
                                         grid=grid, pdl=pdl)
     op = kvgen.dequantize_and_gather_k_cache_sparse if sparse else kvgen.dequantize_and_gather_k_cache
+    return with_env(lambda: op(*args), KVGEN_BACKEND=backend, KVGEN_PDL=pdl_env)
 
-    def call():
-        # The variables are set for this call only; the caller's environment is
-        # left as it was found (a value restored, an absent variable removed).
-        saved = {name: os.environ.get(name) for name in ("KVGEN_BACKEND", "KVGEN_PDL")}
-        os.environ["KVGEN_BACKEND"], os.environ["KVGEN_PDL"] = backend, pdl_env
+
+def with_env(call: Callable[[], None], **values: str) -> Callable[[], None]:
+    """`call` with these environment variables set for the call only: the
+    caller's environment is left as it was found (a value restored, an absent
+    variable removed)."""
+    def run():
+        saved = {name: os.environ.get(name) for name in values}
+        os.environ.update(values)
         try:
-            op(*args)
+            call()
         finally:
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-    return call
+    return run
 
 
 def _time_variants(label: str, cases: list, expected: list, variants: dict, working_set: int,
@@ -507,16 +511,7 @@ def _writer_runner(backend: str, args, entry=None) -> Callable[[], None]:
 
     if backend == "entry":
         return lambda: insert.launch_entry(entry, args[0], args[1], args[2], pdl=entry.pdl)
-    call = lambda: kvgen.quantize_and_insert_k_cache(*args)  # noqa: E731
-
-    def forced():
-        saved = os.environ.get("KVGEN_BACKEND")
-        os.environ["KVGEN_BACKEND"] = backend
-        try:
-            call()
-        finally:
-            os.environ.pop("KVGEN_BACKEND") if saved is None else os.environ.__setitem__("KVGEN_BACKEND", saved)
-    return forced
+    return with_env(lambda: kvgen.quantize_and_insert_k_cache(*args), KVGEN_BACKEND=backend)
 
 
 def bench_writer_shape(shape: WriterShape, copy_bw: float, l2_bytes: int, sweep: bool = False) -> dict:

@@ -11,14 +11,13 @@ CUDA-graph replays, interleaved, inputs rotated past L2 (kvgen/tools/bench.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..testing import as_format
-from .bench import COPY, graph_times, same_bytes_copy
+from .bench import COPY, graph_times, same_bytes_copy, with_env
 
 READ_TOKENS = (65536, 262144)
 WRITE_TOKENS = (65536, 262144)
@@ -124,14 +123,7 @@ def _case(b: Bench, seed: int):
 
 
 def _forced(backend: str, call: Callable[[], None]) -> Callable[[], None]:
-    def run():
-        saved = os.environ.get("KVGEN_BACKEND")
-        os.environ["KVGEN_BACKEND"] = backend
-        try:
-            call()
-        finally:
-            os.environ.pop("KVGEN_BACKEND") if saved is None else os.environ.__setitem__("KVGEN_BACKEND", saved)
-    return run
+    return with_env(call, KVGEN_BACKEND=backend)
 
 
 def _poison(outs) -> None:
