@@ -197,3 +197,18 @@ def test_the_cli_refuses_a_bad_spec_in_one_line(tmp_path):
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("kvgen: error:"), done.stderr
     assert "--spec needs --out" in lines[0]
     assert not (tmp_path / "tree").exists()
+
+
+def test_records_per_warp_step_follow_the_record_size():
+    """Lane groups only where a record is small (BENCHMARKS.md, log 18): every shipped format of 288
+    bytes or more keeps one record a warp step, the 132-byte indexer's four (eight raw), and the
+    step's shared memory grows with it."""
+    from kvgen.families.dequant_gather.config import tokens_per_step
+    from kvgen.spec import SHIPPED_SPEC, load_spec
+
+    formats = load_spec(SHIPPED_SPEC).formats
+    assert {name: tokens_per_step(f) for name, f in formats.items()} == {
+        "dsv4_584": 1, "v41_528": 1, "v41_288": 1, "v32_656": 1, "indexer_132": 4}
+    assert tokens_per_step(formats["indexer_132"], "raw") == 8
+    one = dataclasses.replace(SEED, format=formats["indexer_132"], indexing="packed", gather_lens=False)
+    assert one.smem_bytes == one.stage_bytes * 4 * one.num_stages * one.num_warps
