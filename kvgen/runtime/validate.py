@@ -30,26 +30,26 @@ def meta(name: str, t, dtype: torch.dtype, ndim: int | None):
     return shape, t.stride()
 
 
-def check_cache(k_cache, block_size) -> tuple[Format, int]:
+def check_cache(k_cache, block_size, name: str = "k_cache") -> tuple[Format, int]:
     """The paged cache [num_blocks, block_size, record_bytes] and its block size:
     (its format, told apart by record_bytes among the loaded trees' formats; its
-    page stride in bytes)."""
-    kc_shape, kc_stride = meta("k_cache", k_cache, torch.uint8, 3)
+    page stride in bytes). `name` is the cache's argument name in the caller's op."""
+    kc_shape, kc_stride = meta(name, k_cache, torch.uint8, 3)
     expect(type(block_size) is int, f"block_size: expected an int, got {type(block_size).__name__}", TypeError)
     fmt = registry().format_for_record(kc_shape[2])
     if fmt is None:
-        raise ValueError(f"k_cache: last dimension must be the record size of a loaded format "
+        raise ValueError(f"{name}: last dimension must be the record size of a loaded format "
                          f"{loaded_record_sizes()} (bytes per token record), got {kc_shape[2]}")
     expect(block_size > 0 and block_size == kc_shape[1],
-           f"block_size: must equal k_cache.shape[1] ({kc_shape[1]}), got {block_size}")
+           f"block_size: must equal {name}.shape[1] ({kc_shape[1]}), got {block_size}")
     record = fmt.record_bytes
     expect(kc_stride[2] == 1 and (kc_shape[1] == 1 or kc_stride[1] == record),
-           f"k_cache: each page must hold contiguous {record}-byte rows, got strides {tuple(kc_stride)}")
+           f"{name}: each page must hold contiguous {record}-byte rows, got strides {tuple(kc_stride)}")
     page_stride = kc_stride[0]
-    expect(page_stride % 16 == 0, f"k_cache: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
+    expect(page_stride % 16 == 0, f"{name}: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
     expect(kc_shape[0] <= 1 or page_stride >= block_size * record,
-           f"k_cache: page stride {page_stride} is smaller than a page ({block_size}*{record} bytes)")
-    expect(k_cache.data_ptr() % 16 == 0, "k_cache: data must be 16-byte aligned")
+           f"{name}: page stride {page_stride} is smaller than a page ({block_size}*{record} bytes)")
+    expect(k_cache.data_ptr() % 16 == 0, f"{name}: data must be 16-byte aligned")
     return fmt, page_stride
 
 

@@ -43,6 +43,15 @@ MAX_HEAD_DIM = MAX_PIECES_PER_LANE * 32 * 8
 MAX_TOKENS_PER_STEP = 8
 
 
+def copy_pieces(fmt: Format) -> tuple[int, int]:
+    """(16-byte pieces a record is staged in from its data row -- or, inline, from
+    the record itself --, 16-byte pieces of its scale row; 0 where the scale row
+    is one copy smaller than 16 bytes, or inline)."""
+    inline = fmt.placement == "inline"
+    src = (fmt.record_bytes if inline else fmt.data_bytes) // 16
+    return src, (0 if inline or fmt.scale_bytes < 16 else fmt.scale_bytes // 16)
+
+
 @functools.lru_cache(maxsize=None)  # asked at every launch
 def tokens_per_step(fmt: Format, output: str = "bf16") -> int:
     """Records a warp moves per ring step: 32 lanes split into groups of the
@@ -52,10 +61,7 @@ def tokens_per_step(fmt: Format, output: str = "bf16") -> int:
     for its raw gather), so a small record no longer costs a whole warp step.
     Derived from the format, never chosen: one place says it (the template and
     the launch grid both ask here)."""
-    inline = fmt.placement == "inline"
-    pieces = (fmt.record_bytes if inline else fmt.data_bytes) // 16
-    if not inline and fmt.scale_bytes >= 16:
-        pieces += fmt.scale_bytes // 16
+    pieces = sum(copy_pieces(fmt))
     stores = fmt.value_bytes // 16 if output == "raw" else fmt.head_dim // 8
     need = max(-(-pieces // MAX_PIECES_PER_LANE), -(-stores // MAX_PIECES_PER_LANE), 1)
     if output == "raw":
@@ -104,6 +110,10 @@ class DequantGatherConfig(FamilyConfig):
     @property
     def tokens_per_step(self) -> int:
         return tokens_per_step(self.format, self.output)
+
+    @property
+    def copy_pieces(self) -> tuple[int, int]:
+        return copy_pieces(self.format)
 
     @property
     def smem_bytes(self) -> int:

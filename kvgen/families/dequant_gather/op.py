@@ -294,10 +294,7 @@ def _packed_common(cache_name, k_cache, block_table, starts_name, starts, num_re
     block_size = k_cache.shape[1]
     expect(block_size > 0, f"{cache_name}: its block size (shape[1]) must be positive, got shape "
                            f"{tuple(k_cache.shape)}")
-    try:
-        fmt, page_stride = check_cache(k_cache, block_size)
-    except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("k_cache", cache_name)) from None
+    fmt, page_stride = check_cache(k_cache, block_size, cache_name)
     bt_shape, bt_stride = meta("block_table", block_table, torch.int32, 2)
     expect(bt_stride[1] == 1 or bt_shape[1] <= 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
     expect(bt_shape[0] >= num_reqs, f"block_table: {bt_shape[0]} rows for {num_reqs} requests")

@@ -78,10 +78,10 @@ def _check_cache(k_cache, block_size, record_bytes=None, name: str = "k_cache") 
     return fmt, page_stride
 
 
-def validate(k, k_cache, slot_mapping, block_size, record_bytes=None) -> Checked:
-    """Check every argument before any launch."""
+def validate(k, k_cache, slot_mapping, block_size, record_bytes=None, cache_name: str = "k_cache") -> Checked:
+    """Check every argument before any launch (the cache named as the caller's op names it)."""
     k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
-    fmt, page_stride = _check_cache(k_cache, block_size, record_bytes)
+    fmt, page_stride = _check_cache(k_cache, block_size, record_bytes, cache_name)
     expect(k_shape[1] == fmt.head_dim, f"k: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), "
                                        f"got {k_shape[1]}")
     expect(k_strides[1] == 1 or k_shape[1] <= 1, f"k: innermost stride must be 1, got {k_strides[1]}")
@@ -261,15 +261,7 @@ def validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt=None
                                           f"{type(quant_block_size).__name__}", TypeError)
     expect(quant_block_size == fmt.scale_group, f"quant_block_size: format {fmt.name} has one scale per "
                                                 f"{fmt.scale_group} values, got {quant_block_size}")
-    k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
-    _, page_stride = _check_cache(kv_cache, block_size, name="kv_cache")
-    expect(k_shape[1] == fmt.head_dim, f"k: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), "
-                                       f"got {k_shape[1]}")
-    expect(k_strides[1] == 1 or k_shape[1] <= 1, f"k: innermost stride must be 1, got {k_strides[1]}")
-    num_tokens = _check_slots(slot_mapping, k_shape[0], "k")
-    check_one_device(k, kv_cache, slot_mapping)
-    return Checked(fmt, page_stride, k_strides[0] if k_shape[0] > 1 else fmt.head_dim, num_tokens,
-                   SLOT_DTYPES[slot_mapping.dtype]), block_size
+    return validate(k, kv_cache, slot_mapping, block_size, cache_name="kv_cache"), block_size
 
 
 @torch.library.custom_op("kvgen::indexer_k_quant_and_cache", mutates_args=("kv_cache",))

@@ -192,19 +192,6 @@ def region_views(k_cache: torch.Tensor, block_size: int, fmt: Format) -> dict[st
             for part, (base, row_stride, size) in fmt.regions(block_size).items() if size}
 
 
-def record_views(k_cache: torch.Tensor, block_size: int, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data rows [num_blocks, block_size, data_bytes], scale rows [num_blocks, block_size, scale_bytes]) of a
-    page_split format: views of each page's two regions over k_cache's storage (see region_views)."""
-    if fmt.placement != "page_split":
-        raise ValueError(f"record_views: format {fmt.name} is {fmt.placement}, not page_split (use region_views)")
-    page_stride, start, num_blocks = k_cache.stride(0), k_cache.storage_offset(), k_cache.shape[0]
-    base, row_stride, _ = fmt.regions(block_size)["values"]
-    data = k_cache.as_strided((num_blocks, block_size, fmt.data_bytes), (page_stride, row_stride, 1), start + base)
-    base, row_stride, size = fmt.regions(block_size)["scales"]
-    scale = k_cache.as_strided((num_blocks, block_size, size), (page_stride, row_stride, 1), start + base)
-    return data, scale
-
-
 def quantize_and_insert_torch(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
                               block_size: int, fmt: Format, tail: torch.Tensor | None = None,
                               pow2_scale: bool = False) -> None:
