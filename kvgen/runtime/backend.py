@@ -3,24 +3,27 @@ and serving it, with the fallback when a cubin cannot be loaded.
 
 Decided from host-known quantities only (the call's key, the device's compute
 capability and name, alignment, the KVGEN_* switches): no synchronisation.
-Each decision is cached in the registry, so it is made once per call key.
+Each decision is cached in the registry, so it is made once per call key (the
+switches as the call read them included).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.util
 import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .dispatch import (BACKEND_ENV, PDL_ENV, PTX_ENV, CallKey, candidate_rows, choose_row, forced_backend,
-                       pdl_requested, preference_with_pdl, ptx_allowed, shape_class, split_by_image)
+from . import switches
+from .dispatch import (BACKEND_ENV, PTX_ENV, CallKey, candidate_rows, choose_row, forced_backend, pdl_requested,
+                       preference_with_pdl, ptx_allowed, shape_class, split_by_image)
 from .driver import driver
 from .loader import KvgenLoadError, registry
 from .manifest import KernelEntry
@@ -57,7 +60,7 @@ def _available(module: str) -> bool:
 def triton_usable(device_type: str) -> bool:
     if not _available("triton"):
         return False
-    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device_type == "cuda" or os.environ.get(switches.TRITON_INTERPRET_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -133,18 +136,19 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
 
 
 def decide(family: str, format_name: str, block_size: int, fields: tuple, num_reqs: int, max_rows: int,
-           device: torch.device, aligned: bool) -> Decision:
+           device: torch.device, aligned: bool, snapshot: Optional[tuple] = None) -> Decision:
     """The decision for a call of `family` (`fields`: the family's own config
     fields the row must have), made once per key (cached in the registry: a new
-    registry, or a tree added, starts afresh)."""
-    call_class = shape_class(num_reqs, max_rows)
-    cache_key = (family, format_name, block_size, fields, call_class, device, aligned,
-                 os.environ.get(BACKEND_ENV), os.environ.get(PDL_ENV), os.environ.get(PTX_ENV),
-                 os.environ.get("TRITON_INTERPRET"))
+    registry, or a tree added, starts afresh). `snapshot`: the call's switches
+    (kvgen.runtime.switches), read now if not given."""
+    if snapshot is None:
+        snapshot = switches.read()
+    cache_key = (family, format_name, block_size, fields, shape_class(num_reqs, max_rows), device, aligned,
+                 snapshot)
     decisions = registry().decisions
     decision = decisions.get(cache_key)
     if decision is None:
-        key = CallKey(family, format_name, block_size, fields, None, call_class)
+        key = CallKey(family, format_name, block_size, fields, None, cache_key[4])
         decision = decisions[cache_key] = _decide(key, device, aligned, forced_backend())
     return decision
 
@@ -161,39 +165,84 @@ def record_no_launch() -> None:
     _state.last_backend = None
 
 
-def serve(decision: Decision, device_type: str, launch_cubin: Callable[[KernelEntry, bool], None],
-          run_triton: Callable[[], None], run_torch: Callable[[], None]) -> None:
-    """Run the decided backend. A cubin that fails to load falls back to the PTX
-    route, then to Triton or torch, with a warning (an error when KVGEN_BACKEND
-    forced it). The first call through each PTX row warns that the driver
-    JIT-compiles it."""
+class Paths(NamedTuple):
+    """How an op runs each backend: `cubin(entry, pdl, checked, *args)` launches a
+    manifest row (the PTX route's too), `triton(*args)` and `torch(*args)` run
+    the fallbacks. Module-level functions, so that serving a call makes no closure."""
+
+    cubin: Callable[..., None]
+    triton: Callable[..., None]
+    torch: Callable[..., None]
+
+
+def fallback(package: str, module: str, function: str) -> Callable[..., None]:
+    """A fallback path: `package.module.function(*args)`, the module imported at
+    its first call (Triton and the torch reference are not imported while the
+    cubins serve)."""
+    def run(*args) -> None:
+        getattr(importlib.import_module(f"{package}.{module}"), function)(*args)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
+
+
+def serve(decision: Decision, device: torch.device, paths: Paths, checked, args: tuple) -> None:
+    """Run the decided backend on the call's `args` (`checked`: what validation
+    read, for the launch; `device`: the tensors'). A cubin that fails to load
+    falls back to the PTX route, then to Triton or torch, with a warning (an
+    error when KVGEN_BACKEND forced it). The first call through each PTX row
+    warns that the driver JIT-compiles it."""
     backend = decision.backend
-    warned = registry().warned
-    while backend in ("cubin", "ptx"):
-        if backend == "ptx" and decision.entry.name not in warned:
-            warned.add(decision.entry.name)
-            warnings.warn(f"kvgen: the driver JIT-compiles {decision.entry.name}'s PTX for "
-                          f"{decision.device_name or 'this GPU'} (no cubin of its arch served the call), once per "
-                          f"process and device; {PTX_ENV}=0 turns this route off", RuntimeWarning, stacklevel=5)
+    if backend == "cubin":  # the usual case, without a frame of its own
         try:
-            launch_cubin(decision.entry, decision.pdl)
-            break
+            paths.cubin(decision.entry, decision.pdl, checked, *args)
         except KvgenLoadError as err:
-            if forced_backend() == backend:
-                raise
-            if f"{decision.entry.name}:load" not in warned:
-                warned.add(f"{decision.entry.name}:load")
-                warnings.warn(f"kvgen: falling back from {backend}: {err}", RuntimeWarning, stacklevel=5)
-            if decision.fallback is not None:
-                decision = decision.fallback
-                backend = decision.backend
-            else:
-                backend = "triton" if triton_usable(device_type) else "torch"
+            backend = _fall_back(err, decision, device, paths, checked, args)
+    elif backend == "ptx":
+        backend = _serve_image(decision, device, paths, checked, args)
     if backend == "triton":
-        run_triton()
+        paths.triton(*args)
     elif backend == "torch":
-        run_torch()
+        paths.torch(*args)
     _state.last_backend = backend
+
+
+def _serve_image(decision: Decision, device: torch.device, paths: Paths, checked, args: tuple) -> str:
+    """Launch the decided row (its PTX route, or a cubin's fallback to it);
+    the backend that served, or the fallback that must ("triton" or "torch")
+    if none loads."""
+    if decision.backend == "ptx":
+        _warn_jit_once(decision)
+    try:
+        paths.cubin(decision.entry, decision.pdl, checked, *args)
+        return decision.backend
+    except KvgenLoadError as err:
+        return _fall_back(err, decision, device, paths, checked, args)
+
+
+def _fall_back(err: KvgenLoadError, decision: Decision, device: torch.device, paths: Paths, checked,
+               args: tuple) -> str:
+    """`decision`'s row failed to load (`err`): an error if KVGEN_BACKEND forced
+    it, else a warning (once per row) and the next route. The warnings point at
+    the line that called the op directly (serve's caller's caller)."""
+    if forced_backend() == decision.backend:
+        raise err
+    warned = registry().warned
+    if f"{decision.entry.name}:load" not in warned:
+        warned.add(f"{decision.entry.name}:load")
+        warnings.warn(f"kvgen: falling back from {decision.backend}: {err}", RuntimeWarning, stacklevel=5)
+    if decision.fallback is None:
+        return "triton" if triton_usable(device.type) else "torch"
+    return _serve_image(decision.fallback, device, paths, checked, args)
+
+
+def _warn_jit_once(decision: Decision) -> None:
+    warned = registry().warned
+    if decision.entry.name not in warned:
+        warned.add(decision.entry.name)
+        warnings.warn(f"kvgen: the driver JIT-compiles {decision.entry.name}'s PTX for "
+                      f"{decision.device_name or 'this GPU'} (no cubin of its arch served the call), once per "
+                      f"process and device; {PTX_ENV}=0 turns this route off", RuntimeWarning, stacklevel=6)
 
 
 def clear_dispatch_cache() -> None:

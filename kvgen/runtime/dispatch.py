@@ -171,14 +171,16 @@ MIN_WARP_BYTES = 528
 
 
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int, target_ctas: int = TARGET_CTAS,
-                tokens_per_step: int = 1) -> tuple[int, int, int]:
+                tokens_per_step: int = 1, rows_per_warp: int | None = None) -> tuple[int, int, int]:
     """grid = (requests, workers): enough warps for the longest possible gather
     (max_rows bounds every gather length), each lane group of a warp (a warp
     moves `tokens_per_step` records a step) with at least MIN_WARP_BYTES of
-    records, the whole grid held near target_ctas. A sparse or packed call is
+    records -- or, where the row's schedule fixes it, `rows_per_warp` rows a
+    warp --, the whole grid held near target_ctas. A sparse or packed call is
     one request of max_rows = number of slots (rows)."""
-    per_warp = (entry.config["num_warps"] * tokens_per_step
-                * max(1, MIN_WARP_BYTES // entry.format.record_bytes))
+    if rows_per_warp is None:
+        rows_per_warp = tokens_per_step * max(1, MIN_WARP_BYTES // entry.format.record_bytes)
+    per_warp = entry.config["num_warps"] * rows_per_warp
     workers = min(-(-max_rows // per_warp), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from ..env import env_flag
 from ..errors import UsageError
+from . import switches
+from .switches import CHECK_ENV
 
-CHECK_ENV = "KVGEN_CHECK"
 
-
-def check_requested() -> bool:
-    return env_flag(CHECK_ENV, default=False)
+def check_requested(snapshot: tuple | None = None) -> bool:
+    """KVGEN_CHECK, from the call's snapshot of the switches (read now if none is given)."""
+    return switches.check_requested(snapshot if snapshot is not None else switches.read())
 
 
 def _not_capturing(device: torch.device) -> None:

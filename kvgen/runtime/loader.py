@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,30 +53,47 @@ class LoadedKernel:
     _prepared_devices: set
 
     def __post_init__(self):
-        self._format = "<" + _SLOT * len(self.entry.params)
+        self._pack = struct.Struct("<" + _SLOT * len(self.entry.params)).pack_into
+        # The row's parameter names in ABI order, interned: an op's names (literals, so
+        # interned) then compare equal by identity, cheaply, at every launch.
+        self.abi = tuple(sys.intern(name) for name, _ in self.entry.params)
+        self._pdl_built = self.entry.pdl  # read per launch: a property of the entry, read once here
+        self._thread = threading.local()  # per thread: its _LaunchBuffers
 
-    def launch(self, grid: tuple[int, int, int], args: list[int], stream: int, device: int,
-               pdl: bool = False) -> None:
+    def in_abi_order(self, values: dict):
+        """The values of `values` (every parameter by name) in ABI order: as they
+        are where the op named them in that order (as the ops do), else looked up."""
+        if tuple(values) == self.abi:
+            return values.values()
+        return [values[name] for name in self.abi]
+
+    def launch(self, grid: tuple[int, int, int], args, stream: int, device: int, pdl: bool = False,
+               cuda: Driver | None = None) -> None:
         """Launch on `stream` (a CUstream handle as int). `args` in ABI order.
         `pdl`: allow programmatic dependent launch -- this grid may be scheduled
         before the previous kernel in the stream finishes (the kernel waits on
-        griddepcontrol before touching global memory); only for entries built so."""
-        if pdl and not self.entry.pdl:
+        griddepcontrol before touching global memory); only for entries built
+        so. `cuda`: the driver, where the caller has it."""
+        if pdl and not self._pdl_built:
             raise ValueError(f"{self.entry.name}: this cubin does not wait on griddepcontrol; "
                              "launching it with programmatic dependent launch would race")
-        cuda = _driver()
+        if cuda is None:
+            cuda = _driver()
         if device not in self._prepared_devices:
             self._prepare(cuda, device)
-        values, pointers, config = _launch_buffers(self)
-        struct.pack_into(self._format, values, 0, *args)
+        try:
+            buffers = self._thread.buffers
+        except AttributeError:
+            buffers = self._thread.buffers = _LaunchBuffers(self)
+        self._pack(buffers.values, 0, *args)
         if pdl:
-            config.grid[0], config.grid[1], config.grid[2] = grid
-            config.stream = stream
-            err = cuda.cuLaunchKernelEx(ctypes.byref(config), self.kernel, ctypes.addressof(pointers), None)
+            buffers.grid[:] = grid
+            buffers.config.stream = stream
+            err = cuda.cuLaunchKernelEx_unconverted(*buffers.launch_ex_args)
         else:
             block = self.entry.block
             err = cuda.cuLaunchKernel(self.kernel, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                      self.entry.smem_bytes, stream, ctypes.addressof(pointers), None)
+                                      self.entry.smem_bytes, stream, buffers.pointers_address, None)
         if err:
             what = f"cuLaunchKernel{'Ex' if pdl else ''}({self.entry.name})"
             if err in IMAGE_ERRORS:  # lazy loading: the driver looked at the image only now
@@ -90,28 +108,26 @@ class LoadedKernel:
         self._prepared_devices.add(device)
 
 
-_thread_state = threading.local()
+class _LaunchBuffers:
+    """One thread's memory for launching one kernel: 8-byte value slots, the
+    void* array pointing at them, and a CUlaunchConfig asking for programmatic
+    stream serialization; and cuLaunchKernelEx's arguments as ctypes objects,
+    made once (a launch sets only the config's grid and stream). The driver
+    copies all of them at launch, so they are reused."""
 
-
-def _launch_buffers(kernel: LoadedKernel):
-    """Per thread and kernel: 8-byte value slots, the void* array pointing at
-    them, and a CUlaunchConfig asking for programmatic stream serialization.
-    The driver copies all of them at launch, so they are reused."""
-    cache = getattr(_thread_state, "buffers", None)
-    if cache is None:
-        cache = _thread_state.buffers = {}
-    buffers = cache.get(kernel.entry.name)
-    if buffers is None:
-        n = len(kernel.entry.params)
-        values = (ctypes.c_uint64 * n)()
-        base = ctypes.addressof(values)
-        pointers = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-        attribute = LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        config = LaunchConfig(block=(ctypes.c_uint * 3)(*kernel.entry.block), smem_bytes=kernel.entry.smem_bytes,
-                               attrs=ctypes.pointer(attribute), num_attrs=1)
-        config._attribute = attribute  # keep it alive with the config
-        buffers = cache[kernel.entry.name] = (values, pointers, config)
-    return buffers
+    def __init__(self, kernel: LoadedKernel):
+        entry = kernel.entry
+        n = len(entry.params)
+        self.values = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        self.pointers_address = ctypes.addressof(self.pointers)
+        self.attribute = LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self.config = LaunchConfig(block=(ctypes.c_uint * 3)(*entry.block), smem_bytes=entry.smem_bytes,
+                                   attrs=ctypes.pointer(self.attribute), num_attrs=1)
+        self.grid = self.config.grid  # a view of the config's grid field
+        self.launch_ex_args = (ctypes.byref(self.config), ctypes.c_void_p(kernel.kernel),
+                               ctypes.c_void_p(self.pointers_address), None)
 
 
 KERNEL_DIRS_ENV = "KVGEN_KERNEL_DIRS"  # user trees, os.pathsep-separated, beside the shipped one
@@ -199,7 +215,8 @@ class Registry:
         return list(self._entries.values())
 
     def format_for_record(self, record_bytes: int) -> Format | None:
-        self._ensure()
+        if self._pending:  # asked at every call: the trees are loaded once
+            self._ensure()
         return self.by_record.get(record_bytes)
 
     def tuned_rules(self, device_name: str | None) -> tuple[dict, ...]:

@@ -20,15 +20,22 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...formats import Format
-from ...runtime.backend import Decision, decide, record_no_launch, serve
+from ...runtime import switches
+from ...runtime.backend import Decision, Paths, decide, fallback, record_no_launch, serve
 from ...runtime.dispatch import launch_grid
-from ...runtime.index_check import check_dense, check_packed, check_requested, check_slots
-from ...runtime.launch import launch
+from ...runtime.index_check import check_dense, check_packed, check_slots
+from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
-from ...runtime.validate import check_cache, check_one_device, expect, meta
+from ...runtime.registration import register_op
+from ...runtime.validate import check_cache, check_one_device, meta
 from .config import DequantGatherConfig, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
+# The family fields a row must have, per indexing mode (made once: a tuple per call is a key per call).
+DENSE_FIELDS = {gl: (("indexing", "dense"), ("gather_lens", gl)) for gl in (False, True)}
+SPARSE_FIELDS = (("indexing", "sparse"), ("gather_lens", False))
+PACKED_FIELDS = {output: (("indexing", "packed"), ("gather_lens", False), ("output", output))
+                 for output in ("bf16", "raw")}
 
 
 # ---------------------------------------------------------------- validation
@@ -41,6 +48,7 @@ class Checked(NamedTuple):
     block_table_stride: int
     max_rows: int
     num_reqs: int
+    device: Optional[torch.device] = None  # the tensors' device
 
 
 def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> Checked:
@@ -51,27 +59,36 @@ def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offse
     if gather_lens is not None:
         gl_shape, gl_stride = meta("gather_lens", gather_lens, torch.int32, 1)
     bt_shape, bt_stride = meta("block_table", block_table, torch.int32, 2)
-    expect(type(offset) is int, f"offset: expected an int, got {type(offset).__name__}", TypeError)
-    expect(out_shape[2] == fmt.head_dim, f"out: last dimension must be {fmt.head_dim} (format {fmt.name}'s "
-                                         f"head dim), got {out_shape[2]}")
-    expect(offset >= 0, f"offset: must be >= 0, got {offset}")
-    expect(offset <= out_shape[1], f"offset: must be <= out.shape[1] ({out_shape[1]}), got {offset}")
-    expect(out_stride[2] == 1, f"out: innermost stride must be 1, got {out_stride[2]}")
-    expect(bt_stride[1] == 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
-    expect(sl_shape[0] <= 1 or sl_stride[0] == 1, "seq_lens: must be contiguous")
-
+    if type(offset) is not int:
+        raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
+    out_reqs, out_rows, out_dim = out_shape
+    if out_dim != fmt.head_dim:
+        raise ValueError(f"out: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), got {out_dim}")
+    if offset < 0:
+        raise ValueError(f"offset: must be >= 0, got {offset}")
+    if offset > out_rows:
+        raise ValueError(f"offset: must be <= out.shape[1] ({out_rows}), got {offset}")
+    if out_stride[2] != 1:
+        raise ValueError(f"out: innermost stride must be 1, got {out_stride[2]}")
+    if bt_stride[1] != 1:
+        raise ValueError(f"block_table: innermost stride must be 1, got {bt_stride[1]}")
     num_reqs = sl_shape[0]
+    if num_reqs > 1 and sl_stride[0] != 1:
+        raise ValueError("seq_lens: must be contiguous")
     if gather_lens is not None:
-        expect(gl_shape == sl_shape,
-                f"gather_lens: shape {tuple(gl_shape)} must match seq_lens {tuple(sl_shape)}")
-        expect(gl_shape[0] <= 1 or gl_stride[0] == 1, "gather_lens: must be contiguous")
-    expect(bt_shape[0] == num_reqs,
-            f"block_table: shape[0] ({bt_shape[0]}) must equal the number of requests ({num_reqs})")
-    expect(out_shape[0] == num_reqs, f"out: shape[0] ({out_shape[0]}) must equal the number of requests ({num_reqs})")
-    expect(out_shape[1] < 2**31 and bt_shape[1] < 2**31, "out/block_table: dimensions must fit int32")
-
-    check_one_device(out, k_cache, seq_lens, block_table, gather_lens)
-    return Checked(fmt, out_stride, page_stride, bt_stride[0], out_shape[1] - offset, num_reqs)
+        if gl_shape != sl_shape:
+            raise ValueError(f"gather_lens: shape {tuple(gl_shape)} must match seq_lens {tuple(sl_shape)}")
+        if gl_shape[0] > 1 and gl_stride[0] != 1:
+            raise ValueError("gather_lens: must be contiguous")
+    bt_reqs, bt_width = bt_shape
+    if bt_reqs != num_reqs:
+        raise ValueError(f"block_table: shape[0] ({bt_reqs}) must equal the number of requests ({num_reqs})")
+    if out_reqs != num_reqs:
+        raise ValueError(f"out: shape[0] ({out_reqs}) must equal the number of requests ({num_reqs})")
+    if out_rows >= 2**31 or bt_width >= 2**31:
+        raise ValueError("out/block_table: dimensions must fit int32")
+    device = check_one_device(out, k_cache, seq_lens, block_table, gather_lens)
+    return Checked(fmt, out_stride, page_stride, bt_stride[0], out_rows - offset, num_reqs, device)
 
 
 class CheckedSparse(NamedTuple):
@@ -80,56 +97,72 @@ class CheckedSparse(NamedTuple):
     row_stride: int
     page_stride: int
     num_slots: int
+    device: Optional[torch.device] = None
 
 
 def validate_sparse(out, k_cache, slot_indices, block_size) -> CheckedSparse:
     """Check every argument of a sparse call before any launch."""
-    out_shape, _ = meta("out", out, torch.bfloat16, None)
+    out_shape, out_stride = meta("out", out, torch.bfloat16, None)
     fmt, page_stride = check_cache(k_cache, block_size)
     head = fmt.head_dim
-    expect(len(out_shape) >= 1 and out_shape[-1] == head,
-           f"out: last dimension must be {head} (format {fmt.name}'s head dim), got shape {tuple(out_shape)}")
-    try:
-        rows = out.view(-1, head)  # [..., head] flattened; a view, so writes land in out
-    except RuntimeError:
-        raise ValueError(f"out: its rows must be one strided dimension ([..., {head}] viewable as [n, {head}]); "
-                         f"got strides {tuple(out.stride())}") from None
-    row_stride = rows.stride(0) if rows.shape[0] > 1 else head
-    expect(rows.stride(1) == 1, f"out: innermost stride must be 1, got {rows.stride(1)}")
+    if not (len(out_shape) >= 1 and out_shape[-1] == head):
+        raise ValueError(f"out: last dimension must be {head} (format {fmt.name}'s head dim), got shape "
+                         f"{tuple(out_shape)}")
+    if len(out_shape) == 2:  # already [n, head]: the view below would be out itself
+        rows, (num_rows, _), (row_stride, inner_stride) = out, out_shape, out_stride
+    else:
+        try:
+            rows = out.view(-1, head)  # [..., head] flattened; a view, so writes land in out
+        except RuntimeError:
+            raise ValueError(f"out: its rows must be one strided dimension ([..., {head}] viewable as [n, {head}]); "
+                             f"got strides {tuple(out.stride())}") from None
+        (num_rows, _), (row_stride, inner_stride) = rows.shape, rows.stride()
+    if num_rows <= 1:
+        row_stride = head
+    if inner_stride != 1:
+        raise ValueError(f"out: innermost stride must be 1, got {inner_stride}")
     si_shape, si_stride = meta("slot_indices", slot_indices, torch.int32, 1)
-    expect(si_shape[0] <= 1 or si_stride[0] == 1, "slot_indices: must be contiguous")
-    expect(si_shape[0] == rows.shape[0],
-            f"slot_indices: {si_shape[0]} slots for {rows.shape[0]} rows of out (out.numel() // {head})")
-    expect(si_shape[0] < 2**31, "slot_indices: at most 2^31 - 1 slots")
-    check_one_device(out, k_cache, slot_indices)
-    return CheckedSparse(fmt, rows, row_stride, page_stride, si_shape[0])
+    num_slots = si_shape[0]
+    if num_slots > 1 and si_stride[0] != 1:
+        raise ValueError("slot_indices: must be contiguous")
+    if num_slots != num_rows:
+        raise ValueError(f"slot_indices: {num_slots} slots for {num_rows} rows of out (out.numel() // {head})")
+    if num_slots >= 2**31:
+        raise ValueError("slot_indices: at most 2^31 - 1 slots")
+    device = check_one_device(out, k_cache, slot_indices)
+    return CheckedSparse(fmt, rows, row_stride, page_stride, num_slots, device)
 
 
 # ------------------------------------------------------------------ dispatch
 def decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, *,
-                 checked: Optional[Checked] = None) -> Decision:
-    """Which backend would serve this dense call (no launch, no synchronisation)."""
+                 checked: Optional[Checked] = None, snapshot: Optional[tuple] = None) -> Decision:
+    """Which backend would serve this dense call (no launch, no synchronisation);
+    `snapshot`: the call's switches (kvgen.runtime.switches), read now if not given."""
     checked = checked or validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     stride = checked.out_stride
     aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
-    fields = (("indexing", "dense"), ("gather_lens", gather_lens is not None))
-    return decide(FAMILY, checked.format.name, block_size, fields, checked.num_reqs, checked.max_rows, out.device,
-                  aligned)
+    return decide(FAMILY, checked.format.name, block_size, DENSE_FIELDS[gather_lens is not None], checked.num_reqs,
+                  checked.max_rows, checked.device or out.device, aligned, snapshot)
 
 
-def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None) -> Decision:
+def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None,
+                  snapshot: Optional[tuple] = None) -> Decision:
     """Which backend would serve this sparse call (no launch, no synchronisation)."""
     checked = checked or validate_sparse(out, k_cache, slot_indices, block_size)
     aligned = out.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
-    fields = (("indexing", "sparse"), ("gather_lens", False))
-    return decide(FAMILY, checked.format.name, block_size, fields, 1, checked.num_slots, out.device, aligned)
+    return decide(FAMILY, checked.format.name, block_size, SPARSE_FIELDS, 1, checked.num_slots,
+                  checked.device or out.device, aligned, snapshot)
 
 
 # -------------------------------------------------------------------- launch
+@memoised_grid
 def _grid(entry: KernelEntry, num_reqs: int, max_rows: int) -> tuple[int, int, int]:
-    """The dispatch grid for a row: its warps move tokens_per_step records a step."""
+    """The dispatch grid for a row: its warps move tokens_per_step records a
+    step; under the ballot schedule each warp takes one chunk of slots."""
+    config = entry.config
     return launch_grid(entry, num_reqs, max_rows,
-                       tokens_per_step=tokens_per_step(entry.format, entry.config.get("output", "bf16")))
+                       tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
+                       rows_per_warp=config["ballot_chunk"] if config["schedule"] == "ballot" else None)
 
 
 def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
@@ -139,6 +172,20 @@ def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_
     the benchmark launches the seed's grid this way); `pdl` as in Decision."""
     if checked is None:
         checked = validate(out, k_cache, seq_lens, gather_lens, block_table, entry.config["block_size"], offset)
+    _launch_dense(entry, pdl, checked, out, k_cache, seq_lens, gather_lens, block_table, None, offset, grid)
+
+
+def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tuple[int, int, int] | None = None,
+                        checked: Optional[CheckedSparse] = None, pdl: bool = False) -> None:
+    if checked is None:
+        checked = validate_sparse(out, k_cache, slot_indices, entry.config["block_size"])
+    _launch_sparse(entry, pdl, checked, out, k_cache, slot_indices, None, grid)
+
+
+# How each backend runs a call (backend.serve): the launches take (entry, pdl,
+# checked, the call's arguments); the fallbacks, imported on first use, the call's arguments.
+def _launch_dense(entry, pdl, checked, out, k_cache, seq_lens, gather_lens, block_table, block_size, offset,
+                  grid=None):
     values = {
         "out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "seq_lens": seq_lens.data_ptr(),
         "gather_lens": gather_lens.data_ptr() if gather_lens is not None else 0,
@@ -150,79 +197,50 @@ def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_
     launch(entry, values, grid or _grid(entry, checked.num_reqs, checked.max_rows), out.get_device(), pdl)
 
 
-def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tuple[int, int, int] | None = None,
-                        checked: Optional[CheckedSparse] = None, pdl: bool = False) -> None:
-    if checked is None:
-        checked = validate_sparse(out, k_cache, slot_indices, entry.config["block_size"])
+def _launch_sparse(entry, pdl, checked, out, k_cache, slot_indices, block_size, grid=None):
     values = {"out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_indices": slot_indices.data_ptr(),
               "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
               "num_slots": checked.num_slots}
     launch(entry, values, grid or _grid(entry, 1, checked.num_slots), out.get_device(), pdl)
 
 
-def _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
+DENSE_PATHS = Paths(_launch_dense, fallback(__package__, "triton", "dequantize_and_gather_triton"),
+                    fallback(__package__, "reference", "dequantize_and_gather_torch"))
+SPARSE_PATHS = Paths(_launch_sparse, fallback(__package__, "triton", "dequantize_and_gather_sparse_triton"),
+                     fallback(__package__, "reference", "dequantize_and_gather_sparse_torch"))
+
+
+# Each op's implementation, registered as torch.ops.kvgen's kernel for it and called by the eager entry point.
+@register_op("dequantize_and_gather_k_cache", mutates_args=("out",))
+def _run(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: Optional[torch.Tensor],
+         block_table: torch.Tensor, block_size: int, offset: int) -> None:
     checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     if checked.num_reqs == 0 or checked.max_rows == 0:
         record_no_launch()
         return  # empty batch: nothing to launch
-    if check_requested():
+    snapshot = switches.read()
+    if switches.check_requested(snapshot):
         check_dense(k_cache, seq_lens, gather_lens, block_table, block_size, checked.max_rows)
-    args = (out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-    decision = decide_dense(*args, checked=checked)
-
-    def triton_path():
-        from .triton import dequantize_and_gather_triton
-
-        dequantize_and_gather_triton(*args)
-
-    def torch_path():
-        from .reference import dequantize_and_gather_torch
-
-        dequantize_and_gather_torch(*args)
-
-    serve(decision, out.device.type,
-          lambda entry, pdl: launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset,
-                                           checked=checked, pdl=pdl),
-          triton_path, torch_path)
+    decision = decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, checked=checked,
+                            snapshot=snapshot)
+    serve(decision, checked.device, DENSE_PATHS, checked,
+          (out, k_cache, seq_lens, gather_lens, block_table, block_size, offset))
 
 
-def _run_sparse(out, k_cache, slot_indices, block_size) -> None:
+@register_op("dequantize_and_gather_k_cache_sparse", mutates_args=("out",))
+def _run_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
     checked = validate_sparse(out, k_cache, slot_indices, block_size)
     if checked.num_slots == 0:
         record_no_launch()
         return
-    if check_requested():
+    snapshot = switches.read()
+    if switches.check_requested(snapshot):
         check_slots(k_cache, slot_indices, block_size)
-    decision = decide_sparse(out, k_cache, slot_indices, block_size, checked=checked)
-
-    def triton_path():
-        from .triton import dequantize_and_gather_sparse_triton
-
-        dequantize_and_gather_sparse_triton(out, k_cache, slot_indices, block_size)
-
-    def torch_path():
-        from .reference import dequantize_and_gather_sparse_torch
-
-        dequantize_and_gather_sparse_torch(out, k_cache, slot_indices, block_size)
-
-    serve(decision, out.device.type,
-          lambda entry, pdl: launch_entry_sparse(entry, out, k_cache, slot_indices, checked=checked, pdl=pdl),
-          triton_path, torch_path)
+    decision = decide_sparse(out, k_cache, slot_indices, block_size, checked=checked, snapshot=snapshot)
+    serve(decision, checked.device, SPARSE_PATHS, checked, (out, k_cache, slot_indices, block_size))
 
 
-# ---------------------------------------------------------------- custom op
-@torch.library.custom_op("kvgen::dequantize_and_gather_k_cache", mutates_args=("out",))
-def _custom_op(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
-               gather_lens: Optional[torch.Tensor], block_table: torch.Tensor,
-               block_size: int, offset: int) -> None:
-    _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-
-
-@_custom_op.register_fake
-def _(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> None:
-    return None
-
-
+# -------------------------------------------------------------- entry points
 def dequantize_and_gather_k_cache(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
                                   gather_lens: Optional[torch.Tensor], block_table: torch.Tensor,
                                   block_size: int, offset: int) -> None:
@@ -239,16 +257,6 @@ def dequantize_and_gather_k_cache(out: torch.Tensor, k_cache: torch.Tensor, seq_
                                                       block_size, offset)
         return
     _run(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
-
-
-@torch.library.custom_op("kvgen::dequantize_and_gather_k_cache_sparse", mutates_args=("out",))
-def _custom_op_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
-    _run_sparse(out, k_cache, slot_indices, block_size)
-
-
-@_custom_op_sparse.register_fake
-def _(out, k_cache, slot_indices, block_size) -> None:
-    return None
 
 
 def dequantize_and_gather_k_cache_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor,
@@ -284,44 +292,57 @@ class CheckedPacked(NamedTuple):
     block_table_stride: int
     num_reqs: int
     num_rows: int
+    device: Optional[torch.device] = None
 
 
 def _packed_common(cache_name, k_cache, block_table, starts_name, starts, num_reqs, min_starts):
     """The cache, block table and request starts of a packed call."""
-    expect(isinstance(k_cache, torch.Tensor) and k_cache.dim() == 3,
-           f"{cache_name}: expected a uint8 [num_blocks, block_size, record_bytes] tensor, got "
-           f"{tuple(k_cache.shape) if isinstance(k_cache, torch.Tensor) else type(k_cache).__name__}")
+    if not (isinstance(k_cache, torch.Tensor) and k_cache.dim() == 3):
+        raise ValueError(f"{cache_name}: expected a uint8 [num_blocks, block_size, record_bytes] tensor, got "
+                         f"{tuple(k_cache.shape) if isinstance(k_cache, torch.Tensor) else type(k_cache).__name__}")
     block_size = k_cache.shape[1]
-    expect(block_size > 0, f"{cache_name}: its block size (shape[1]) must be positive, got shape "
-                           f"{tuple(k_cache.shape)}")
+    if block_size <= 0:
+        raise ValueError(f"{cache_name}: its block size (shape[1]) must be positive, got shape "
+                         f"{tuple(k_cache.shape)}")
     fmt, page_stride = check_cache(k_cache, block_size, cache_name)
-    bt_shape, bt_stride = meta("block_table", block_table, torch.int32, 2)
-    expect(bt_stride[1] == 1 or bt_shape[1] <= 1, f"block_table: innermost stride must be 1, got {bt_stride[1]}")
-    expect(bt_shape[0] >= num_reqs, f"block_table: {bt_shape[0]} rows for {num_reqs} requests")
-    st_shape, st_stride = meta(starts_name, starts, torch.int32, 1)
-    expect(st_shape[0] >= min_starts, f"{starts_name}: {st_shape[0]} entries, expected at least {min_starts}")
-    expect(st_shape[0] <= 1 or st_stride[0] == 1, f"{starts_name}: must be contiguous")
-    return fmt, block_size, page_stride, bt_stride[0] if bt_shape[0] > 1 else max(bt_shape[1], 1)
+    (bt_rows, bt_width), (bt_stride, bt_inner) = meta("block_table", block_table, torch.int32, 2)
+    if not (bt_inner == 1 or bt_width <= 1):
+        raise ValueError(f"block_table: innermost stride must be 1, got {bt_inner}")
+    if bt_rows < num_reqs:
+        raise ValueError(f"block_table: {bt_rows} rows for {num_reqs} requests")
+    (num_starts,), (st_stride,) = meta(starts_name, starts, torch.int32, 1)
+    if num_starts < min_starts:
+        raise ValueError(f"{starts_name}: {num_starts} entries, expected at least {min_starts}")
+    if num_starts > 1 and st_stride != 1:
+        raise ValueError(f"{starts_name}: must be contiguous")
+    return fmt, block_size, page_stride, bt_stride if bt_rows > 1 else max(bt_width, 1)
 
 
 def validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts) -> CheckedPacked:
     """Check every argument of cp_gather_and_upconvert_fp8_kv_cache before any launch."""
-    expect(type(batch_size) is int, f"batch_size: expected an int, got {type(batch_size).__name__}", TypeError)
-    expect(0 <= batch_size < 2**30, f"batch_size: must be in [0, 2^30), got {batch_size}")
+    if type(batch_size) is not int:
+        raise TypeError(f"batch_size: expected an int, got {type(batch_size).__name__}")
+    if not 0 <= batch_size < 2**30:
+        raise ValueError(f"batch_size: must be in [0, 2^30), got {batch_size}")
     fmt, block_size, page_stride, bt_stride = _packed_common("src_cache", src_cache, block_table, "workspace_starts",
                                                             workspace_starts, batch_size, batch_size)
-    dst_shape, dst_stride = meta("dst", dst, torch.bfloat16, 2)
-    expect(dst_shape[1] == fmt.head_dim, f"dst: last dimension must be {fmt.head_dim} (format {fmt.name}'s head "
-                                         f"dim), got {dst_shape[1]}")
-    expect(dst_stride[1] == 1, f"dst: innermost stride must be 1, got {dst_stride[1]}")
-    expect(dst_shape[0] < 2**31, "dst: at most 2^31 - 1 rows")
+    (dst_rows, dst_dim), (dst_stride, dst_inner) = meta("dst", dst, torch.bfloat16, 2)
+    head = fmt.head_dim
+    if dst_dim != head:
+        raise ValueError(f"dst: last dimension must be {head} (format {fmt.name}'s head dim), got {dst_dim}")
+    if dst_inner != 1:
+        raise ValueError(f"dst: innermost stride must be 1, got {dst_inner}")
+    if dst_rows >= 2**31:
+        raise ValueError("dst: at most 2^31 - 1 rows")
     if seq_starts is not None:
-        ss_shape, ss_stride = meta("seq_starts", seq_starts, torch.int32, 1)
-        expect(ss_shape[0] >= batch_size, f"seq_starts: {ss_shape[0]} entries for {batch_size} requests")
-        expect(ss_shape[0] <= 1 or ss_stride[0] == 1, "seq_starts: must be contiguous")
-    check_one_device(dst, src_cache, block_table, workspace_starts, seq_starts)
-    row_stride = dst_stride[0] if dst_shape[0] > 1 else fmt.head_dim
-    return CheckedPacked(fmt, block_size, row_stride, 0, page_stride, bt_stride, batch_size, dst_shape[0])
+        (num_seq_starts,), (ss_stride,) = meta("seq_starts", seq_starts, torch.int32, 1)
+        if num_seq_starts < batch_size:
+            raise ValueError(f"seq_starts: {num_seq_starts} entries for {batch_size} requests")
+        if num_seq_starts > 1 and ss_stride != 1:
+            raise ValueError("seq_starts: must be contiguous")
+    device = check_one_device(dst, src_cache, block_table, workspace_starts, seq_starts)
+    row_stride = dst_stride if dst_rows > 1 else head
+    return CheckedPacked(fmt, block_size, row_stride, 0, page_stride, bt_stride, batch_size, dst_rows, device)
 
 
 def byte_rows(name: str, t) -> torch.Tensor:
@@ -330,41 +351,49 @@ def byte_rows(name: str, t) -> torch.Tensor:
     float32 [T, 1]: any dtype, its rows' bytes are what is copied."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    expect(t.dim() == 2, f"{name}: expected 2 dimensions, got shape {tuple(t.shape)}")
-    expect(t.stride(1) == 1 or t.shape[1] <= 1, f"{name}: innermost stride must be 1, got {t.stride(1)}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected 2 dimensions, got shape {tuple(t.shape)}")
+    if not (t.stride(1) == 1 or t.shape[1] <= 1):
+        raise ValueError(f"{name}: innermost stride must be 1, got {t.stride(1)}")
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
 def validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> CheckedPacked:
     """Check every argument of cp_gather_indexer_k_quant_cache before any launch
     (dst_k and dst_scale as byte_rows gives them)."""
-    cu_shape, _ = meta("cu_seq_lens", cu_seq_lens, torch.int32, 1)
-    expect(cu_shape[0] >= 1, "cu_seq_lens: expected batch_size + 1 entries, got 0")
-    expect(cu_shape[0] <= 2**30, f"cu_seq_lens: at most 2^30 requests, got {cu_shape[0] - 1}")
-    num_reqs = cu_shape[0] - 1
+    (num_cu,), _ = meta("cu_seq_lens", cu_seq_lens, torch.int32, 1)
+    if num_cu < 1:
+        raise ValueError("cu_seq_lens: expected batch_size + 1 entries, got 0")
+    if num_cu > 2**30:
+        raise ValueError(f"cu_seq_lens: at most 2^30 requests, got {num_cu - 1}")
+    num_reqs = num_cu - 1
     fmt, block_size, page_stride, bt_stride = _packed_common("kv_cache", kv_cache, block_table, "cu_seq_lens",
                                                             cu_seq_lens, num_reqs, num_reqs + 1)
-    expect(fmt.placement == "page_split" and fmt.tail == 0,
-           f"kv_cache: the raw gather copies a page-split record's values and scales; format {fmt.name} is "
-           f"{fmt.placement}" + (f" with a {fmt.tail}-value bf16 tail" if fmt.tail else ""))
-    scale_bytes = fmt.num_scales * fmt.scale_size
-    k_shape, k_stride = meta("dst_k", dst_k, torch.uint8, 2)
-    s_shape, s_stride = meta("dst_scale", dst_scale, torch.uint8, 2)
-    expect(k_shape[1] == fmt.value_bytes, f"dst_k: rows must be {fmt.value_bytes} bytes (format {fmt.name}'s "
-                                          f"values), got {k_shape[1]}")
-    expect(s_shape[1] == scale_bytes, f"dst_scale: rows must be {scale_bytes} bytes (format {fmt.name}'s "
-                                      f"scales), got {s_shape[1]}")
-    expect(s_shape[0] == k_shape[0], f"dst_scale: {s_shape[0]} rows for dst_k's {k_shape[0]}")
-    expect(k_stride[1] == 1 and s_stride[1] == 1, "dst_k/dst_scale: innermost stride must be 1")
-    expect(k_shape[0] < 2**31, "dst_k: at most 2^31 - 1 rows")
-    check_one_device(dst_k, kv_cache, dst_scale, block_table, cu_seq_lens)
-    return CheckedPacked(fmt, block_size, k_stride[0] if k_shape[0] > 1 else fmt.value_bytes,
-                         s_stride[0] if s_shape[0] > 1 else scale_bytes, page_stride, bt_stride, num_reqs, k_shape[0])
+    if not (fmt.placement == "page_split" and fmt.tail == 0):
+        raise ValueError(f"kv_cache: the raw gather copies a page-split record's values and scales; format {fmt.name} "
+                         f"is {fmt.placement}" + (f" with a {fmt.tail}-value bf16 tail" if fmt.tail else ""))
+    value_bytes, scale_bytes = fmt.value_bytes, fmt.num_scales * fmt.scale_size
+    (k_rows, k_width), (k_stride, k_inner) = meta("dst_k", dst_k, torch.uint8, 2)
+    (s_rows, s_width), (s_stride, s_inner) = meta("dst_scale", dst_scale, torch.uint8, 2)
+    if k_width != value_bytes:
+        raise ValueError(f"dst_k: rows must be {value_bytes} bytes (format {fmt.name}'s values), got {k_width}")
+    if s_width != scale_bytes:
+        raise ValueError(f"dst_scale: rows must be {scale_bytes} bytes (format {fmt.name}'s scales), got {s_width}")
+    if s_rows != k_rows:
+        raise ValueError(f"dst_scale: {s_rows} rows for dst_k's {k_rows}")
+    if not (k_inner == 1 and s_inner == 1):
+        raise ValueError("dst_k/dst_scale: innermost stride must be 1")
+    if k_rows >= 2**31:
+        raise ValueError("dst_k: at most 2^31 - 1 rows")
+    device = check_one_device(dst_k, kv_cache, dst_scale, block_table, cu_seq_lens)
+    return CheckedPacked(fmt, block_size, k_stride if k_rows > 1 else value_bytes,
+                         s_stride if s_rows > 1 else scale_bytes, page_stride, bt_stride, num_reqs, k_rows, device)
 
 
-def decide_packed(dst, checked: CheckedPacked, output: str, aligned: bool) -> Decision:
-    fields = (("indexing", "packed"), ("gather_lens", False), ("output", output))
-    return decide(FAMILY, checked.format.name, checked.block_size, fields, 1, checked.num_rows, dst.device, aligned)
+def decide_packed(dst, checked: CheckedPacked, output: str, aligned: bool,
+                  snapshot: Optional[tuple] = None) -> Decision:
+    return decide(FAMILY, checked.format.name, checked.block_size, PACKED_FIELDS[output], 1, checked.num_rows,
+                  checked.device or dst.device, aligned, snapshot)
 
 
 def launch_packed(entry: KernelEntry, src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,
@@ -372,11 +401,8 @@ def launch_packed(entry: KernelEntry, src_cache, dst, block_table, workspace_sta
                   grid: tuple[int, int, int] | None = None) -> None:
     """Launch one packed (bf16) manifest row on cp_gather_and_upconvert_fp8_kv_cache's arguments."""
     checked = checked or validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
-    values = {"out": dst.data_ptr(), "k_cache": src_cache.data_ptr(), "block_table": block_table.data_ptr(),
-              "starts": workspace_starts.data_ptr(),
-              "seq_starts": seq_starts.data_ptr() if seq_starts is not None else 0,
-              "out_stride_row": checked.row_stride, "bounded": 0, "has_seq_starts": int(seq_starts is not None)}
-    _launch_packed(entry, values, checked, dst.get_device(), pdl, grid)
+    _launch_packed(entry, pdl, checked, dst, src_cache, block_table, workspace_starts, batch_size, seq_starts, None,
+                   grid)
 
 
 def launch_raw(entry: KernelEntry, kv_cache, dst_k, dst_scale, block_table, cu_seq_lens,
@@ -385,88 +411,70 @@ def launch_raw(entry: KernelEntry, kv_cache, dst_k, dst_scale, block_table, cu_s
     """Launch one raw packed manifest row on cp_gather_indexer_k_quant_cache's arguments."""
     dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)
     checked = checked or validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+    _launch_raw(entry, pdl, checked, dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, None, grid)
+
+
+# backend.serve's paths, as for the dense gather (the arguments in the fallbacks' order).
+def _launch_packed(entry, pdl, checked, dst, src_cache, block_table, workspace_starts, batch_size, seq_starts,
+                   block_size, grid=None):
+    values = {"out": dst.data_ptr(), "k_cache": src_cache.data_ptr(), "block_table": block_table.data_ptr(),
+              "starts": workspace_starts.data_ptr(),
+              "seq_starts": seq_starts.data_ptr() if seq_starts is not None else 0,
+              "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
+              "block_table_stride": checked.block_table_stride, "num_reqs": checked.num_reqs,
+              "num_rows": checked.num_rows, "bounded": 0, "has_seq_starts": int(seq_starts is not None)}
+    launch(entry, values, grid or _grid(entry, 1, checked.num_rows), dst.get_device(), pdl)
+
+
+def _launch_raw(entry, pdl, checked, dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, block_size, grid=None):
     values = {"out": dst_k.data_ptr(), "out_scales": dst_scale.data_ptr(), "k_cache": kv_cache.data_ptr(),
               "block_table": block_table.data_ptr(), "starts": cu_seq_lens.data_ptr(), "seq_starts": 0,
-              "out_stride_row": checked.row_stride, "scales_stride_row": checked.scale_row_stride, "bounded": 1,
-              "has_seq_starts": 0}
-    _launch_packed(entry, values, checked, dst_k.get_device(), pdl, grid)
+              "out_stride_row": checked.row_stride, "scales_stride_row": checked.scale_row_stride,
+              "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
+              "num_reqs": checked.num_reqs, "num_rows": checked.num_rows, "bounded": 1, "has_seq_starts": 0}
+    launch(entry, values, grid or _grid(entry, 1, checked.num_rows), dst_k.get_device(), pdl)
 
 
-def _launch_packed(entry: KernelEntry, values: dict, checked: CheckedPacked, device_index: int, pdl: bool,
-                   grid: tuple[int, int, int] | None) -> None:
-    values = {**values, "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
-              "num_reqs": checked.num_reqs, "num_rows": checked.num_rows}
-    launch(entry, values, grid or _grid(entry, 1, checked.num_rows), device_index, pdl)
+PACKED_PATHS = Paths(_launch_packed, fallback(__package__, "triton", "dequantize_and_gather_packed_triton"),
+                     fallback(__package__, "reference", "dequantize_and_gather_packed_torch"))
+RAW_PATHS = Paths(_launch_raw, fallback(__package__, "triton", "gather_raw_packed_triton"),
+                  fallback(__package__, "reference", "gather_raw_packed_torch"))
 
 
-def _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts) -> None:
+@register_op("cp_gather_and_upconvert_fp8_kv_cache", mutates_args=("dst",))
+def _run_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
+                workspace_starts: torch.Tensor, batch_size: int, seq_starts: Optional[torch.Tensor] = None) -> None:
     checked = validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
     if checked.num_reqs == 0 or checked.num_rows == 0:
         record_no_launch()
         return
-    if check_requested():
+    snapshot = switches.read()
+    if switches.check_requested(snapshot):
         check_packed(src_cache, block_table, workspace_starts, batch_size, checked.num_rows, False, seq_starts,
                      checked.block_size, "workspace_starts")
     aligned = dst.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
-    decision = decide_packed(dst, checked, "bf16", aligned)
-    args = (dst, src_cache, block_table, workspace_starts, batch_size, seq_starts, checked.block_size)
-
-    def triton_path():
-        from .triton import dequantize_and_gather_packed_triton
-
-        dequantize_and_gather_packed_triton(*args)
-
-    def torch_path():
-        from .reference import dequantize_and_gather_packed_torch
-
-        dequantize_and_gather_packed_torch(*args)
-
-    serve(decision, dst.device.type,
-          lambda entry, pdl: launch_packed(entry, src_cache, dst, block_table, workspace_starts, batch_size,
-                                           seq_starts, checked=checked, pdl=pdl),
-          triton_path, torch_path)
+    decision = decide_packed(dst, checked, "bf16", aligned, snapshot)
+    serve(decision, checked.device, PACKED_PATHS, checked,
+          (dst, src_cache, block_table, workspace_starts, batch_size, seq_starts, checked.block_size))
 
 
-def _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
+@register_op("cp_gather_indexer_k_quant_cache", mutates_args=("dst_k", "dst_scale"))
+def _run_raw(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor, block_table: torch.Tensor,
+             cu_seq_lens: torch.Tensor) -> None:
     dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)
     checked = validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
     if checked.num_reqs == 0 or checked.num_rows == 0:
         record_no_launch()
         return
-    if check_requested():
+    snapshot = switches.read()
+    if switches.check_requested(snapshot):
         check_packed(kv_cache, block_table, cu_seq_lens, checked.num_reqs, checked.num_rows, True, None,
                      checked.block_size, "cu_seq_lens")
     aligned = (dst_k.data_ptr() % 16 == 0 and checked.row_stride % 16 == 0  # 16-byte value stores
                and dst_scale.data_ptr() % 4 == 0 and checked.scale_row_stride % 4 == 0)  # the ABI's assumption
-    decision = decide_packed(dst_k, checked, "raw", aligned)
-    args = (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, checked.block_size)
-
-    def triton_path():
-        from .triton import gather_raw_packed_triton
-
-        gather_raw_packed_triton(*args)
-
-    def torch_path():
-        from .reference import gather_raw_packed_torch
-
-        gather_raw_packed_torch(*args)
-
-    serve(decision, dst_k.device.type,
-          lambda entry, pdl: launch_raw(entry, kv_cache, dst_k, dst_scale, block_table, cu_seq_lens, checked=checked,
-                                        pdl=pdl),
-          triton_path, torch_path)
-
-
-@torch.library.custom_op("kvgen::cp_gather_and_upconvert_fp8_kv_cache", mutates_args=("dst",))
-def _custom_op_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
-                      workspace_starts: torch.Tensor, batch_size: int,
-                      seq_starts: Optional[torch.Tensor] = None) -> None:
-    _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
-
-
-@_custom_op_packed.register_fake
-def _(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None) -> None:
-    return None
+    decision = decide_packed(dst_k, checked, "raw", aligned, snapshot)
+    serve(decision, checked.device, RAW_PATHS, checked,
+          (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, checked.block_size))
 
 
 def cp_gather_and_upconvert_fp8_kv_cache(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
@@ -482,17 +490,6 @@ def cp_gather_and_upconvert_fp8_kv_cache(src_cache: torch.Tensor, dst: torch.Ten
                                                              batch_size, seq_starts)
         return
     _run_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
-
-
-@torch.library.custom_op("kvgen::cp_gather_indexer_k_quant_cache", mutates_args=("dst_k", "dst_scale"))
-def _custom_op_raw(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor, block_table: torch.Tensor,
-                   cu_seq_lens: torch.Tensor) -> None:
-    _run_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
-
-
-@_custom_op_raw.register_fake
-def _(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> None:
-    return None
 
 
 def cp_gather_indexer_k_quant_cache(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor,

@@ -19,11 +19,13 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...formats import Format
-from ...runtime.backend import Decision, decide, record_no_launch, serve
-from ...runtime.index_check import check_requested, check_write_slots
-from ...runtime.launch import launch
+from ...runtime import switches
+from ...runtime.backend import Decision, Paths, decide, record_no_launch, serve
+from ...runtime.index_check import check_write_slots
+from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
-from ...runtime.validate import check_one_device, expect, format_named, meta
+from ...runtime.registration import register_op
+from ...runtime.validate import check_one_device, format_named, meta
 from .config import QuantizeInsertConfig
 
 FAMILY = QuantizeInsertConfig.family
@@ -41,84 +43,108 @@ class Checked(NamedTuple):
     num_tokens: int
     slot_dtype: str
     tail_stride: int = 0  # a separate tail tensor's row stride (concat_and_cache_ds_mla's k_pe)
+    device: Optional[torch.device] = None  # the tensors' device
 
 
 def _check_cache(k_cache, block_size, record_bytes=None, name: str = "k_cache") -> tuple[Format, int]:
     """The writer's cache (record or byte view): its format and page stride."""
-    expect(isinstance(k_cache, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(k_cache).__name__}",
-           TypeError)
-    expect(k_cache.dtype == torch.uint8, f"{name}: expected dtype torch.uint8, got {k_cache.dtype}", TypeError)
-    expect(type(block_size) is int, f"block_size: expected an int, got {type(block_size).__name__}", TypeError)
-    expect(record_bytes is None or type(record_bytes) is int,
-           f"record_bytes: expected an int or None, got {type(record_bytes).__name__}", TypeError)
-    expect(block_size > 0, f"block_size: must be positive, got {block_size}")
+    if not isinstance(k_cache, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(k_cache).__name__}")
+    if k_cache.dtype != torch.uint8:
+        raise TypeError(f"{name}: expected dtype torch.uint8, got {k_cache.dtype}")
+    if type(block_size) is not int:
+        raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
+    if not (record_bytes is None or type(record_bytes) is int):
+        raise TypeError(f"record_bytes: expected an int or None, got {type(record_bytes).__name__}")
+    if block_size <= 0:
+        raise ValueError(f"block_size: must be positive, got {block_size}")
     kc_shape, kc_strides = k_cache.shape, k_cache.stride()
     if len(kc_shape) == 3:  # the record view: its last dimension names the format
-        expect(record_bytes is None or record_bytes == kc_shape[2],
-               f"record_bytes: {record_bytes} disagrees with {name}.shape[-1] ({kc_shape[2]})")
-        fmt = format_named(kc_shape[2], name)
-        expect(block_size == kc_shape[1], f"block_size: must equal {name}.shape[1] ({kc_shape[1]}), got {block_size}")
-        expect(kc_strides[2] == 1 and (kc_shape[1] == 1 or kc_strides[1] == fmt.record_bytes),
-               f"{name}: each page must hold contiguous {fmt.record_bytes}-byte rows, got strides {tuple(kc_strides)}")
+        record = kc_shape[2]
+        if not (record_bytes is None or record_bytes == record):
+            raise ValueError(f"record_bytes: {record_bytes} disagrees with {name}.shape[-1] ({record})")
+        fmt = format_named(record, name)  # so record == fmt.record_bytes
+        if block_size != kc_shape[1]:
+            raise ValueError(f"block_size: must equal {name}.shape[1] ({kc_shape[1]}), got {block_size}")
+        if not (kc_strides[2] == 1 and (kc_shape[1] == 1 or kc_strides[1] == record)):
+            raise ValueError(f"{name}: each page must hold contiguous {record}-byte rows, got strides "
+                             f"{tuple(kc_strides)}")
     elif len(kc_shape) == 2:  # the byte view: record_bytes names the format
         fmt = format_named(DEFAULT_RECORD_BYTES if record_bytes is None else record_bytes, "record_bytes")
-        expect(kc_strides[1] == 1 or kc_shape[1] <= 1, f"{name}: each page's bytes must be contiguous, got strides "
-                                                       f"{tuple(kc_strides)}")
-        expect(block_size * fmt.record_bytes <= kc_shape[1],
-               f"block_size: {block_size} records of {fmt.record_bytes} bytes do not fit a page of {kc_shape[1]} bytes "
-               f"({name}.shape[1])")
+        record = fmt.record_bytes
+        if not (kc_strides[1] == 1 or kc_shape[1] <= 1):
+            raise ValueError(f"{name}: each page's bytes must be contiguous, got strides {tuple(kc_strides)}")
+        if block_size * record > kc_shape[1]:
+            raise ValueError(f"block_size: {block_size} records of {record} bytes do not fit a page of "
+                             f"{kc_shape[1]} bytes ({name}.shape[1])")
     else:
         raise ValueError(f"{name}: expected [num_blocks, block_size, record_bytes] or [num_blocks, block_bytes], "
                          f"got shape {tuple(kc_shape)}")
     page_stride = kc_strides[0]
-    expect(page_stride % 16 == 0, f"{name}: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
-    expect(kc_shape[0] <= 1 or page_stride >= block_size * fmt.record_bytes,
-           f"{name}: page stride {page_stride} is smaller than a page ({block_size}*{fmt.record_bytes} bytes)")
-    expect(k_cache.data_ptr() % 16 == 0, f"{name}: data must be 16-byte aligned")
+    if page_stride % 16:
+        raise ValueError(f"{name}: page stride (stride(0)) must be a multiple of 16 bytes, got {page_stride}")
+    if not (kc_shape[0] <= 1 or page_stride >= block_size * record):
+        raise ValueError(f"{name}: page stride {page_stride} is smaller than a page ({block_size}*{record} bytes)")
+    if k_cache.data_ptr() % 16:
+        raise ValueError(f"{name}: data must be 16-byte aligned")
     return fmt, page_stride
 
 
 def validate(k, k_cache, slot_mapping, block_size, record_bytes=None, cache_name: str = "k_cache") -> Checked:
     """Check every argument before any launch (the cache named as the caller's op names it)."""
-    k_shape, k_strides = meta("k", k, torch.bfloat16, 2)
+    (k_rows, k_dim), (k_stride, k_inner) = meta("k", k, torch.bfloat16, 2)
     fmt, page_stride = _check_cache(k_cache, block_size, record_bytes, cache_name)
-    expect(k_shape[1] == fmt.head_dim, f"k: last dimension must be {fmt.head_dim} (format {fmt.name}'s head dim), "
-                                       f"got {k_shape[1]}")
-    expect(k_strides[1] == 1 or k_shape[1] <= 1, f"k: innermost stride must be 1, got {k_strides[1]}")
-    num_tokens = _check_slots(slot_mapping, k_shape[0], "k")
-    check_one_device(k, k_cache, slot_mapping)
-    k_stride = k_strides[0] if k_shape[0] > 1 else fmt.head_dim
-    return Checked(fmt, page_stride, k_stride, num_tokens, SLOT_DTYPES[slot_mapping.dtype])
+    head = fmt.head_dim
+    if k_dim != head:
+        raise ValueError(f"k: last dimension must be {head} (format {fmt.name}'s head dim), got {k_dim}")
+    if not (k_inner == 1 or k_dim <= 1):
+        raise ValueError(f"k: innermost stride must be 1, got {k_inner}")
+    num_tokens, slot_dtype = _check_slots(slot_mapping, k_rows, "k")
+    device = check_one_device(k, k_cache, slot_mapping)
+    return Checked(fmt, page_stride, k_stride if k_rows > 1 else head, num_tokens, slot_dtype, 0, device)
 
 
-def _check_slots(slot_mapping, rows: int, rows_name: str) -> int:
-    """slot_mapping's checks; its length (the tokens written)."""
+def _check_slots(slot_mapping, rows: int, rows_name: str) -> tuple[int, str]:
+    """slot_mapping's checks; (its length -- the tokens written --, its dtype's name)."""
     if not isinstance(slot_mapping, torch.Tensor):
         raise TypeError(f"slot_mapping: expected a torch.Tensor, got {type(slot_mapping).__name__}")
-    expect(slot_mapping.dtype in SLOT_DTYPES, f"slot_mapping: expected dtype torch.int32 or torch.int64, got "
-                                              f"{slot_mapping.dtype}", TypeError)
-    expect(slot_mapping.dim() == 1, f"slot_mapping: expected 1 dimension, got shape {tuple(slot_mapping.shape)}")
-    num_tokens = slot_mapping.shape[0]
-    expect(num_tokens <= 1 or slot_mapping.stride(0) == 1, "slot_mapping: must be contiguous")
-    expect(num_tokens <= rows, f"slot_mapping: {num_tokens} slots for {rows} rows of {rows_name} (at most one "
-                               "slot per row)")
-    expect(num_tokens < 2**31, "slot_mapping: at most 2^31 - 1 slots")
-    return num_tokens
+    slot_dtype = SLOT_DTYPES.get(slot_mapping.dtype)
+    if slot_dtype is None:
+        raise TypeError(f"slot_mapping: expected dtype torch.int32 or torch.int64, got {slot_mapping.dtype}")
+    shape = slot_mapping.shape
+    if len(shape) != 1:
+        raise ValueError(f"slot_mapping: expected 1 dimension, got shape {tuple(shape)}")
+    num_tokens = shape[0]
+    if num_tokens > 1 and slot_mapping.stride(0) != 1:
+        raise ValueError("slot_mapping: must be contiguous")
+    if num_tokens > rows:
+        raise ValueError(f"slot_mapping: {num_tokens} slots for {rows} rows of {rows_name} (at most one slot per row)")
+    if num_tokens >= 2**31:
+        raise ValueError("slot_mapping: at most 2^31 - 1 slots")
+    return num_tokens, slot_dtype
+
+
+# The family fields a row must have, per slot dtype and scale rounding (made once, not per call).
+_FIELDS = {(slot_dtype, pow2): (("slot_dtype", slot_dtype), ("pow2_scale", pow2))
+           for slot_dtype in SLOT_DTYPES.values() for pow2 in (False, True)}
 
 
 def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
-                  checked: Optional[Checked] = None, tail=None, pow2_scale: bool = False) -> Decision:
-    """Which backend would serve this call (no launch, no synchronisation)."""
+                  checked: Optional[Checked] = None, tail=None, pow2_scale: bool = False,
+                  snapshot: Optional[tuple] = None) -> Decision:
+    """Which backend would serve this call (no launch, no synchronisation);
+    `snapshot`: the call's switches (kvgen.runtime.switches), read now if not given."""
     checked = checked or validate(k, k_cache, slot_mapping, block_size, record_bytes)
     aligned = k.data_ptr() % 16 == 0 and checked.k_stride % 8 == 0  # 16-byte loads of k's rows
     if tail is not None:
         aligned = aligned and tail.data_ptr() % 16 == 0 and checked.tail_stride % 8 == 0
     elif checked.format.tail:
         aligned = aligned and checked.format.values % 8 == 0  # the tail starts 16-byte aligned within k's row
-    fields = (("slot_dtype", checked.slot_dtype), ("pow2_scale", pow2_scale))
-    return decide(FAMILY, checked.format.name, block_size, fields, 1, checked.num_tokens, k.device, aligned)
+    return decide(FAMILY, checked.format.name, block_size, _FIELDS[checked.slot_dtype, bool(pow2_scale)], 1,
+                  checked.num_tokens, checked.device or k.device, aligned, snapshot)
 
 
+@memoised_grid
 def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
     """Enough CTAs for every token at once, held under MAX_WORKERS (warps grid-stride past it)."""
     per_cta = entry.config["num_warps"] * entry.config["tokens_per_warp"]
@@ -131,15 +157,36 @@ def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, 
     tail is k's own columns past the values unless a separate `tail` tensor is given."""
     if checked is None:
         checked = validate(k, k_cache, slot_mapping, entry.config["block_size"], entry.format.record_bytes)
-    fmt = checked.format
+    _launch(entry, pdl, checked, k, k_cache, slot_mapping, None, None, tail, None, grid)
+
+
+# How each backend runs a write (backend.serve), on (k, k_cache, slot_mapping, block_size, format, tail,
+# pow2_scale); the launch is given (entry, pdl, checked) first, the fallbacks are imported on first use.
+def _launch(entry, pdl, checked, k, k_cache, slot_mapping, block_size, fmt, tail, pow2_scale, grid=None):
+    k_ptr = k.data_ptr()
     if tail is None:
-        tail_ptr, tail_stride = k.data_ptr() + 2 * fmt.values, checked.k_stride
+        tail_ptr, tail_stride = k_ptr + 2 * checked.format.values, checked.k_stride
     else:
         tail_ptr, tail_stride = tail.data_ptr(), checked.tail_stride
-    values = {"k": k.data_ptr(), "tail": tail_ptr, "k_cache": k_cache.data_ptr(),
+    values = {"k": k_ptr, "tail": tail_ptr, "k_cache": k_cache.data_ptr(),
               "slot_mapping": slot_mapping.data_ptr(), "k_stride": checked.k_stride, "tail_stride": tail_stride,
               "page_stride": checked.page_stride, "num_tokens": checked.num_tokens}
     launch(entry, values, grid or launch_grid(entry, checked.num_tokens), k.get_device(), pdl)
+
+
+def _triton(k, k_cache, slot_mapping, block_size, fmt, tail, pow2_scale):
+    from .triton import quantize_and_insert_triton
+
+    quantize_and_insert_triton(k, k_cache, slot_mapping, block_size, fmt, tail=tail, pow2_scale=pow2_scale)
+
+
+def _torch(k, k_cache, slot_mapping, block_size, fmt, tail, pow2_scale):
+    from .reference import quantize_and_insert_torch
+
+    quantize_and_insert_torch(k, k_cache, slot_mapping, block_size, fmt, tail=tail, pow2_scale=pow2_scale)
+
+
+PATHS = Paths(_launch, _triton, _torch)
 
 
 def _insert(k, k_cache, slot_mapping, block_size, checked: Checked, tail=None, pow2_scale: bool = False) -> None:
@@ -147,39 +194,20 @@ def _insert(k, k_cache, slot_mapping, block_size, checked: Checked, tail=None, p
     if checked.num_tokens == 0:
         record_no_launch()
         return
-    if check_requested():
+    snapshot = switches.read()
+    if switches.check_requested(snapshot):
         check_write_slots(k_cache.shape[0], slot_mapping, block_size)
-    decision = decide_insert(k, k_cache, slot_mapping, block_size, checked=checked, tail=tail, pow2_scale=pow2_scale)
-    args = (k, k_cache, slot_mapping, block_size, checked.format)
-
-    def triton_path():
-        from .triton import quantize_and_insert_triton
-
-        quantize_and_insert_triton(*args, tail=tail, pow2_scale=pow2_scale)
-
-    def torch_path():
-        from .reference import quantize_and_insert_torch
-
-        quantize_and_insert_torch(*args, tail=tail, pow2_scale=pow2_scale)
-
-    serve(decision, k.device.type,
-          lambda entry, pdl: launch_entry(entry, k, k_cache, slot_mapping, checked=checked, pdl=pdl, tail=tail),
-          triton_path, torch_path)
+    decision = decide_insert(k, k_cache, slot_mapping, block_size, checked=checked, tail=tail, pow2_scale=pow2_scale,
+                             snapshot=snapshot)
+    serve(decision, checked.device, PATHS, checked,
+          (k, k_cache, slot_mapping, block_size, checked.format, tail, pow2_scale))
 
 
-def _run(k, k_cache, slot_mapping, block_size, record_bytes) -> None:
+# Each op's implementation, registered as torch.ops.kvgen's kernel for it and called by the eager entry point.
+@register_op("quantize_and_insert_k_cache", mutates_args=("k_cache",))
+def _run(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
+         record_bytes: Optional[int] = None) -> None:
     _insert(k, k_cache, slot_mapping, block_size, validate(k, k_cache, slot_mapping, block_size, record_bytes))
-
-
-@torch.library.custom_op("kvgen::quantize_and_insert_k_cache", mutates_args=("k_cache",))
-def _custom_op(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
-               record_bytes: Optional[int] = None) -> None:
-    _run(k, k_cache, slot_mapping, block_size, record_bytes)
-
-
-@_custom_op.register_fake
-def _(k, k_cache, slot_mapping, block_size, record_bytes=None) -> None:
-    return None
 
 
 def quantize_and_insert_k_cache(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -197,45 +225,45 @@ def quantize_and_insert_k_cache(k: torch.Tensor, k_cache: torch.Tensor, slot_map
 
 def _record_view(name: str, kv_cache) -> tuple[Format, int]:
     """A writer's record view [num_blocks, block_size, record_bytes]: its format and block size."""
-    expect(isinstance(kv_cache, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(kv_cache).__name__}",
-           TypeError)
-    expect(kv_cache.dim() == 3, f"{name}: expected [num_blocks, block_size, record_bytes], got shape "
-                                f"{tuple(kv_cache.shape)}")
-    expect(kv_cache.dtype == torch.uint8, f"{name}: expected dtype torch.uint8, got {kv_cache.dtype}", TypeError)
-    expect(kv_cache.shape[1] > 0, f"{name}: its block size (shape[1]) must be positive, got shape "
-                                  f"{tuple(kv_cache.shape)}")
-    return format_named(kv_cache.shape[2], name), kv_cache.shape[1]
+    if not isinstance(kv_cache, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(kv_cache).__name__}")
+    shape = kv_cache.shape
+    if len(shape) != 3:
+        raise ValueError(f"{name}: expected [num_blocks, block_size, record_bytes], got shape {tuple(shape)}")
+    if kv_cache.dtype != torch.uint8:
+        raise TypeError(f"{name}: expected dtype torch.uint8, got {kv_cache.dtype}")
+    if shape[1] <= 0:
+        raise ValueError(f"{name}: its block size (shape[1]) must be positive, got shape {tuple(shape)}")
+    return format_named(shape[2], name), shape[1]
 
 
 def validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping) -> tuple[Checked, int]:
     """Check every argument of concat_and_cache_ds_mla; (what was read, the block size)."""
     fmt, block_size = _record_view("kv_cache", kv_cache)
-    expect(fmt.tail > 0, f"kv_cache: format {fmt.name} has no bf16 tail for k_pe; use quantize_and_insert_k_cache")
-    c_shape, c_strides = meta("kv_c", kv_c, torch.bfloat16, 2)
-    p_shape, p_strides = meta("k_pe", k_pe, torch.bfloat16, 2)
-    expect(c_shape[1] == fmt.values, f"kv_c: last dimension must be {fmt.values} (format {fmt.name}'s quantized "
-                                     f"values), got {c_shape[1]}")
-    expect(p_shape[1] == fmt.tail, f"k_pe: last dimension must be {fmt.tail} (format {fmt.name}'s tail), got "
-                                   f"{p_shape[1]}")
-    expect(p_shape[0] == c_shape[0], f"k_pe: {p_shape[0]} rows for kv_c's {c_shape[0]}")
-    expect(c_strides[1] == 1 and p_strides[1] == 1, "kv_c/k_pe: innermost stride must be 1")
+    if fmt.tail <= 0:
+        raise ValueError(f"kv_cache: format {fmt.name} has no bf16 tail for k_pe; use quantize_and_insert_k_cache")
+    (c_rows, c_dim), (c_stride, c_inner) = meta("kv_c", kv_c, torch.bfloat16, 2)
+    (p_rows, p_dim), (p_stride, p_inner) = meta("k_pe", k_pe, torch.bfloat16, 2)
+    if c_dim != fmt.values:
+        raise ValueError(f"kv_c: last dimension must be {fmt.values} (format {fmt.name}'s quantized values), got "
+                         f"{c_dim}")
+    if p_dim != fmt.tail:
+        raise ValueError(f"k_pe: last dimension must be {fmt.tail} (format {fmt.name}'s tail), got {p_dim}")
+    if p_rows != c_rows:
+        raise ValueError(f"k_pe: {p_rows} rows for kv_c's {c_rows}")
+    if not (c_inner == 1 and p_inner == 1):
+        raise ValueError("kv_c/k_pe: innermost stride must be 1")
     _, page_stride = _check_cache(kv_cache, block_size, name="kv_cache")
-    num_tokens = _check_slots(slot_mapping, c_shape[0], "kv_c")
-    check_one_device(kv_c, kv_cache, slot_mapping, k_pe)
-    return Checked(fmt, page_stride, c_strides[0] if c_shape[0] > 1 else fmt.values, num_tokens,
-                   SLOT_DTYPES[slot_mapping.dtype], p_strides[0] if p_shape[0] > 1 else fmt.tail), block_size
+    num_tokens, slot_dtype = _check_slots(slot_mapping, c_rows, "kv_c")
+    device = check_one_device(kv_c, kv_cache, slot_mapping, k_pe)
+    return Checked(fmt, page_stride, c_stride if c_rows > 1 else fmt.values, num_tokens, slot_dtype,
+                   p_stride if p_rows > 1 else fmt.tail, device), block_size
 
 
-@torch.library.custom_op("kvgen::concat_and_cache_ds_mla", mutates_args=("kv_cache",))
-def _custom_op_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+@register_op("concat_and_cache_ds_mla", mutates_args=("kv_cache",))
+def _run_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     checked, block_size = validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
     _insert(kv_c, kv_cache, slot_mapping, block_size, checked, tail=k_pe)
-
-
-@_custom_op_ds_mla.register_fake
-def _(kv_c, k_pe, kv_cache, slot_mapping) -> None:
-    return None
 
 
 def concat_and_cache_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -247,33 +275,29 @@ def concat_and_cache_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: to
     if torch.compiler.is_compiling():
         torch.ops.kvgen.concat_and_cache_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
         return
-    checked, block_size = validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
-    _insert(kv_c, kv_cache, slot_mapping, block_size, checked, tail=k_pe)
+    _run_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
 
 
 def validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt=None) -> tuple[Checked, int]:
-    expect(scale_fmt is None or isinstance(scale_fmt, str),
-           f"scale_fmt: expected a str or None, got {type(scale_fmt).__name__}", TypeError)
+    if not (scale_fmt is None or isinstance(scale_fmt, str)):
+        raise TypeError(f"scale_fmt: expected a str or None, got {type(scale_fmt).__name__}")
     fmt, block_size = _record_view("kv_cache", kv_cache)
-    expect(fmt.scale_kind == "f32", f"kv_cache: format {fmt.name} has {fmt.scale_kind} scales; the indexer writer "
-                                    "writes float32 scales")
-    expect(type(quant_block_size) is int, f"quant_block_size: expected an int, got "
-                                          f"{type(quant_block_size).__name__}", TypeError)
-    expect(quant_block_size == fmt.scale_group, f"quant_block_size: format {fmt.name} has one scale per "
-                                                f"{fmt.scale_group} values, got {quant_block_size}")
+    if fmt.scale_kind != "f32":
+        raise ValueError(f"kv_cache: format {fmt.name} has {fmt.scale_kind} scales; the indexer writer writes "
+                         "float32 scales")
+    if type(quant_block_size) is not int:
+        raise TypeError(f"quant_block_size: expected an int, got {type(quant_block_size).__name__}")
+    if quant_block_size != fmt.scale_group:
+        raise ValueError(f"quant_block_size: format {fmt.name} has one scale per {fmt.scale_group} values, got "
+                         f"{quant_block_size}")
     return validate(k, kv_cache, slot_mapping, block_size, cache_name="kv_cache"), block_size
 
 
-@torch.library.custom_op("kvgen::indexer_k_quant_and_cache", mutates_args=("kv_cache",))
-def _custom_op_indexer(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, quant_block_size: int,
-                       scale_fmt: Optional[str] = None) -> None:
+@register_op("indexer_k_quant_and_cache", mutates_args=("kv_cache",))
+def _run_indexer(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, quant_block_size: int,
+                 scale_fmt: Optional[str] = None) -> None:
     checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
     _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
-
-
-@_custom_op_indexer.register_fake
-def _(k, kv_cache, slot_mapping, quant_block_size, scale_fmt=None) -> None:
-    return None
 
 
 def indexer_k_quant_and_cache(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -288,8 +312,7 @@ def indexer_k_quant_and_cache(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     if torch.compiler.is_compiling():
         torch.ops.kvgen.indexer_k_quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
         return
-    checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
-    _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
+    _run_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
 
 
 def select_backend_insert(k, k_cache, slot_mapping, block_size, record_bytes=None) -> str:
