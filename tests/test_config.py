@@ -67,6 +67,7 @@ def _alternatives():
         "pdl": [dict(pdl=True)],
         "arch": [dict(arch="sm_90x")],
         "output": [dict(output="raw", indexing="packed", gather_lens=False)],
+        "ballot_chunk": [dict(schedule="ballot", ballot_chunk=8, indexing="sparse", gather_lens=False)],
     }
 
 
@@ -90,7 +91,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 185
+    assert len(configs) == 245
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -121,6 +122,10 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(format=Format("big", values=1536, scale_group=32)), "records of at most 1536 bytes"),
     (dict(output="raw"), "output='raw'"),
     (dict(output="hex"), "unknown output"),
+    (dict(schedule="ballot"), "schedule='ballot' is built for sparse gathers"),
+    (dict(schedule="ballot", indexing="packed", gather_lens=False), "not packed indexing"),
+    (dict(schedule="ballot", indexing="sparse", gather_lens=False, format=Format(
+        "small", values=128, scale_group=128, scale_kind="f32")), "4 records a step"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -212,3 +217,11 @@ def test_records_per_warp_step_follow_the_record_size():
     assert tokens_per_step(formats["indexer_132"], "raw") == 8
     one = dataclasses.replace(SEED, format=formats["indexer_132"], indexing="packed", gather_lens=False)
     assert one.smem_bytes == one.stage_bytes * 4 * one.num_stages * one.num_warps
+
+
+def test_the_ballot_schedule_stages_an_out_row_per_stage():
+    """Its shared memory: the ring plus one int32 out row per stage and warp."""
+    strided = dataclasses.replace(SEED, indexing="sparse", gather_lens=False)
+    ballot = dataclasses.replace(strided, schedule="ballot")
+    assert ballot.smem_bytes == strided.smem_bytes + 4 * ballot.num_stages * ballot.num_warps
+    assert "_ballot_" in ballot.name

@@ -243,6 +243,58 @@ def test_every_shipped_kernel_bit_exact():
         assert mismatches(out.cpu(), expected) == 0, (entry.name, "one CTA")
 
 
+def _ballot_slot_patterns(num_slots: int, cache_slots: int) -> dict[str, torch.Tensor]:
+    """Slot patterns the ballot schedule's chunking must get right: nothing
+    valid, everything valid, only the last (partial) chunk, whole empty chunks
+    between valid ones (a warp loops over several chunks for one stage),
+    negative slots other than -1, and a chunk with one valid lane."""
+    g = torch.Generator().manual_seed(num_slots)
+    real = torch.randint(0, cache_slots, (num_slots,), generator=g, dtype=torch.int32)
+    none = torch.full((num_slots,), -1, dtype=torch.int32)
+    patterns = {"none": none.clone(), "all": real.clone()}
+    last = none.clone()
+    last[-(num_slots % 32 or 32):] = real[-(num_slots % 32 or 32):]
+    patterns["last partial chunk"] = last
+    sparse_runs = none.clone()
+    sparse_runs[::97] = real[::97]  # most chunks empty, the rest with one valid lane
+    patterns["one every 97"] = sparse_runs
+    negative = real.clone()
+    negative[1::3] = torch.randint(-2**31, 0, (len(negative[1::3]),), generator=g, dtype=torch.int32)
+    patterns["negatives"] = negative
+    lane31 = none.clone()
+    lane31[31::32] = real[31::32]
+    patterns["lane 31 only"] = lane31
+    return patterns
+
+
+def test_ballot_rows_slot_patterns():
+    """Every ballot-schedule row, on the dispatch grid and on one CTA, over the
+    slot patterns its chunking must handle; rows of -1 (or any negative) slot
+    stay poisoned."""
+    from kvgen.families.dequant_gather import op as ops
+    from kvgen.runtime.loader import registry
+
+    here = torch.cuda.get_device_capability()
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "ballot"
+            and ARCHS[e.arch].serves(here)]
+    assert rows
+    for i, entry in enumerate(rows):
+        c = entry.config
+        bs = c["block_size"]
+        case = make_sparse_case(num_slots=4 * 32 * 3 + 19, block_size=bs, format=c["format"], seed=i)
+        cache_slots = case.k_cache.shape[0] * bs
+        for name, slots in _ballot_slot_patterns(case.slot_indices.shape[0], cache_slots).items():
+            case.slot_indices = slots
+            expected = case.out.clone()
+            dequantize_and_gather_sparse_torch(*case.args(out=expected))
+            out, k_cache, slots_gpu, _ = case.args("cuda")
+            for grid in (None, (1, 1, 1), (1, 2, 1)):
+                out.view(torch.int16).fill_(POISON_BF16)
+                ops.launch_entry_sparse(entry, out, k_cache, slots_gpu, grid=grid)
+                torch.cuda.synchronize()
+                assert mismatches(out.cpu(), expected) == 0, (entry.name, name, grid)
+
+
 @pytest.mark.parametrize("pdl", [False, True])
 def test_launch_paths_bit_exact(pdl, monkeypatch):
     """Both launches (cuLaunchKernel; cuLaunchKernelEx with programmatic stream

@@ -130,6 +130,19 @@ def test_launch_grid_is_bounded_by_host_quantities():
     assert launch_grid(entry, 256, 256) == (256, 64, 1)
     assert launch_grid(entry, 256, 1 << 20) == (256, 128, 1)
     assert launch_grid(entry, 4, 1) == (4, 1, 1)
+    # A schedule that fixes a warp's share (the ballot's chunk of 32 slots): 4 warps a CTA.
+    assert launch_grid(entry, 1, 65536, rows_per_warp=32) == (1, 512, 1)
+    assert launch_grid(entry, 1, 65537, rows_per_warp=32) == (1, 513, 1)
+
+
+def test_a_ballot_row_gives_each_warp_one_chunk_of_slots():
+    from kvgen.families.dequant_gather import op as ops
+
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "ballot"]
+    assert {e.config["ballot_chunk"] for e in rows} == {8, 16, 32}
+    for entry in rows:
+        warps = -(-65536 // entry.config["ballot_chunk"])
+        assert ops._grid(entry, 1, 65536) == (1, warps // entry.config["num_warps"], 1), entry.name
 
 
 def test_shape_classes_follow_host_known_sizes():

@@ -15,6 +15,7 @@ Config (every generator parameter):
     pdl          = False
     arch         = sm_80
     output       = bf16
+    ballot_chunk = 32
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; request = blockIdx.x, worker = blockIdx.y (strided schedule).
@@ -45,7 +46,8 @@ CONFIG = {'format': {'name': 'dsv4_584',
  'schedule': 'strided',
  'pdl': False,
  'arch': 'sm_80',
- 'output': 'bf16'}
+ 'output': 'bf16',
+ 'ballot_chunk': 32}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

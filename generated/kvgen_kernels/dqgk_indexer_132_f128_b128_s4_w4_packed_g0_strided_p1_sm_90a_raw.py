@@ -15,6 +15,7 @@ Config (every generator parameter):
     pdl          = True
     arch         = sm_90a
     output       = raw
+    ballot_chunk = 32
 
 One warp gathers 8 tokens (lane groups of 4) per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the row range (strided schedule).
@@ -44,7 +45,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'schedule': 'strided',
  'pdl': True,
  'arch': 'sm_90a',
- 'output': 'raw'}
+ 'output': 'raw',
+ 'ballot_chunk': 32}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

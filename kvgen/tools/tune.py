@@ -25,7 +25,7 @@ from .variants import geomean, variant_of
 FORMAT = 1
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
-TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "tokens_per_warp")  # those a family's rows have
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "tokens_per_warp")  # those a family's rows have
 MATCH_FIELDS = ("family", "format", "indexing", "slot_dtype", "shape_class")  # CallKey fields a rule matches
 
 

@@ -11,7 +11,9 @@ def geomean(values) -> float:
 
 
 def variant_of(config: dict) -> str:
-    """A row's tuned fields as a short name: s4w8c (a reader), t2w4 (a writer)."""
+    """A row's tuned fields as a short name: s4w8c (a reader), s4w4b16 (a reader
+    under the ballot schedule, with its chunk), t2w4 (a writer)."""
     if "tokens_per_warp" in config:
         return f"t{config['tokens_per_warp']}w{config['num_warps']}"
-    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}"
+    chunk = config["ballot_chunk"] if config["schedule"] == "ballot" else ""
+    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}{chunk}"

@@ -19,7 +19,11 @@ from ...formats import Format
 # How a request's tokens are split over its CTAs' warps.
 #   strided:    warp k of CTA y takes tokens (y*W + k) + n*(Y*W)  (the seed's order)
 #   contiguous: CTA y takes one contiguous span of tokens, its warps interleaved
-SCHEDULES = ("strided", "contiguous")
+#   ballot:     sparse only: warps grid-stride over chunks of ballot_chunk slots, read
+#               with one load a lane; a warp ballot marks the valid ones and only
+#               those enter the ring, so -1 slots cost no pipeline step
+SCHEDULES = ("strided", "contiguous", "ballot")
+BALLOT_CHUNKS = (8, 16, 32)
 
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
@@ -88,6 +92,9 @@ class DequantGatherConfig(FamilyConfig):
     arch: str = param("", "target architecture (a row of kvgen.config.ARCHS)", default="sm_90a")
     output: str = param("", "bf16 (decoded rows) or raw (value and scale bytes; packed only); see OUTPUTS",
                         default="bf16", named_at_default=False)
+    ballot_chunk: int = param("c", f"the ballot schedule's chunk: slots a warp reads (one a lane) and ballots at "
+                                   f"once, one of {BALLOT_CHUNKS}; also each warp's share of the launch grid. "
+                                   f"Other schedules: 32", default=32, named_at_default=False)
 
     family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "dequant_gather"  # its table in a spec file,
@@ -117,7 +124,9 @@ class DequantGatherConfig(FamilyConfig):
 
     @property
     def smem_bytes(self) -> int:
-        return self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
+        ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
+        staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
+        return ring + staged_rows
 
     @classmethod
     def from_product(cls, point: dict[str, Any]):
@@ -135,7 +144,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     check_types(c, {"block_size": int, "num_stages": int, "num_warps": int, "indexing": str, "gather_lens": bool,
-                    "schedule": str, "pdl": bool, "arch": str, "output": str})
+                    "schedule": str, "pdl": bool, "arch": str, "output": str, "ballot_chunk": int})
     check_choice("arch", c.arch, ARCHS)
     check_choice("schedule", c.schedule, SCHEDULES)
     check_choice("indexing", c.indexing, INDEXING)
@@ -147,6 +156,13 @@ def _check(c: DequantGatherConfig) -> None:
     if c.output == "raw" and (c.indexing != "packed" or f.placement != "page_split"):
         raise ConfigError("output='raw' (undecoded value and scale bytes) is built for packed indexing of page-split "
                           f"formats, not {c.indexing} indexing of {f.placement} format {f.name}")
+    check_choice("ballot_chunk", c.ballot_chunk, BALLOT_CHUNKS)
+    if c.ballot_chunk != 32 and c.schedule != "ballot":
+        raise ConfigError(f"ballot_chunk={c.ballot_chunk} applies to the ballot schedule only, not {c.schedule}")
+    if c.schedule == "ballot" and (c.indexing != "sparse" or c.tokens_per_step != 1):
+        raise ConfigError(f"schedule='ballot' is built for sparse gathers of one record a warp step (records of 288 "
+                          f"bytes or more), not {c.indexing} indexing of format {f.name} "
+                          f"({c.tokens_per_step} records a step)")
     if f.scale_group % 8 or f.tail % 8:
         raise ConfigError(f"format {f.name}: the template handles values in chunks of 8 (one 16-byte store), so "
                           f"scale_group ({f.scale_group}) and tail ({f.tail}) must be multiples of 8")
