@@ -65,7 +65,7 @@ VALIDATION = {
     "offset negative": (_replace(6, -1), ValueError, "offset: must be >= 0"),
     "offset past out": (_replace(6, 10_000), ValueError, "offset: must be <="),
     "offset type": (_replace(6, True), TypeError, "offset: expected an int"),
-    "devices differ": (_replace(2, lambda a: a[2].to("meta")), ValueError, "one device"),
+    "devices differ": (_replace(2, lambda a: a[2].to("meta")), ValueError, "seq_lens: on meta, but out is on cpu .all tensors must be on one device"),
 }
 
 
@@ -641,7 +641,7 @@ SPARSE_VALIDATION = {
     "slots rank": (_replace(2, lambda a: a[2][None]), ValueError, "slot_indices: expected 1"),
     "cache record size": (_replace(1, lambda a: torch.zeros(4, 16, 576, dtype=torch.uint8)), ValueError, "k_cache: last dimension"),
     "block_size mismatch": (_replace(3, 32), ValueError, "block_size: must equal"),
-    "devices differ": (_replace(2, lambda a: a[2].to("meta")), ValueError, "one device"),
+    "devices differ": (_replace(2, lambda a: a[2].to("meta")), ValueError, "slot_indices: on meta, but out is on cpu"),
 }
 
 

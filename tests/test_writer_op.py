@@ -54,7 +54,7 @@ VALIDATION = {
                             "slot_mapping: 11 slots for 10 rows of k"),
     "slots not contiguous": (_set(2, lambda a: torch.zeros(16, dtype=torch.int64)[::2]), ValueError,
                              "slot_mapping: must be contiguous"),
-    "devices differ": (_set(2, lambda a: a[2].to("meta")), ValueError, "one device"),
+    "devices differ": (_set(2, lambda a: a[2].to("meta")), ValueError, "slot_mapping: on meta, but k is on cpu"),
     "misaligned page stride": (_set(1, lambda a: torch.zeros(4 * (16 * 584 + 8), dtype=torch.uint8).as_strided(
         (4, 16, 584), (16 * 584 + 8, 584, 1))), ValueError, "multiple of 16 bytes"),
 }

@@ -53,13 +53,15 @@ def check_cache(k_cache, block_size, name: str = "k_cache") -> tuple[Format, int
     return fmt, page_stride
 
 
-def check_one_device(first, *others) -> torch.device:
-    """All the tensors (None: an absent optional one) on `first`'s device; that device."""
+def check_one_device(names: tuple[str, ...], first, *others) -> torch.device:
+    """All the tensors (None: an absent optional one) on `first`'s device; that
+    device. `names`: their argument names, in order (a literal tuple at the call
+    site is a constant: nothing is built per call); a tensor elsewhere is named."""
     device = first.device
-    for t in others:
+    for i, t in enumerate(others):
         if t is not None and t.device != device:
-            devices = sorted({str(x.device) for x in (first, *others) if x is not None})
-            raise ValueError(f"all tensors must be on one device, got {devices}")
+            raise ValueError(f"{names[i + 1]}: on {t.device}, but {names[0]} is on {device} "
+                             f"(all tensors must be on one device)")
     return device
 
 

@@ -87,7 +87,8 @@ def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offse
         raise ValueError(f"out: shape[0] ({out_reqs}) must equal the number of requests ({num_reqs})")
     if out_rows >= 2**31 or bt_width >= 2**31:
         raise ValueError("out/block_table: dimensions must fit int32")
-    device = check_one_device(out, k_cache, seq_lens, block_table, gather_lens)
+    device = check_one_device(("out", "k_cache", "seq_lens", "block_table", "gather_lens"),
+                              out, k_cache, seq_lens, block_table, gather_lens)
     return Checked(fmt, out_stride, page_stride, bt_stride[0], out_rows - offset, num_reqs, device)
 
 
@@ -129,7 +130,7 @@ def validate_sparse(out, k_cache, slot_indices, block_size) -> CheckedSparse:
         raise ValueError(f"slot_indices: {num_slots} slots for {num_rows} rows of out (out.numel() // {head})")
     if num_slots >= 2**31:
         raise ValueError("slot_indices: at most 2^31 - 1 slots")
-    device = check_one_device(out, k_cache, slot_indices)
+    device = check_one_device(("out", "k_cache", "slot_indices"), out, k_cache, slot_indices)
     return CheckedSparse(fmt, rows, row_stride, page_stride, num_slots, device)
 
 
@@ -340,7 +341,8 @@ def validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, s
             raise ValueError(f"seq_starts: {num_seq_starts} entries for {batch_size} requests")
         if num_seq_starts > 1 and ss_stride != 1:
             raise ValueError("seq_starts: must be contiguous")
-    device = check_one_device(dst, src_cache, block_table, workspace_starts, seq_starts)
+    device = check_one_device(("dst", "src_cache", "block_table", "workspace_starts", "seq_starts"),
+                              dst, src_cache, block_table, workspace_starts, seq_starts)
     row_stride = dst_stride if dst_rows > 1 else head
     return CheckedPacked(fmt, block_size, row_stride, 0, page_stride, bt_stride, batch_size, dst_rows, device)
 
@@ -385,7 +387,8 @@ def validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> Checke
         raise ValueError("dst_k/dst_scale: innermost stride must be 1")
     if k_rows >= 2**31:
         raise ValueError("dst_k: at most 2^31 - 1 rows")
-    device = check_one_device(dst_k, kv_cache, dst_scale, block_table, cu_seq_lens)
+    device = check_one_device(("dst_k", "kv_cache", "dst_scale", "block_table", "cu_seq_lens"),
+                              dst_k, kv_cache, dst_scale, block_table, cu_seq_lens)
     return CheckedPacked(fmt, block_size, k_stride if k_rows > 1 else value_bytes,
                          s_stride if s_rows > 1 else scale_bytes, page_stride, bt_stride, num_reqs, k_rows, device)
 

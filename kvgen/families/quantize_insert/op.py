@@ -100,7 +100,7 @@ def validate(k, k_cache, slot_mapping, block_size, record_bytes=None, cache_name
     if not (k_inner == 1 or k_dim <= 1):
         raise ValueError(f"k: innermost stride must be 1, got {k_inner}")
     num_tokens, slot_dtype = _check_slots(slot_mapping, k_rows, "k")
-    device = check_one_device(k, k_cache, slot_mapping)
+    device = check_one_device(("k", cache_name, "slot_mapping"), k, k_cache, slot_mapping)
     return Checked(fmt, page_stride, k_stride if k_rows > 1 else head, num_tokens, slot_dtype, 0, device)
 
 
@@ -255,7 +255,7 @@ def validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping) -> tuple[Checked, int]:
         raise ValueError("kv_c/k_pe: innermost stride must be 1")
     _, page_stride = _check_cache(kv_cache, block_size, name="kv_cache")
     num_tokens, slot_dtype = _check_slots(slot_mapping, c_rows, "kv_c")
-    device = check_one_device(kv_c, kv_cache, slot_mapping, k_pe)
+    device = check_one_device(("kv_c", "kv_cache", "slot_mapping", "k_pe"), kv_c, kv_cache, slot_mapping, k_pe)
     return Checked(fmt, page_stride, c_stride if c_rows > 1 else fmt.values, num_tokens, slot_dtype,
                    p_stride if p_rows > 1 else fmt.tail, device), block_size
 
