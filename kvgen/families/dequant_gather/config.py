@@ -23,7 +23,7 @@ from ...formats import Format
 #               with one load a lane; a warp ballot marks the valid ones and only
 #               those enter the ring, so -1 slots cost no pipeline step
 SCHEDULES = ("strided", "contiguous", "ballot")
-BALLOT_CHUNKS = (8, 16, 32)
+BALLOT_CHUNKS = (4, 8, 16, 32)
 
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
