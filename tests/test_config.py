@@ -123,6 +123,8 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(output="raw"), "output='raw'"),
     (dict(output="hex"), "unknown output"),
     (dict(schedule="ballot"), "schedule='ballot' is built for sparse gathers"),
+    (dict(ballot_chunk=8), "ballot_chunk=8 applies to the ballot schedule only"),
+    (dict(schedule="ballot", indexing="sparse", gather_lens=False, ballot_chunk=5), "unknown ballot_chunk 5"),
     (dict(schedule="ballot", indexing="packed", gather_lens=False), "not packed indexing"),
     (dict(schedule="ballot", indexing="sparse", gather_lens=False, format=Format(
         "small", values=128, scale_group=128, scale_kind="f32")), "4 records a step"),
