@@ -17,13 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from . import switches
 from .switches import CHECK_ENV
-
-
-def check_requested(snapshot: tuple | None = None) -> bool:
-    """KVGEN_CHECK, from the call's snapshot of the switches (read now if none is given)."""
-    return switches.check_requested(snapshot if snapshot is not None else switches.read())
 
 
 def _not_capturing(device: torch.device) -> None:

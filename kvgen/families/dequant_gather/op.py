@@ -48,7 +48,7 @@ class Checked(NamedTuple):
     block_table_stride: int
     max_rows: int
     num_reqs: int
-    device: Optional[torch.device] = None  # the tensors' device
+    device: torch.device  # the tensors' device
 
 
 def validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset) -> Checked:
@@ -98,7 +98,7 @@ class CheckedSparse(NamedTuple):
     row_stride: int
     page_stride: int
     num_slots: int
-    device: Optional[torch.device] = None
+    device: torch.device
 
 
 def validate_sparse(out, k_cache, slot_indices, block_size) -> CheckedSparse:
@@ -143,7 +143,7 @@ def decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, o
     stride = checked.out_stride
     aligned = out.data_ptr() % 16 == 0 and stride[0] % 8 == 0 and stride[1] % 8 == 0  # 16-byte stores
     return decide(FAMILY, checked.format.name, block_size, DENSE_FIELDS[gather_lens is not None], checked.num_reqs,
-                  checked.max_rows, checked.device or out.device, aligned, snapshot)
+                  checked.max_rows, checked.device, aligned, snapshot)
 
 
 def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[CheckedSparse] = None,
@@ -152,7 +152,7 @@ def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[C
     checked = checked or validate_sparse(out, k_cache, slot_indices, block_size)
     aligned = out.data_ptr() % 16 == 0 and checked.row_stride % 8 == 0
     return decide(FAMILY, checked.format.name, block_size, SPARSE_FIELDS, 1, checked.num_slots,
-                  checked.device or out.device, aligned, snapshot)
+                  checked.device, aligned, snapshot)
 
 
 # -------------------------------------------------------------------- launch
@@ -293,7 +293,7 @@ class CheckedPacked(NamedTuple):
     block_table_stride: int
     num_reqs: int
     num_rows: int
-    device: Optional[torch.device] = None
+    device: torch.device
 
 
 def _packed_common(cache_name, k_cache, block_table, starts_name, starts, num_reqs, min_starts):
@@ -396,7 +396,7 @@ def validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens) -> Checke
 def decide_packed(dst, checked: CheckedPacked, output: str, aligned: bool,
                   snapshot: Optional[tuple] = None) -> Decision:
     return decide(FAMILY, checked.format.name, checked.block_size, PACKED_FIELDS[output], 1, checked.num_rows,
-                  checked.device or dst.device, aligned, snapshot)
+                  checked.device, aligned, snapshot)
 
 
 def launch_packed(entry: KernelEntry, src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,

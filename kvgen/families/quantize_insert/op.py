@@ -42,8 +42,8 @@ class Checked(NamedTuple):
     k_stride: int
     num_tokens: int
     slot_dtype: str
-    tail_stride: int = 0  # a separate tail tensor's row stride (concat_and_cache_ds_mla's k_pe)
-    device: Optional[torch.device] = None  # the tensors' device
+    tail_stride: int  # a separate tail tensor's row stride (concat_and_cache_ds_mla's k_pe); 0 without one
+    device: torch.device  # the tensors' device
 
 
 def _check_cache(k_cache, block_size, record_bytes=None, name: str = "k_cache") -> tuple[Format, int]:
@@ -141,7 +141,7 @@ def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
     elif checked.format.tail:
         aligned = aligned and checked.format.values % 8 == 0  # the tail starts 16-byte aligned within k's row
     return decide(FAMILY, checked.format.name, block_size, _FIELDS[checked.slot_dtype, bool(pow2_scale)], 1,
-                  checked.num_tokens, checked.device or k.device, aligned, snapshot)
+                  checked.num_tokens, checked.device, aligned, snapshot)
 
 
 @memoised_grid
