@@ -147,40 +147,22 @@ def ptx_only(request, tmp_path):
 
 @pytest.mark.gpu
 def test_ptx_route_readers_on_the_golden_corpus(ptx_only, monkeypatch):
-    from tests.golden.corpus import CASES, DIGESTS, build_case, canonical_digest, run_public
+    from tests.golden.corpus import public_mismatches
 
-    digests = json.loads(DIGESTS.read_text())["cases"]
-    wrong = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for name in sorted(CASES):
-            out, launched = run_public(build_case(name), "cuda")
-            if launched and kvgen.last_backend() != "ptx":
-                wrong.append(f"{name}: served by {kvgen.last_backend()}")
-            elif canonical_digest(out) != digests[name]["sha256"]:
-                wrong.append(f"{name}: digest differs")
+        wrong = public_mismatches("cuda", "ptx")
     assert not wrong, (ptx_only, wrong)
     assert any("JIT-compiles" in str(w.message) for w in caught)
 
 
 @pytest.mark.gpu
 def test_ptx_route_writers_on_the_golden_corpus(ptx_only):
-    from kvgen.testing import _to
-    from tests.golden.writer_corpus import CASES, DIGESTS, build_case, digest
+    from tests.golden.writer_corpus import public_mismatches
 
-    digests = json.loads(DIGESTS.read_text())["cases"]
-    wrong = []
-    for name in sorted(CASES):
-        case = build_case(name)
-        k, k_cache, slots, block_size = case.args("cuda")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            case.call_public(k, k_cache, slots, block_size)
-        torch.cuda.synchronize()
-        if slots.shape[0] and kvgen.last_backend() != "ptx":
-            wrong.append(f"{name}: served by {kvgen.last_backend()}")
-        elif digest(_to(k_cache, "cpu")) != digests[name]["sha256"]:
-            wrong.append(f"{name}: digest differs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrong = public_mismatches("cuda", "ptx")
     assert not wrong, (ptx_only, wrong)
 
 

@@ -13,7 +13,6 @@ in one line. The speed of a gather on each device is a benchmark:
 `benchmarks/multi_gpu_speed.py`.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import torch
 
 import kvgen
 from kvgen.families.dequant_gather.reference import dequantize_and_gather_torch
-from kvgen.testing import POISON_BF16, _to, make_case, mismatches
+from kvgen.testing import POISON_BF16, make_case, mismatches
 from tests.golden import corpus, writer_corpus
 
 pytestmark = [pytest.mark.gpu,
@@ -34,36 +33,6 @@ pytestmark = [pytest.mark.gpu,
                                  reason="needs two CUDA devices")]
 
 BACKENDS = ("cubin", "ptx", "triton")
-READER_DIGESTS = json.loads(corpus.DIGESTS.read_text())["cases"]
-WRITER_DIGESTS = json.loads(writer_corpus.DIGESTS.read_text())["cases"]
-
-
-def _reader_mismatches(device: str, backend: str) -> list[str]:
-    """Every golden reader case through its public op on `device`: the cases whose digest differs."""
-    wrong = []
-    for name in sorted(corpus.CASES):
-        out, launched = corpus.run_public(corpus.build_case(name), device)
-        torch.cuda.synchronize(device)
-        if launched and kvgen.last_backend() != backend:
-            wrong.append(f"{name}: served by {kvgen.last_backend()}")
-        elif corpus.canonical_digest(out) != READER_DIGESTS[name]["sha256"]:
-            wrong.append(f"{name}: digest differs on {device}")
-    return wrong
-
-
-def _writer_mismatches(device: str, backend: str) -> list[str]:
-    """Every golden writer case through its public op on `device`: the cases whose digest differs."""
-    wrong = []
-    for name in sorted(writer_corpus.CASES):
-        case = writer_corpus.build_case(name)
-        k, k_cache, slots, block_size = case.args(device)
-        case.call_public(k, k_cache, slots, block_size)
-        torch.cuda.synchronize(device)
-        if slots.shape[0] and kvgen.last_backend() != backend:
-            wrong.append(f"{name}: served by {kvgen.last_backend()}")
-        elif writer_corpus.digest(_to(k_cache, "cpu")) != WRITER_DIGESTS[name]["sha256"]:
-            wrong.append(f"{name}: digest differs on {device}")
-    return wrong
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,7 +42,8 @@ def test_every_family_on_the_device_that_is_not_current(current, target, backend
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the PTX route's JIT notice
         with torch.cuda.device(current):
-            wrong = _reader_mismatches(f"cuda:{target}", backend) + _writer_mismatches(f"cuda:{target}", backend)
+            device = f"cuda:{target}"
+            wrong = corpus.public_mismatches(device, backend) + writer_corpus.public_mismatches(device, backend)
             assert torch.cuda.current_device() == current
     assert not wrong, wrong
 
@@ -89,7 +59,7 @@ def test_threads_whose_current_devices_differ(monkeypatch):
         torch.cuda.set_device(i % 2)
         barrier.wait()
         target = f"cuda:{(i + 1) % 2}"
-        results[i] = _reader_mismatches(target, "cubin") + _writer_mismatches(target, "cubin")
+        results[i] = corpus.public_mismatches(target, "cubin") + writer_corpus.public_mismatches(target, "cubin")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     [t.start() for t in threads]

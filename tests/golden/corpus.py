@@ -21,6 +21,7 @@ then dst_scale[t]), bytes as they stand (no NaN rule: nothing is decoded).
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -389,6 +390,23 @@ def run_public(case, device: str) -> tuple[torch.Tensor, bool]:
         out = case.out.to(device)
         kvgen.dequantize_and_gather_k_cache(*case.args(device, out=out))
         launched = case.seq_lens.numel() > 0
-    if device == "cuda" or str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)  # the device addressed, which need not be the current one
     return (raw_output(dst_k, dst_scale) if isinstance(case, RawPackedCase) else out), launched
+
+
+def public_mismatches(device: str, backend: str) -> list[str]:
+    """Every case through kvgen's public op on `device`: a line for each case
+    served by another backend than `backend` (the one the caller's setting
+    must lead to) or whose output's digest differs from the committed one."""
+    import kvgen
+
+    digests = json.loads(DIGESTS.read_text())["cases"]
+    wrong = []
+    for name in sorted(CASES):
+        out, launched = run_public(build_case(name), device)
+        if launched and kvgen.last_backend() != backend:
+            wrong.append(f"{name}: served by {kvgen.last_backend()}")
+        elif canonical_digest(out) != digests[name]["sha256"]:
+            wrong.append(f"{name}: digest differs on {device}")
+    return wrong

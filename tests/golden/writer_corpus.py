@@ -20,6 +20,7 @@ round float32 scales up to powers of two (`pow2_scale`, indexer_k_quant_and_cach
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 import sys
 from dataclasses import dataclass, field
@@ -411,6 +412,27 @@ CASES = _cases()
 
 def build_case(name: str) -> WriterCase:
     return CASES[name]()
+
+
+def public_mismatches(device: str, backend: str) -> list[str]:
+    """Every case through the public op a user would call (WriterCase.call_public)
+    on `device`: a line for each case served by another backend than `backend`
+    (the one the caller's setting must lead to) or whose cache's digest differs."""
+    import kvgen
+
+    digests = json.loads(DIGESTS.read_text())["cases"]
+    wrong = []
+    for name in sorted(CASES):
+        case = build_case(name)
+        k, k_cache, slots, block_size = case.args(device)
+        case.call_public(k, k_cache, slots, block_size)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize(device)
+        if slots.shape[0] and kvgen.last_backend() != backend:
+            wrong.append(f"{name}: served by {kvgen.last_backend()}")
+        elif digest(_to(k_cache, "cpu")) != digests[name]["sha256"]:
+            wrong.append(f"{name}: digest differs on {device}")
+    return wrong
 
 
 # ---- running and comparing -------------------------------------------------------------------------------------
