@@ -80,7 +80,7 @@ def fake_driver() -> None:
 
     driver._driver = FakeDriver()  # what driver.driver() hands every module
     backend.device_info = lambda device: ("cuda", (9, 0), "NVIDIA H100 80GB HBM3")
-    launch._raw_stream = launch._current_stream = lambda device: 0  # torch's current stream (as named now, before)
+    launch._raw_stream = lambda device: 0  # torch's current stream
     torch.cuda.init = lambda: None
 
 
