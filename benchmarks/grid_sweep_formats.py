@@ -173,6 +173,6 @@ if __name__ == "__main__":
             for n in (65536, 262144):
                 sweep_reader(Bench(f"indexer_132 {op} {n}", "indexer_132", op, n), per_warp=(2, 4, 8))
     if what in ("all", "writers"):
-        for fmt in ("v41_288", "v32_656", "indexer_132"):
+        for fmt in ("v41_288", "v32_656", "indexer_132") + (("dsv4_584", "v41_528") if what == "writers" else ()):
             for n in (65536, 262144):
                 sweep_writer(Bench(f"{fmt} write {n}", fmt, "write", n))

@@ -25,3 +25,121 @@ def test_e2m1_code_by_comparing_x_with_threshold_times_scale():
                 assert float(threshold) == t * float(s)  # the product is exact
                 verdict, rewrite = (q > t, ax > threshold) if op == "gt" else (q >= t, ax >= threshold)
                 assert np.array_equal(verdict, rewrite), (float(s), op, t)
+
+
+def _e2m1_word_swar(words: np.ndarray, s: np.float32) -> np.ndarray:
+    """quantize_e2m1_bf16x8's integer steps for one bf16x2 word per entry (uint32), replayed in numpy:
+    the two values' nibbles, value 2i's in the low four bits of the result."""
+    u32 = np.uint32
+    s16 = int(np.float32(s).view(np.uint32)) >> 16
+    assert int(np.float32(s).view(np.uint32)) & 0xFFFF == 0  # S is a bf16 value
+    sp = u32(s16 * 0x10001)
+
+    def bf16_pair(t):  # t * S as the asm's fma.rn.bf16x2 gives it: exact, so a bf16 pattern
+        bits = int((np.float32(t) * s).view(np.uint32))
+        assert bits & 0xFFFF == 0 and float((np.float32(t) * s)) == t * float(s)
+        return u32((bits >> 16) * 0x10001)
+
+    q2, q3, q4 = bf16_pair(0.75), bf16_pair(1.25), bf16_pair(1.75)
+    with np.errstate(over="ignore"):
+        q = [sp - u32(0x00FF00FF), q2, q3 + u32(0x00010001), q4, q3 + u32(0x00810081), q4 + u32(0x00800080),
+             q3 + u32(0x01010101)]
+        a = words | u32(0x80008000)
+        d = [a - qj for qj in q]
+        n = ~(a - u32(0x7F817F81)) & u32(0x80008000)
+    b0 = d[0] ^ d[1] ^ d[2] ^ d[3] ^ d[4] ^ d[5] ^ d[6]
+    b1 = (~d[3] & d[1]) | d[5]
+    b0, b1, b2 = b0 & n, b1 & n, d[3] & n
+    g = (words & n) >> u32(4)
+    g = g + (b2 >> u32(5)) + (b1 >> u32(6)) + (b0 >> u32(7))  # mad.hi by 2^27, 2^26, 2^25: right shifts
+    r = g | (g >> u32(12))
+    return (r >> u32(8)) & u32(0xFF)
+
+
+def test_e2m1_code_in_pairs_of_bf16_patterns():
+    """quantize_e2m1_bf16x8 counts thresholds on both halves of a word at once, in integers (see its
+    docstring): every bf16 value, in either half, beside every other, gives the contract's nibble (threshold
+    count of div.rn.f32(x, S), sign bit; NaN 0x0) under every e4m3 scale S."""
+    x16 = np.arange(65536, dtype=np.uint32)
+    partner = (x16 * np.uint32(40503) + np.uint32(12345)) & np.uint32(0xFFFF)  # a permutation: every pairing
+    byte = np.arange(0x01, 0x7F, dtype=np.int32)
+    exp, man = byte >> 3, byte & 7
+    scales = np.where(exp > 0, (8 + man) * 2.0 ** (exp - 10), man * 2.0 ** -9).astype(np.float32)
+
+    def contract(bits16, s):
+        x = (bits16 << np.uint32(16)).view(np.float32)
+        with np.errstate(all="ignore"):
+            v = np.abs(x / s)
+        code = np.zeros(x.shape, np.uint32)
+        for op, t in E2M1_THRESHOLDS:
+            code += (v > t) if op == "gt" else (v >= t)
+        sign = np.where(np.isnan(x), 0, (bits16 >> np.uint32(15)) << np.uint32(3)).astype(np.uint32)
+        return code | sign
+
+    for s in scales:
+        for lo, hi in ((x16, partner), (partner, x16)):
+            got = _e2m1_word_swar(lo | (hi << np.uint32(16)), s)
+            want = contract(lo, s) | (contract(hi, s) << np.uint32(4))
+            bad = np.flatnonzero(got != want)
+            assert bad.size == 0, (float(s), hex(int(lo[bad[0]])), hex(int(hi[bad[0]])), hex(int(got[bad[0]])),
+                                   hex(int(want[bad[0]])))
+
+
+def _rn32_of_exact_sum(q: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """float32 round-to-nearest-even of q + p, exactly (q float32 values in float64, p exact in float64): the
+    float64 sum and its error (TwoSum); where the float64 sum sits on a float32 tie, the error breaks it."""
+    s = q + p
+    bb = s - q
+    e = (q - (s - bb)) + (p - bb)
+    f = s.astype(np.float32)
+    a = f.astype(np.float64)
+    b = np.nextafter(f, np.where(s > a, np.float32(np.inf), np.float32(-np.inf))).astype(np.float64)
+    tie = (s != a) & (s == (a + b) * 0.5) & (e != 0)
+    return np.where(tie & (np.sign(e) == np.sign(b - a)), b.astype(np.float32), f)
+
+
+def _markstein_quotient(x: np.ndarray, s: np.float32) -> np.ndarray:
+    """The steps of the helpers' _scaled("div") in numpy: every fma rounded once (products of two float32 are
+    exact in float64; the residual's float64 difference is exact too, as x and q * s lie within a few ulps)."""
+    f32, f64 = np.float32, np.float64
+    with np.errstate(all="ignore"):
+        c = f32(2.0 ** 64) if s < f32(2.0 ** -80) else f32(1)
+        s, x = s * c, x * c
+        y = f32(1) / s  # rcp.rn.f32
+        q = x * y
+        r = (x.astype(f64) - q.astype(f64) * f64(s)).astype(f32)
+        t = _rn32_of_exact_sum(q.astype(f64), r.astype(f64) * f64(y))
+        return np.where(np.isnan(r) | (r == 0), q, t)
+
+
+def test_e4m3_of_quotient_without_division():
+    """quantize_div_bf16x8 divides by Markstein's correction, not div.rn.f32: for every bf16 x and the
+    float32 scale s = max(amax / 448, 2^-126) of every bf16 amax >= |x| (a stride of them here, all of them
+    when KVGEN_EXHAUSTIVE=1; and each scale rounded up to a power of two, the indexer's ue8m0 choice), and
+    for s = +Inf, the e4m3 bytes equal those of the IEEE quotient."""
+    import os
+
+    import torch
+
+    from kvgen.families.quantize_insert.reference import e4m3_rne_satfinite
+
+    def e4m3(v):
+        return e4m3_rne_satfinite(torch.from_numpy(np.ascontiguousarray(v))).numpy()
+
+    x = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+    stride = 1 if os.environ.get("KVGEN_EXHAUSTIVE") == "1" else 97
+    amaxes = np.concatenate([np.arange(1, 0x7F80, stride), np.arange(0x3F00, 0x3F80), [0x7F7F]]).astype(np.uint32)
+    amax_values = (amaxes << 16).view(np.float32)
+    for amax in amax_values:
+        s = max(np.float32(amax / np.float32(448)), np.float32(2.0 ** -126))
+        s_pow2 = np.array([(int(np.array([s]).view(np.uint32)[0]) + 0x7FFFFF) & ~0x7FFFFF], np.uint32).view(np.float32)
+        for scale in (s, s_pow2[0]):
+            domain = np.abs(x) <= amax
+            with np.errstate(all="ignore"):
+                want = e4m3(x / scale)
+            got = e4m3(_markstein_quotient(x, scale))
+            bad = np.flatnonzero((got != want) & domain)
+            assert bad.size == 0, (float(amax), float(scale), hex(int(x.view(np.uint32)[bad[0]])))
+    with np.errstate(all="ignore"):
+        inf = np.float32(np.inf)
+        assert np.array_equal(e4m3(_markstein_quotient(x, inf)), e4m3(x / inf))

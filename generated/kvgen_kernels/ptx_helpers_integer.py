@@ -205,41 +205,27 @@ dequant_e2m1_f32_x8 = _dequant_op("e2m1", "f32")
 def absmax_bf16x8(w0, w1, w2, w3, *, loc=None, ip=None):
     """max |x| of eight bf16 values (four bf16x2 words), as float32 bits.
 
-    A bf16 widens to float32 exactly (its bits, shifted). `max.f32` returns the
-    other operand when one is NaN, so NaN values are ignored (all-NaN gives NaN,
-    which the code step's own max.f32 with 1e-4 then ignores too).
+    Both halves at once: clearing the sign bits gives |x| exactly, and
+    `max.bf16x2` returns the other operand where one is NaN, so NaN values are
+    ignored (all-NaN gives NaN, which the code step's own max.f32 then ignores
+    too). The two halves' maximum widens to float32 exactly (its bits, shifted).
     """
     asm = (
         "{\n"
-        ".reg .b32 a<8>;\n"
-        ".reg .f32 f<8>;\n"
-        "shl.b32 a0, $1, 16;\n"
-        "and.b32 a1, $1, 0x7FFF0000;\n"
-        "shl.b32 a2, $2, 16;\n"
-        "and.b32 a3, $2, 0x7FFF0000;\n"
-        "shl.b32 a4, $3, 16;\n"
-        "and.b32 a5, $3, 0x7FFF0000;\n"
-        "shl.b32 a6, $4, 16;\n"
-        "and.b32 a7, $4, 0x7FFF0000;\n"
-        "and.b32 a0, a0, 0x7FFFFFFF;\n"
-        "and.b32 a2, a2, 0x7FFFFFFF;\n"
-        "and.b32 a4, a4, 0x7FFFFFFF;\n"
-        "and.b32 a6, a6, 0x7FFFFFFF;\n"
+        ".reg .b32 a<4>;\n"
+        ".reg .f32 f<2>;\n"
+        "and.b32 a0, $1, 0x7FFF7FFF;\n"
+        "and.b32 a1, $2, 0x7FFF7FFF;\n"
+        "and.b32 a2, $3, 0x7FFF7FFF;\n"
+        "and.b32 a3, $4, 0x7FFF7FFF;\n"
+        "max.bf16x2 a0, a0, a1;\n"
+        "max.bf16x2 a2, a2, a3;\n"
+        "max.bf16x2 a0, a0, a2;\n"
+        "shl.b32 a1, a0, 16;\n"
+        "and.b32 a0, a0, 0xFFFF0000;\n"
         "mov.b32 f0, a0;\n"
         "mov.b32 f1, a1;\n"
-        "mov.b32 f2, a2;\n"
-        "mov.b32 f3, a3;\n"
-        "mov.b32 f4, a4;\n"
-        "mov.b32 f5, a5;\n"
-        "mov.b32 f6, a6;\n"
-        "mov.b32 f7, a7;\n"
         "max.f32 f0, f0, f1;\n"
-        "max.f32 f2, f2, f3;\n"
-        "max.f32 f4, f4, f5;\n"
-        "max.f32 f6, f6, f7;\n"
-        "max.f32 f0, f0, f2;\n"
-        "max.f32 f4, f4, f6;\n"
-        "max.f32 f0, f0, f4;\n"
         "mov.b32 $0, f0;\n"
         "}"
     )
@@ -290,6 +276,41 @@ def ue8m0_code(amax, *, loc=None, ip=None):
     return _asm_u32(asm, "=r,=r,r", (amax,), 2, loc=loc, ip=ip)
 
 
+def _scaled(op, f):
+    """PTX that makes float32 register `f` f * s (op "mul": exact for a power-of-two s) or the IEEE quotient
+    f / s (op "div"), s the scale register.
+
+    The quotient without `div.rn.f32`'s sequence and branch, after Markstein: with my = 1 / s rounded to
+    nearest (`rcp.rn.f32`, once per call) and q = f * my, the residual f - q * s is exact in an fma and
+    q + residual * my, rounded once, is the correctly rounded quotient. Where the residual is 0, q is exact
+    (and keeps f's sign, which the sum would lose at -0); where it is NaN (f or s infinite), q is the
+    quotient itself: +-Inf, +-0 or NaN, as div.rn gives. A scale below 2^-80 would let the residual of a
+    tiny f underflow, so there s and f are first scaled by 2^64 (exactly: |f| <= 448 s, the group's
+    amax). tests/test_ptx_equivalences.py replays these steps for every bf16 f and every scale the
+    writers choose: the e4m3 bytes equal div.rn's."""
+    if op == "mul":
+        return f"mul.rn.f32 {f}, {f}, s;\n"
+    return (
+        f"mul.rn.f32 mx, {f}, mc;\n"
+        "mul.rn.f32 mq, mx, my;\n"
+        "neg.f32 mt, mq;\n"
+        "fma.rn.f32 mr, mt, ms, mx;\n"
+        "fma.rn.f32 mt, mr, my, mq;\n"
+        "setp.equ.f32 mp, mr, 0f00000000;\n"
+        f"selp.f32 {f}, mq, mt, mp;\n"
+    )
+
+
+# The registers and the once-per-call scaling and reciprocal _scaled's "div" needs.
+_DIV_REGS = ".reg .f32 mc, ms, my, mx, mq, mr, mt;\n.reg .pred mp;\n"
+_DIV_PROLOGUE = (
+    "setp.lt.f32 mp, s, 0f17800000;\n"  # s < 2^-80
+    "selp.f32 mc, 0f5F800000, 0f3F800000, mp;\n"  # 2^64 or 1
+    "mul.rn.f32 ms, s, mc;\n"
+    "rcp.rn.f32 my, ms;\n"
+)
+
+
 
 def _quantize_e4m3_asm(op):
     """Eight bf16 values (four bf16x2 words) `op` the float32 `scale` -> eight
@@ -306,7 +327,7 @@ def _quantize_e4m3_asm(op):
         x = f"x{i}"
         return (
             f"mov.b32 f, {x};\n"
-            f"{op} f, f, s;\n"
+            + _scaled(op, "f") +
             "mov.b32 a, f;\n"
             "shr.u32 g, a, 24;\n"
             "and.b32 g, g, 0x80;\n"
@@ -339,7 +360,9 @@ def _quantize_e4m3_asm(op):
         ".reg .b32 x<8>, b<8>, a, g, t, r, o, n;\n"
         ".reg .f32 f, s;\n"
         ".reg .pred up, tie, odd, small, big, nan;\n"
+        + (_DIV_REGS if op == "div" else "") +
         "mov.b32 s, $6;\n"
+        + (_DIV_PROLOGUE if op == "div" else "") +
         "shl.b32 x0, $2, 16;\n"
         "and.b32 x1, $2, 0xFFFF0000;\n"
         "shl.b32 x2, $3, 16;\n"
@@ -361,8 +384,8 @@ def _quantize_e4m3_asm(op):
 
 
 
-_QUANTIZE_MUL = _quantize_e4m3_asm("mul.rn.f32")
-_QUANTIZE_DIV = _quantize_e4m3_asm("div.rn.f32")
+_QUANTIZE_MUL = _quantize_e4m3_asm("mul")
+_QUANTIZE_DIV = _quantize_e4m3_asm("div")
 
 
 @dsl_user_op
@@ -375,7 +398,8 @@ def quantize_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
 @dsl_user_op
 def quantize_div_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     """Eight bf16 values (four bf16x2 words) divided by `scale` (float32 bits;
-    `div.rn.f32`, the IEEE quotient) -> eight e4m3 bytes (two little-endian words)."""
+    the IEEE quotient, as `div.rn.f32` gives it: _scaled) -> eight e4m3 bytes
+    (two little-endian words)."""
     return _asm_u32(_QUANTIZE_DIV, "=r,=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 2, loc=loc, ip=ip)
 
 
@@ -467,44 +491,77 @@ def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
 
     The contract's magnitude code is the number of thresholds t the quotient
     v = x / S (`div.rn.f32`) passes (> 0.25, >= 0.75, > 1.25, >= 1.75, > 2.5,
-    >= 3.5, > 5). Here |x| is compared with t * S instead: the products are
-    exact (at most 7 significant bits, all normal), and a bf16 |x| that is not
+    >= 3.5, > 5). |x| is compared with t * S instead: a bf16 |x| that is not
     exactly t * S lies at least 2^-9 of it away, where the rounding of x / S
-    (half a float32 step, 2^-24) cannot cross t -- so the comparisons agree for
-    every input (tests/test_formats_writer.py checks all 65536 bf16 values
-    against all 126 scales) and no division is needed. NaN compares false and
-    its sign is dropped, so NaN gives 0x0; the sign bit is the input's.
+    cannot cross t. Each t * S has at most 7 significant bits, so it is a bf16
+    itself, and positive bf16 values compare as their bit patterns do: the
+    comparisons run on both halves of a word at once, in integers. With bit 15
+    of each half set, (|x| | 0x8000) - T keeps bit 15 exactly where |x| >= T
+    (no borrow crosses the halves); "> t * S" is ">= its pattern + 1". The
+    seven flags rise in order (a thermometer code), so the code's bits are
+    their parity, (f2 & ~f4) | f6 and f4. A NaN (pattern > 0x7F80) gives 0x0;
+    the sign bit is the input's. tests/test_ptx_equivalences.py replays these
+    steps in numpy for every bf16 value against every scale.
     """
-    thresholds = (("gt", "0f3E800000"), ("ge", "0f3F400000"), ("gt", "0f3FA00000"), ("ge", "0f3FE00000"),
-                  ("gt", "0f40200000"), ("ge", "0f40600000"), ("gt", "0f40A00000"))
-
-    def one(i, word, half):
-        widen = f"shl.b32 u, {word}, 16;\n" if half == 0 else f"and.b32 u, {word}, 0xFFFF0000;\n"
+    def word(i, w):
+        # Flags sit in bits 15 and 31; the nibbles of values 2i and 2i + 1 go to bits 8..11 and 24..27,
+        # then byte 1 of r{i} gathers them (value 2i in its low nibble).
         return (
-            widen
-            + "and.b32 c, u, 0x7FFFFFFF;\n"
-            "mov.b32 g, c;\n"
-            "mov.b32 c, 0;\n"
-            + "".join(f"set.{op}.u32.f32 k, g, th{j};\nsub.u32 c, c, k;\n" for j, (op, _) in enumerate(thresholds))
-            + "shr.u32 u, u, 28;\n"
-            "and.b32 u, u, 8;\n"
-            "setp.nan.f32 isnan, g, g;\n"
-            "@isnan mov.b32 u, 0;\n"
-            "or.b32 c, c, u;\n"
-            f"shl.b32 c, c, {4 * i};\n"
-            "or.b32 $0, $0, c;\n"
+            f"or.b32 a, {w}, 0x80008000;\n"
+            "sub.u32 d1, a, q1;\n"
+            "sub.u32 d2, a, q2;\n"
+            "sub.u32 d3, a, q3;\n"
+            "sub.u32 d4, a, q4;\n"
+            "sub.u32 d5, a, q5;\n"
+            "sub.u32 d6, a, q6;\n"
+            "sub.u32 d7, a, q7;\n"
+            "sub.u32 n, a, 0x7F817F81;\n"
+            "not.b32 n, n;\n"
+            "and.b32 n, n, 0x80008000;\n"
+            "xor.b32 b0, d1, d2;\n"
+            "xor.b32 b0, b0, d3;\n"
+            "xor.b32 b0, b0, d4;\n"
+            "xor.b32 b0, b0, d5;\n"
+            "xor.b32 b0, b0, d6;\n"
+            "xor.b32 b0, b0, d7;\n"
+            "not.b32 b1, d4;\n"
+            "and.b32 b1, b1, d2;\n"
+            "or.b32 b1, b1, d6;\n"
+            "and.b32 b0, b0, n;\n"
+            "and.b32 b1, b1, n;\n"
+            "and.b32 b2, d4, n;\n"
+            f"and.b32 g, {w}, n;\n"
+            "shr.u32 g, g, 4;\n"
+            "mad.hi.u32 g, b2, 0x08000000, g;\n"
+            "mad.hi.u32 g, b1, 0x04000000, g;\n"
+            "mad.hi.u32 g, b0, 0x02000000, g;\n"
+            "shr.u32 b0, g, 12;\n"
+            f"or.b32 r{i}, g, b0;\n"
         )
 
-    words = ("$1", "$2", "$3", "$4")
     asm = (
         "{\n"
-        ".reg .b32 u, c, k;\n"
-        ".reg .f32 g, s, th<7>;\n"
-        ".reg .pred isnan;\n"
-        "mov.b32 s, $5;\n"
-        + "".join(f"mul.rn.f32 th{j}, s, {bound};\n" for j, (_, bound) in enumerate(thresholds))
-        + "mov.b32 $0, 0;\n"
-        + "".join(one(i, words[i // 2], i % 2) for i in range(8))
-        + "}"
+        ".reg .b32 sp, c, z, q<8>, a, d<8>, n, b<3>, g, r<4>;\n"
+        # S in both halves as bf16 (an e4m3 value is one), and 0.75 S, 1.25 S, 1.75 S: exact bf16x2 products.
+        "prmt.b32 sp, $5, $5, 0x3232;\n"
+        "mov.b32 z, 0x80008000;\n"
+        "mov.b32 c, 0x3F403F40;\n"
+        "fma.rn.bf16x2 q2, sp, c, z;\n"
+        "mov.b32 c, 0x3FA03FA0;\n"
+        "fma.rn.bf16x2 q3, sp, c, z;\n"
+        "mov.b32 c, 0x3FE03FE0;\n"
+        "fma.rn.bf16x2 q4, sp, c, z;\n"
+        # The others by their exponents (+-0x0080: x2 or /2 a half), "> t S" as ">= pattern + 1" (+0x0001).
+        "sub.u32 q1, sp, 0x00FF00FF;\n"  # 0.25 S (-0x0100) + 1
+        "add.u32 q5, q3, 0x00810081;\n"  # 2.5 S = 2 * 1.25 S, + 1
+        "add.u32 q6, q4, 0x00800080;\n"  # 3.5 S = 2 * 1.75 S
+        "add.u32 q7, q3, 0x01010101;\n"  # 5 S = 4 * 1.25 S, + 1
+        "add.u32 q3, q3, 0x00010001;\n"  # 1.25 S, + 1
+        + "".join(word(i, w) for i, w in enumerate(("$1", "$2", "$3", "$4")))
+        # Byte 1 of r0..r3 -> bytes 0..3.
+        + "prmt.b32 r0, r0, r1, 0x0051;\n"
+        "prmt.b32 r2, r2, r3, 0x0051;\n"
+        "prmt.b32 $0, r0, r2, 0x5410;\n"
+        "}"
     )
     return _asm_u32(asm, "=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 1, loc=loc, ip=ip)

@@ -16,9 +16,9 @@ Config (every generator parameter):
     arch             = sm_90a
     pow2_scale       = True
 
-One warp writes one token: lane l handles 16-byte chunks l and l + 32 of the
-row (8 values each); the 16 lanes of a scale group reduce its
-amax with butterfly shuffles. A warp loads 4 token(s) before it writes
+One warp writes 2 tokens at a time, one per group of 16 lanes (a row has
+16 chunks): lane l of a group handles 16-byte chunk l (8 values); the 16 lanes of a scale group reduce its
+amax with butterfly shuffles. A lane group loads 4 token(s) before it writes
 the first. The ABI is flat -- raw pointers and integers only (PARAMS).
 """
 
@@ -75,10 +75,13 @@ OUT_CHUNKS = 16  # 16-byte chunks of a k row: the head dim / 8
 TAIL_CHUNKS = OUT_CHUNKS - VALUE_CHUNKS
 LANES_PER_GROUP = 16  # chunks (lanes) per scale group
 POW2_SCALE = 1
-TOKENS_PER_WARP = 4
+TOKENS_PER_WARP = 4  # tokens a lane group loads before it writes the first
+TOKENS_PER_STEP = 2  # lane groups of a warp (tokens_per_step: derived from the format)
+GROUP_LANES = 16
 NUM_WARPS = 8
 THREADS = 256
 SMEM_BYTES = 0  # registers only
+
 
 
 
@@ -101,7 +104,8 @@ def kernel(
     worker, _, _ = cute.arch.block_idx()
     num_workers, _, _ = cute.arch.grid_dim()
     warp = cute.arch.make_warp_uniform(tid // 32)
-    lane = tid % 32
+    group = (tid % 32) // GROUP_LANES  # this lane's token within the warp's step
+    lane = tid % GROUP_LANES  # its chunk of that token's row
 
     ld_16 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint32, num_bits_per_copy=128)
     st_16 = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Uint32, num_bits_per_copy=128)
@@ -117,11 +121,14 @@ def kernel(
     amax = cute.make_rmem_tensor((1, TOKENS_PER_WARP), Uint32)
     slots = cute.make_rmem_tensor(TOKENS_PER_WARP, Int64)
     packed = cute.make_rmem_tensor(2, Uint32)
-    step = num_workers * NUM_WARPS * TOKENS_PER_WARP
-    for first in cutlass.range((worker * NUM_WARPS + warp) * TOKENS_PER_WARP, num_tokens, step):
-        # Load every token's slot and row first: TOKENS_PER_WARP rows in flight.
+    per_warp = TOKENS_PER_WARP * TOKENS_PER_STEP
+    step = num_workers * NUM_WARPS * per_warp
+    start = (worker * NUM_WARPS + warp) * per_warp
+    for first in cutlass.range(start, num_tokens, step):
+        base = first
+        # Load every token's slot and row first: TOKENS_PER_WARP rows in flight per lane group.
         for u in cutlass.range_constexpr(TOKENS_PER_WARP):
-            t = first + u
+            t = base + u * TOKENS_PER_STEP + group
             slots[u] = Int64(-1)
             if t < num_tokens:
                 slots[u] = Int64(cute.make_tensor(slot_mapping + t, cute.make_layout(1))[0])
@@ -130,16 +137,17 @@ def kernel(
                     cute.recast_ptr(k + cute.assume(Int64(t) * k_stride, divby=8), dtype=Uint32),
                     cute.make_layout((4, VALUE_CHUNKS)),
                 )
-                if lane < VALUE_CHUNKS:
-                    cute.copy(ld_16, k_src[None, lane], rows[None, 0, u])
+                cute.copy(ld_16, k_src[None, lane], rows[None, 0, u])
         for u in cutlass.range_constexpr(TOKENS_PER_WARP):
             slot = slots[u]
-            if slot >= 0:  # the same for the whole warp: the shuffles below see every lane
-                amax[0, u] = absmax_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u])
-                amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 1))
-                amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 2))
-                amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 4))
-                amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 8))
+            # Every lane reduces, whether its group writes or not: the shuffles need the whole warp (a group
+            # whose token is skipped reduces values it never stores; offsets < GROUP_LANES stay in the group).
+            amax[0, u] = absmax_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u])
+            amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 1))
+            amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 2))
+            amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 4))
+            amax[0, u] = max_f32_bits(amax[0, u], cute.arch.shuffle_sync_bfly(amax[0, u], 8))
+            if slot >= 0:
                 page = slot // BLOCK_SIZE
                 row = slot % BLOCK_SIZE
                 # 64-bit page addressing: caches beyond 4 GiB.
@@ -153,16 +161,15 @@ def kernel(
                 scale_dst = cute.make_tensor(cute.recast_ptr(k_cache + cute.assume(scale_off, divby=4), dtype=Uint32),
                                              cute.make_layout(NUM_SCALES))
                 
-                if lane < VALUE_CHUNKS:
-                    
-                    # chunk lane: eight values -> their e4m3 bytes; its group's scale from the group's lanes
-                    scale = f32_scale(amax[0, u], Uint32(POW2_SCALE))
-                    q = quantize_div_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u], scale)
-                    packed[0] = q[0]
-                    packed[1] = q[1]
-                    cute.copy(st_8, packed, value_dst[None, lane])
-                    if (lane) % LANES_PER_GROUP == 0:
-                        scale_dst[(lane) // LANES_PER_GROUP] = scale
+
+                # chunk lane: eight values -> their e4m3 bytes; its group's scale from the group's lanes
+                scale = f32_scale(amax[0, u], Uint32(POW2_SCALE))
+                q = quantize_div_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u], scale)
+                packed[0] = q[0]
+                packed[1] = q[1]
+                cute.copy(st_8, packed, value_dst[None, lane])
+                if (lane) % LANES_PER_GROUP == 0:
+                    scale_dst[(lane) // LANES_PER_GROUP] = scale
 
 
 @cute.jit

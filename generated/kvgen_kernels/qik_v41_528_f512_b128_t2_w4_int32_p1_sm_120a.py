@@ -16,9 +16,9 @@ Config (every generator parameter):
     arch             = sm_120a
     pow2_scale       = False
 
-One warp writes one token: lane l handles 16-byte chunks l and l + 32 of the
-row (8 values each); the 4 lanes of a scale group reduce its
-amax with butterfly shuffles. A warp loads 2 token(s) before it writes
+One warp writes one token at a time: lane l handles 16-byte chunks l, l + 32, ...
+of the row (8 values each); the 4 lanes of a scale group reduce its
+amax with butterfly shuffles. A lane group loads 2 token(s) before it writes
 the first. The ABI is flat -- raw pointers and integers only (PARAMS).
 """
 
@@ -75,10 +75,13 @@ OUT_CHUNKS = 64  # 16-byte chunks of a k row: the head dim / 8
 TAIL_CHUNKS = OUT_CHUNKS - VALUE_CHUNKS
 LANES_PER_GROUP = 4  # chunks (lanes) per scale group
 POW2_SCALE = 0
-TOKENS_PER_WARP = 2
+TOKENS_PER_WARP = 2  # tokens a lane group loads before it writes the first
+TOKENS_PER_STEP = 1  # lane groups of a warp (tokens_per_step: derived from the format)
+GROUP_LANES = 32
 NUM_WARPS = 4
 THREADS = 128
 SMEM_BYTES = 0  # registers only
+
 
 
 
@@ -117,11 +120,14 @@ def kernel(
     amax = cute.make_rmem_tensor((2, TOKENS_PER_WARP), Uint32)
     slots = cute.make_rmem_tensor(TOKENS_PER_WARP, Int64)
     packed = cute.make_rmem_tensor(2, Uint32)
-    step = num_workers * NUM_WARPS * TOKENS_PER_WARP
-    for first in cutlass.range((worker * NUM_WARPS + warp) * TOKENS_PER_WARP, num_tokens, step):
-        # Load every token's slot and row first: TOKENS_PER_WARP rows in flight.
+    per_warp = TOKENS_PER_WARP * TOKENS_PER_STEP
+    step = num_workers * NUM_WARPS * per_warp
+    start = (worker * NUM_WARPS + warp) * per_warp
+    for first in cutlass.range(start, num_tokens, step):
+        base = first
+        # Load every token's slot and row first: TOKENS_PER_WARP rows in flight per lane group.
         for u in cutlass.range_constexpr(TOKENS_PER_WARP):
-            t = first + u
+            t = base + u
             slots[u] = Int64(-1)
             if t < num_tokens:
                 slots[u] = Int64(cute.make_tensor(slot_mapping + t, cute.make_layout(1))[0])

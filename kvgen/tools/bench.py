@@ -72,7 +72,8 @@ class WriterShape:
 
 
 WRITER_SHAPES = tuple(WriterShape(f"insert {n} {fmt.split('_')[0]}", n, fmt)
-                      for fmt in ("dsv4_584", "v41_528") for n in (8192, 65536, 262144))
+                      for fmt in ("dsv4_584", "v41_528") for n in (8192, 65536, 262144)) + tuple(
+    WriterShape(f"insert {n} {fmt}", n, fmt) for fmt in ("v41_288", "v32_656", "indexer_132") for n in (65536, 262144))
 
 
 SHAPES = (
@@ -489,8 +490,11 @@ def plot(report: dict, path: Path) -> None:
 
 def writer_key(shape: WriterShape) -> CallKey:
     """What dispatch sees of a writer shape's call."""
-    return CallKey("qik", shape.format, shape.block_size, (("slot_dtype", str(shape.slot_dtype).split(".")[-1]),),
-                   torch.cuda.get_device_capability(), shape_class(1, shape.tokens))
+    from ..families.quantize_insert.op import WRITE_FIELDS
+
+    fields = WRITE_FIELDS[str(shape.slot_dtype).split(".")[-1], False]  # the public call's: float32 scales as computed
+    return CallKey("qik", shape.format, shape.block_size, fields, torch.cuda.get_device_capability(),
+                   shape_class(1, shape.tokens))
 
 
 def gpu_writer_case(shape: WriterShape, seed: int, device="cuda"):

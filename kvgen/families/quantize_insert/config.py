@@ -2,10 +2,12 @@
 parameter, named once, and the kernel ABI.
 
 The writer reads bf16 rows of k and writes records of the same Format rows the
-readers read (kvgen/formats.py). One warp writes one token: each lane loads
-16-byte chunks (8 values) of the row, the lanes of a scale group reduce its
-amax with butterfly shuffles, and each lane packs its values to e4m3 with the
-shared inline-PTX helpers. Imported by the runtime too: no torch, no jinja2.
+readers read (kvgen/formats.py). One warp writes one token at a time, or
+several where a row has 16 chunks or fewer (tokens_per_step: one per lane
+group): each lane loads 16-byte chunks (8 values) of the row, the lanes of a
+scale group reduce its amax with butterfly shuffles, and each lane packs its
+values with the shared inline-PTX helpers. Imported by the runtime too: no
+torch, no jinja2.
 """
 
 from __future__ import annotations
@@ -25,15 +27,26 @@ MAX_BLOCK_SIZE = 1024
 MAX_HEAD_DIM = 3 * 32 * 8
 
 
+def tokens_per_step(fmt: Format) -> int:
+    """Tokens a warp writes at once: its 32 lanes split into groups of the
+    fewest lanes (a power of two) that hold a row's 16-byte chunks, one each --
+    two for the 128-value indexer rows, one (the whole warp) for every row of
+    256 values or more. Derived from the format, never chosen: the template and
+    the launch grid both ask here."""
+    chunks = fmt.head_dim // 8
+    lanes = 1 << (chunks - 1).bit_length()
+    return 32 // lanes if lanes <= 32 else 1
+
+
 @dataclass(frozen=True)
 class QuantizeInsertConfig(FamilyConfig):
     """One specialisation of the quantize-and-insert K cache kernel."""
 
     format: Format = param("", "the cache record format (a kvgen.formats.Format row)")
     block_size: int = param("b", f"tokens per cache page: a power of two, 1..{MAX_BLOCK_SIZE}")
-    tokens_per_warp: int = param("t", f"tokens a warp loads before it writes the first, 1..{MAX_TOKENS_PER_WARP} "
-                                      "(loads in flight)", default=1)
-    num_warps: int = param("w", "warps per CTA, 1..32; one token per warp at a time", default=4)
+    tokens_per_warp: int = param("t", f"tokens a warp (each lane group) loads before it writes the first, "
+                                      f"1..{MAX_TOKENS_PER_WARP} (loads in flight)", default=1)
+    num_warps: int = param("w", "warps per CTA, 1..32; tokens_per_step tokens per warp at a time", default=4)
     slot_dtype: str = param("", "slot_mapping's dtype: int32 or int64 (a kernel for each)")
     pdl: bool = param("p", "programmatic dependent launch: griddepcontrol.wait before any global access, then "
                            "launch_dependents", default=True)
@@ -60,6 +73,10 @@ class QuantizeInsertConfig(FamilyConfig):
             KernelParam("page_stride", "int64_t"),  # bytes between pages
             KernelParam("num_tokens", "int32_t"),  # slot_mapping.shape[0]: tokens past it are not written
         )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return tokens_per_step(self.format)
 
     @property
     def smem_bytes(self) -> int:

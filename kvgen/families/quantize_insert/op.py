@@ -26,12 +26,17 @@ from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
 from ...runtime.registration import register_op
 from ...runtime.validate import check_one_device, format_named, meta
-from .config import QuantizeInsertConfig
+from .config import QuantizeInsertConfig, tokens_per_step
 
 FAMILY = QuantizeInsertConfig.family
 DEFAULT_RECORD_BYTES = 584  # the DeepSeek-V4 record, as vLLM's byte-view callers assume
 SLOT_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
 MAX_WORKERS = 65535  # CTAs; warps grid-stride over the tokens past them
+# A row whose warps load one token at a time (tokens_per_warp 1) is held at this many CTAs, 16 a 132-SM
+# H100's SM, so each warp takes several tokens in turn and a CTA's start is paid once for them: 3-17% faster
+# than one CTA for every four tokens for every writer format on the H100, where rows loading 2 or 4 tokens
+# gain nothing from it (BENCHMARKS.md, log 21).
+ONE_TOKEN_CTAS = 2112
 
 
 class Checked(NamedTuple):
@@ -125,8 +130,8 @@ def _check_slots(slot_mapping, rows: int, rows_name: str) -> tuple[int, str]:
 
 
 # The family fields a row must have, per slot dtype and scale rounding (made once, not per call).
-_FIELDS = {(slot_dtype, pow2): (("slot_dtype", slot_dtype), ("pow2_scale", pow2))
-           for slot_dtype in SLOT_DTYPES.values() for pow2 in (False, True)}
+WRITE_FIELDS = {(slot_dtype, pow2): (("slot_dtype", slot_dtype), ("pow2_scale", pow2))
+               for slot_dtype in SLOT_DTYPES.values() for pow2 in (False, True)}
 
 
 def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
@@ -140,15 +145,17 @@ def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
         aligned = aligned and tail.data_ptr() % 16 == 0 and checked.tail_stride % 8 == 0
     elif checked.format.tail:
         aligned = aligned and checked.format.values % 8 == 0  # the tail starts 16-byte aligned within k's row
-    return decide(FAMILY, checked.format.name, block_size, _FIELDS[checked.slot_dtype, bool(pow2_scale)], 1,
+    return decide(FAMILY, checked.format.name, block_size, WRITE_FIELDS[checked.slot_dtype, bool(pow2_scale)], 1,
                   checked.num_tokens, checked.device, aligned, snapshot)
 
 
 @memoised_grid
 def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
-    """Enough CTAs for every token at once, held under MAX_WORKERS (warps grid-stride past it)."""
-    per_cta = entry.config["num_warps"] * entry.config["tokens_per_warp"]
-    return (max(1, min(-(-num_tokens // per_cta), MAX_WORKERS)), 1, 1)
+    """Enough CTAs for every token at once, held under MAX_WORKERS (ONE_TOKEN_CTAS for a row that loads one
+    token at a time; warps grid-stride past it)."""
+    per_cta = entry.config["num_warps"] * entry.config["tokens_per_warp"] * tokens_per_step(entry.format)
+    most = ONE_TOKEN_CTAS if entry.config["tokens_per_warp"] == 1 else MAX_WORKERS
+    return (max(1, min(-(-num_tokens // per_cta), most)), 1, 1)
 
 
 def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, int, int] | None = None,
