@@ -245,19 +245,22 @@ def test_committed_dispatch_table_is_well_formed():
     import dataclasses
     import json
 
-    from kvgen.families.dequant_gather.config import DequantGatherConfig
+    from kvgen.families import FAMILIES
 
     table = json.loads(path.read_text())
     assert table["format"] == tune.FORMAT
-    key_fields = {f.name for f in dataclasses.fields(CallKey)} | {"indexing", "gather_lens"}
-    config_fields = {f.name for f in dataclasses.fields(DequantGatherConfig)}
+    key_fields = {f.name for f in dataclasses.fields(CallKey)} | set(tune.MATCH_FIELDS)
     classes = {c.name for c in dispatch.SHAPE_CLASSES}
     entries = registry().entries
     for rule in table["rules"]:
-        assert set(rule["match"]) <= key_fields and set(rule["prefer"]) <= config_fields - {"pdl"}
+        # A rule matches its family's call fields and prefers its family's generator parameters.
+        config_fields = {f.name for f in dataclasses.fields(FAMILIES[rule["match"]["family"]])}
+        assert set(rule["match"]) <= key_fields | config_fields, rule
+        assert set(rule["prefer"]) <= set(tune.TUNED_FIELDS) & config_fields - {"pdl"}, rule
         assert rule["match"].get("shape_class", "long") in classes
         # Every rule prefers a row that is shipped for its format and indexing.
-        assert any(all(e.config[k] == v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields)
+        assert any(e.family == rule["match"]["family"]
+                   and all(e.config[k] == v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields)
                    for e in entries), rule
     assert tune.choose_rules(table["measured"], table["margin"])[0] == table["rules"]
 
