@@ -15,6 +15,7 @@ Config (every generator parameter):
     pdl              = False
     arch             = sm_89
     pow2_scale       = False
+    occupancy_warps  = 0
 
 One warp writes one token at a time: lane l handles 16-byte chunks l, l + 32, ...
 of the row (8 values each); the 8 lanes of a scale group reduce its
@@ -42,7 +43,8 @@ CONFIG = {'format': {'name': 'dsv4_584',
  'slot_dtype': 'int64',
  'pdl': False,
  'arch': 'sm_89',
- 'pow2_scale': False}
+ 'pow2_scale': False,
+ 'occupancy_warps': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

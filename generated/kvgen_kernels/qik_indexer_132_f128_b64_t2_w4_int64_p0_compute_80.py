@@ -15,6 +15,7 @@ Config (every generator parameter):
     pdl              = False
     arch             = compute_80
     pow2_scale       = False
+    occupancy_warps  = 0
 
 One warp writes 2 tokens at a time, one per group of 16 lanes (a row has
 16 chunks): lane l of a group handles 16-byte chunk l (8 values); the 16 lanes of a scale group reduce its
@@ -42,7 +43,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'slot_dtype': 'int64',
  'pdl': False,
  'arch': 'compute_80',
- 'pow2_scale': False}
+ 'pow2_scale': False,
+ 'occupancy_warps': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

@@ -15,6 +15,7 @@ Config (every generator parameter):
     pdl              = False
     arch             = compute_80
     pow2_scale       = True
+    occupancy_warps  = 0
 
 One warp writes one token at a time: lane l handles 16-byte chunks l, l + 32, ...
 of the row (8 values each); the 16 lanes of a scale group reduce its
@@ -42,7 +43,8 @@ CONFIG = {'format': {'name': 'v32_656',
  'slot_dtype': 'int32',
  'pdl': False,
  'arch': 'compute_80',
- 'pow2_scale': True}
+ 'pow2_scale': True,
+ 'occupancy_warps': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

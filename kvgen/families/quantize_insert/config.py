@@ -25,6 +25,8 @@ MAX_BLOCK_SIZE = 1024
 # What the template can move: each lane handles at most three 16-byte chunks
 # (8 bf16 values) of a row; a scale group spans a power-of-two number of lanes.
 MAX_HEAD_DIM = 3 * 32 * 8
+# Warps an SM holds at most (Hopper's 64; the other archs in service hold 48 or 64).
+MAX_OCCUPANCY_WARPS = 64
 
 
 def tokens_per_step(fmt: Format) -> int:
@@ -53,6 +55,9 @@ class QuantizeInsertConfig(FamilyConfig):
     arch: str = param("", "target architecture (a row of kvgen.config.ARCHS)", default="sm_90a")
     pow2_scale: bool = param("u", "float32 scales only: round each scale up to a power of two (the indexer's "
                                   "scale_fmt='ue8m0')", default=False, named_at_default=False)
+    occupancy_warps: int = param("o", "warps an SM must be able to hold at once: the compiler caps a thread's "
+                                      f"registers to fit them (32: 64 registers); 0: no cap; a multiple of num_warps "
+                                      f"up to {MAX_OCCUPANCY_WARPS}", default=0, named_at_default=False)
 
     family = "qik"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "quantize_insert"  # its table in a spec file,
@@ -85,7 +90,7 @@ class QuantizeInsertConfig(FamilyConfig):
 
 def _check(c: QuantizeInsertConfig) -> None:
     check_types(c, {"block_size": int, "tokens_per_warp": int, "num_warps": int, "slot_dtype": str, "pdl": bool,
-                    "arch": str, "pow2_scale": bool})
+                    "arch": str, "pow2_scale": bool, "occupancy_warps": int})
     check_choice("arch", c.arch, ARCHS)
     check_choice("slot_dtype", c.slot_dtype, SLOT_DTYPES)
     f = c.format
@@ -109,3 +114,7 @@ def _check(c: QuantizeInsertConfig) -> None:
         raise ConfigError(f"tokens_per_warp={c.tokens_per_warp} must be in 1..{MAX_TOKENS_PER_WARP}")
     if not 1 <= c.num_warps <= 32:
         raise ConfigError(f"num_warps={c.num_warps} must be in 1..32")
+    if c.occupancy_warps and (c.occupancy_warps % c.num_warps or not c.num_warps <= c.occupancy_warps
+                              <= MAX_OCCUPANCY_WARPS):
+        raise ConfigError(f"occupancy_warps={c.occupancy_warps} must be 0 or a multiple of num_warps "
+                          f"({c.num_warps}) up to {MAX_OCCUPANCY_WARPS}")
