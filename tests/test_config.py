@@ -134,6 +134,48 @@ def test_unservable_configs_are_refused_when_made(change, message):
         dataclasses.replace(SEED, **change)
 
 
+WRITER = next(c for c in shipped_configs() if c.name == "qik_v41_288_f512_b64_t2_w4_int64_p1_sm_90a_o32")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tokens_per_warp=9), "tokens_per_warp=9"),
+    (dict(num_warps=33), "num_warps=33"),
+    (dict(occupancy_warps=6), "occupancy_warps=6 must be 0 or a multiple of num_warps"),
+    (dict(occupancy_warps=128), "occupancy_warps=128 must be 0 or a multiple of num_warps"),
+    (dict(occupancy_warps=2), "occupancy_warps=2 must be 0 or a multiple of num_warps"),
+    (dict(occupancy_warps=True), "occupancy_warps must be int"),
+    (dict(pow2_scale=True), "pow2_scale applies to float32 scales"),
+])
+def test_unservable_writer_configs_are_refused_when_made(change, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(WRITER, **change)
+
+
+def test_writer_occupancy_is_named_only_where_set():
+    """occupancy_warps came after the writers shipped: at its default (0, no register cap) a name leaves it
+    out; set, it is `_o<warps>`, and the kernel asks for occupancy_warps / num_warps CTAs an SM."""
+    from kvgen.build.render import render_kernel
+
+    assert WRITER.occupancy_warps == 32 and WRITER.name.endswith("_o32")
+    uncapped = dataclasses.replace(WRITER, occupancy_warps=0)
+    assert uncapped.name == "qik_v41_288_f512_b64_t2_w4_int64_p1_sm_90a"
+    assert "min_blocks_per_mp=8," in render_kernel(WRITER)
+    assert "min_blocks_per_mp" not in render_kernel(uncapped)
+    assert "min_blocks_per_mp=4," in render_kernel(dataclasses.replace(WRITER, num_warps=8))
+
+
+def test_writer_lane_groups_follow_the_row_width():
+    """A writer row of 16 chunks or fewer is written by several lane groups of a warp at once (the launch
+    grid counts them too); wider rows by the whole warp."""
+    from kvgen.families.quantize_insert.config import tokens_per_step
+    from kvgen.testing import as_format
+
+    assert {name: tokens_per_step(as_format(name)) for name in ("dsv4_584", "v41_528", "v41_288", "v32_656",
+                                                               "indexer_132")} == {
+        "dsv4_584": 1, "v41_528": 1, "v41_288": 1, "v32_656": 1, "indexer_132": 2}
+    assert tokens_per_step(Format("tiny", values=64, scale_group=64, scale_kind="f32")) == 4
+
+
 def test_round_trip_through_dict():
     assert DequantGatherConfig.from_dict(SEED.to_dict()) == SEED
     with pytest.raises(ConfigError, match="unknown config field"):
