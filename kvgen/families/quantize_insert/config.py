@@ -33,8 +33,8 @@ def tokens_per_step(fmt: Format) -> int:
     """Tokens a warp writes at once: its 32 lanes split into groups of the
     fewest lanes (a power of two) that hold a row's 16-byte chunks, one each --
     two for the 128-value indexer rows, one (the whole warp) for every row of
-    256 values or more. Derived from the format, never chosen: the template and
-    the launch grid both ask here."""
+    more than 128 values. Derived from the format, never chosen: the template
+    and the launch grid both ask here."""
     chunks = fmt.head_dim // 8
     lanes = 1 << (chunks - 1).bit_length()
     return 32 // lanes if lanes <= 32 else 1
