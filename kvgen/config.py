@@ -106,6 +106,14 @@ def parameters(config_class) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_class)}
 
 
+def lane_groups(lanes_needed: int) -> int:
+    """How many groups a warp's 32 lanes split into when each group needs
+    `lanes_needed` lanes, rounded up to a power of two (1: the whole warp, for
+    32 or more). The readers' and writers' tokens_per_step both come from here."""
+    lanes = 1 << (lanes_needed - 1).bit_length()
+    return 32 // min(lanes, 32)
+
+
 def check_types(config, types: dict[str, type]) -> None:
     for name, typ in types.items():
         value = getattr(config, name)

@@ -7,15 +7,20 @@ import numpy as np
 E2M1_THRESHOLDS = (("gt", 0.25), ("ge", 0.75), ("gt", 1.25), ("ge", 1.75), ("gt", 2.5), ("ge", 3.5), ("gt", 5.0))
 
 
+def e4m3_scales() -> np.ndarray:
+    """Every positive finite e4m3 value (bytes 0x01..0x7E) as float32: the scales an NVFP4 group can have."""
+    byte = np.arange(0x01, 0x7F, dtype=np.int32)
+    exp, man = byte >> 3, byte & 7
+    return np.where(exp > 0, (8 + man) * 2.0 ** (exp - 10), man * 2.0 ** -9).astype(np.float32)
+
+
 def test_e2m1_code_by_comparing_x_with_threshold_times_scale():
     """quantize_e2m1_bf16x8 compares |x| with t * S, where the contract compares
     the rounded quotient x / S (div.rn.f32) with t: the same verdict for every
     bf16 x (NaN, Inf, subnormals included) and every e4m3 scale S the writer can
     choose (every positive finite byte: S is clamped to [2^-9, 448])."""
     x = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
-    byte = np.arange(0x01, 0x7F, dtype=np.int32)
-    exp, man = byte >> 3, byte & 7
-    scales = np.where(exp > 0, (8 + man) * 2.0 ** (exp - 10), man * 2.0 ** -9).astype(np.float32)
+    scales = e4m3_scales()
     ax = np.abs(x)
     with np.errstate(all="ignore"):
         for s in scales:
@@ -62,9 +67,7 @@ def test_e2m1_code_in_pairs_of_bf16_patterns():
     count of div.rn.f32(x, S), sign bit; NaN 0x0) under every e4m3 scale S."""
     x16 = np.arange(65536, dtype=np.uint32)
     partner = (x16 * np.uint32(40503) + np.uint32(12345)) & np.uint32(0xFFFF)  # a permutation: every pairing
-    byte = np.arange(0x01, 0x7F, dtype=np.int32)
-    exp, man = byte >> 3, byte & 7
-    scales = np.where(exp > 0, (8 + man) * 2.0 ** (exp - 10), man * 2.0 ** -9).astype(np.float32)
+    scales = e4m3_scales()
 
     def contract(bits16, s):
         x = (bits16 << np.uint32(16)).view(np.float32)

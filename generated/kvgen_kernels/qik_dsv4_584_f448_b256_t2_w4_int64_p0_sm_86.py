@@ -120,10 +120,9 @@ def kernel(
     step = num_workers * NUM_WARPS * per_warp
     start = (worker * NUM_WARPS + warp) * per_warp
     for first in cutlass.range(start, num_tokens, step):
-        base = first
         # Load every token's slot and row first: TOKENS_PER_WARP rows in flight per lane group.
         for u in cutlass.range_constexpr(TOKENS_PER_WARP):
-            t = base + u
+            t = first + u
             slots[u] = Int64(-1)
             if t < num_tokens:
                 slots[u] = Int64(cute.make_tensor(slot_mapping + t, cute.make_layout(1))[0])

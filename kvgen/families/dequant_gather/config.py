@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, param
+from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, lane_groups, param
 from ...formats import Format
 
 # How a request's tokens are split over its CTAs' warps.
@@ -70,8 +70,7 @@ def tokens_per_step(fmt: Format, output: str = "bf16") -> int:
     need = max(-(-pieces // MAX_PIECES_PER_LANE), -(-stores // MAX_PIECES_PER_LANE), 1)
     if output == "raw":
         need = max(need, fmt.num_scales * fmt.scale_size)  # a lane per scale byte
-    lanes = 1 << (need - 1).bit_length()
-    return min(32 // min(lanes, 32), MAX_TOKENS_PER_STEP)
+    return min(lane_groups(need), MAX_TOKENS_PER_STEP)
 
 
 @dataclass(frozen=True)

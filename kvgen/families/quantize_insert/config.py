@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, param
+from ...config import ARCHS, ConfigError, FamilyConfig, KernelParam, check_choice, check_types, lane_groups, param
 from ...formats import Format
 
 SLOT_DTYPES = {"int32": "int32_t*", "int64": "int64_t*"}
@@ -35,9 +35,7 @@ def tokens_per_step(fmt: Format) -> int:
     two for the 128-value indexer rows, one (the whole warp) for every row of
     more than 128 values. Derived from the format, never chosen: the template
     and the launch grid both ask here."""
-    chunks = fmt.head_dim // 8
-    lanes = 1 << (chunks - 1).bit_length()
-    return 32 // lanes if lanes <= 32 else 1
+    return lane_groups(fmt.head_dim // 8)
 
 
 @dataclass(frozen=True)
