@@ -166,8 +166,9 @@ if __name__ == "__main__":
 
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what == "raw":
-        for op in ("raw", "dense"):
-            sweep_reader(Bench(f"indexer_132 {op} 262144", "indexer_132", op, 262144), per_warp=(4, 8, 16, 32))
+        for n in (65536, 262144):
+            for op in ("raw", "packed"):
+                sweep_reader(Bench(f"indexer_132 {op} {n}", "indexer_132", op, n), per_warp=(8, 16, 32, 64, 128, 256))
     if what in ("all", "readers"):
         for op in ("dense", "sparse", "packed", "raw"):
             for n in (65536, 262144):

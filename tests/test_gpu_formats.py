@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kvgen
+from kvgen.families.dequant_gather.config import STAGED_REQS
 from kvgen.families.dequant_gather.reference import (dequantize_and_gather_packed_torch,
                                                      dequantize_and_gather_sparse_torch, dequantize_and_gather_torch,
                                                      gather_raw_packed_torch)
@@ -57,7 +58,10 @@ def test_dense_and_sparse(fmt, backend, raw, monkeypatch):
 def test_packed(fmt, backend, monkeypatch):
     _served_by(backend, monkeypatch)
     many = [3, 0, 0, 5, 1, 0, 7, 2, 0, 4, 6, 0, 1, 1, 0, 3, 2]  # 17 requests: five levels of the search
-    for bs, lens, seq_starts in ((16, None, None), (64, None, [3, 0, 70]), (16, many, [i % 3 for i in range(17)])):
+    # More requests than a CTA stages in shared memory: searched in global memory.
+    unstaged = [i % 3 for i in range(STAGED_REQS + 9)]
+    for bs, lens, seq_starts in ((16, None, None), (64, None, [3, 0, 70]), (16, many, [i % 3 for i in range(17)]),
+                                 (16, unstaged, [i % 5 for i in range(len(unstaged))])):
         lens = lens or [2 * bs + 3, 0, 9]
         case = make_packed_case(seq_lens=lens, block_size=bs, format=fmt, seq_starts=seq_starts,
                                 workspace_gap=3, rows=3 + sum(lens) + 20, raw_bytes=bs == 64, seed=bs, row_pad=8)
@@ -73,8 +77,9 @@ def test_packed(fmt, backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_raw_packed(backend, monkeypatch):
     _served_by(backend, monkeypatch)
-    for bs in (16, 64):
-        case = make_raw_packed_case(seq_lens=[2 * bs + 3, 0, 9, bs], block_size=bs, first_row=2,
+    unstaged = [i % 4 for i in range(STAGED_REQS + 3)]  # searched in global memory, not staged
+    for bs, lens in ((16, None), (64, None), (32, unstaged)):
+        case = make_raw_packed_case(seq_lens=lens or [2 * bs + 3, 0, 9, bs], block_size=bs, first_row=2,
                                     raw_bytes=bs == 16, seed=bs)
         exp_k, exp_s = case.dst_k.clone(), case.dst_scale.clone()
         gather_raw_packed_torch(*case.reference_args(dst_k=exp_k, dst_scale=exp_s))

@@ -118,7 +118,7 @@ def _markstein_quotient(x: np.ndarray, s: np.float32) -> np.ndarray:
 def test_e4m3_of_quotient_without_division():
     """quantize_div_bf16x8 divides by Markstein's correction, not div.rn.f32: for every bf16 x and the
     float32 scale s = max(amax / 448, 2^-126) of every bf16 amax >= |x| (a stride of them here, all of them
-    when KVGEN_EXHAUSTIVE=1; and each scale rounded up to a power of two, the indexer's ue8m0 choice), and
+    when KVGEN_EXHAUSTIVE=1; and each scale rounded up to a power of two), and
     for s = +Inf, the e4m3 bytes equal those of the IEEE quotient."""
     import os
 
@@ -146,3 +146,38 @@ def test_e4m3_of_quotient_without_division():
     with np.errstate(all="ignore"):
         inf = np.float32(np.inf)
         assert np.array_equal(e4m3(_markstein_quotient(x, inf)), e4m3(x / inf))
+
+
+def _f32_pow2_scale(amax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The steps of the helpers' f32_pow2_scale in numpy: (scale bits, reciprocal bits)."""
+    with np.errstate(all="ignore"):
+        # max.f32 returns the operand that is not NaN: np.fmax, not np.maximum.
+        s = np.fmax(amax / np.float32(448), np.float32(2.0 ** -126)).astype(np.float32).view(np.uint32)
+    up = (s & 0x7FFFFF) != 0
+    s = np.where(up, (s & 0x7F800000) + 0x00800000, s).astype(np.uint32)
+    r = np.where(s >= 0x7F800000, 0, np.uint32(0x7F000000) - s).astype(np.uint32)
+    return s, r
+
+
+def test_e4m3_of_product_with_pow2_reciprocal():
+    """With the indexer's power-of-two float32 scales (pow2_scale), quantize_bf16x8 multiplies by the
+    reciprocal f32_pow2_scale gives instead of dividing: for the scale of every bf16 amax (NaN and +Inf
+    included), every bf16 x has the e4m3 byte of the IEEE quotient x / scale."""
+    import torch
+
+    from kvgen.families.quantize_insert.reference import e4m3_rne_satfinite
+
+    def e4m3(v):
+        return e4m3_rne_satfinite(torch.from_numpy(np.ascontiguousarray(v))).numpy()
+
+    x = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+    amax = (np.arange(0x0000, 0x8000, dtype=np.uint32) << 16).view(np.float32)  # +0 .. +Inf, then the NaNs
+    scale_bits, reciprocal_bits = _f32_pow2_scale(amax)
+    scales = np.unique(scale_bits)
+    assert scales.max() == 0x7F800000 and scales[-2] == np.float32(2.0 ** 120).view(np.uint32)  # + Inf, then 2^120
+    for s_bits, r_bits in sorted(set(zip(scale_bits.tolist(), reciprocal_bits.tolist()))):
+        s, r = np.uint32(s_bits).view(np.float32), np.uint32(r_bits).view(np.float32)
+        with np.errstate(all="ignore"):
+            want, got = e4m3(x / s), e4m3(x * r)
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, (float(s), float(r), hex(int(x.view(np.uint32)[bad[0]])))

@@ -95,10 +95,11 @@ STAGE_BYTES = 528  # one staged record, 16-byte aligned
 NUM_STAGES = 4
 NUM_WARPS = 4
 THREADS = 128
-SMEM_BYTES = 8448  # dynamic shared memory per CTA
+SMEM_BYTES = 12544  # dynamic shared memory per CTA
 # Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
 SCALE_LANE = SRC_PIECES % 32
+STAGED_REQS = 512  # requests whose starts a CTA stages in shared memory
 
 
 
@@ -141,6 +142,9 @@ def kernel(
     s_ring = smem.allocate_tensor(
         Uint32, cute.make_layout((STAGE_BYTES // 4, NUM_STAGES, NUM_WARPS)), byte_alignment=16
     )[None, None, warp]
+    # The requests' starts and seq_starts, when at most STAGED_REQS: staged below.
+    s_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
+    s_seq_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
     s_words = s_ring  # (word, stage)
     s_bytes = cute.recast_tensor(s_ring, Uint8)  # (byte, stage)
     s_pieces = cute.logical_divide(s_ring, (4, None))  # ((4 words, piece), stage)
@@ -167,6 +171,19 @@ def kernel(
     top_step = Int32(1)  # the largest power of two <= num_reqs
     while top_step * 2 <= num_reqs:
         top_step = top_step * 2
+    # Stage the requests' starts (and seq_starts) in shared memory once per CTA
+    # when they fit: every row's search then reads shared memory, and the ring's
+    # first loads wait on the block table alone, not on a global round trip per
+    # search step (BENCHMARKS.md, log 23). More requests: searched in global memory.
+    staged = num_reqs <= STAGED_REQS
+    if staged:
+        i = Int32(tid)
+        while i < num_reqs:
+            s_starts[i] = cute.make_tensor(starts + i, cute.make_layout(1))[0]
+            if has_seq_starts != 0:
+                s_seq_starts[i] = cute.make_tensor(seq_starts + i, cute.make_layout(1))[0]
+            i = i + THREADS
+    cute.arch.barrier()
     first = row_begin + worker * NUM_WARPS + warp
     step = num_workers * NUM_WARPS
     limit = rows
@@ -175,22 +192,36 @@ def kernel(
     for s in cutlass.range_constexpr(NUM_STAGES - 1):
         if first + s * step < limit:
             # Row first + s * step belongs to the last request r with starts[r] <= it (every row
-            # here is >= starts[0]): binary lifting over the requests, warp-uniform loads.
+            # here is >= starts[0]): binary lifting over the requests, warp-uniform,
+            # in shared memory when the CTA staged them.
             packed_row = first + s * step
             r = Int32(0)
             r_start = first_start
+            seq_start = Int32(0)
             step_r = top_step
-            while step_r > 0:
-                cand = r + step_r
-                if cand < num_reqs:
-                    cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
-                    if cand_start <= packed_row:
-                        r = cand
-                        r_start = cand_start
-                step_r = step_r >> 1
-            pos = packed_row - r_start
-            if has_seq_starts != 0:
-                pos = pos + cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
+            if staged:
+                while step_r > 0:
+                    cand = r + step_r
+                    if cand < num_reqs:
+                        cand_start = s_starts[cand]
+                        if cand_start <= packed_row:
+                            r = cand
+                            r_start = cand_start
+                    step_r = step_r >> 1
+                if has_seq_starts != 0:
+                    seq_start = s_seq_starts[r]
+            else:
+                while step_r > 0:
+                    cand = r + step_r
+                    if cand < num_reqs:
+                        cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
+                        if cand_start <= packed_row:
+                            r = cand
+                            r_start = cand_start
+                    step_r = step_r >> 1
+                if has_seq_starts != 0:
+                    seq_start = cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
+            pos = packed_row - r_start + seq_start
             page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]
             row = pos % BLOCK_SIZE
             # 64-bit page addressing: caches beyond 4 GiB.
@@ -218,22 +249,36 @@ def kernel(
         ahead = t + (NUM_STAGES - 1) * step
         if ahead < limit:
             # Row ahead belongs to the last request r with starts[r] <= it (every row
-            # here is >= starts[0]): binary lifting over the requests, warp-uniform loads.
+            # here is >= starts[0]): binary lifting over the requests, warp-uniform,
+            # in shared memory when the CTA staged them.
             packed_row = ahead
             r = Int32(0)
             r_start = first_start
+            seq_start = Int32(0)
             step_r = top_step
-            while step_r > 0:
-                cand = r + step_r
-                if cand < num_reqs:
-                    cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
-                    if cand_start <= packed_row:
-                        r = cand
-                        r_start = cand_start
-                step_r = step_r >> 1
-            pos = packed_row - r_start
-            if has_seq_starts != 0:
-                pos = pos + cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
+            if staged:
+                while step_r > 0:
+                    cand = r + step_r
+                    if cand < num_reqs:
+                        cand_start = s_starts[cand]
+                        if cand_start <= packed_row:
+                            r = cand
+                            r_start = cand_start
+                    step_r = step_r >> 1
+                if has_seq_starts != 0:
+                    seq_start = s_seq_starts[r]
+            else:
+                while step_r > 0:
+                    cand = r + step_r
+                    if cand < num_reqs:
+                        cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
+                        if cand_start <= packed_row:
+                            r = cand
+                            r_start = cand_start
+                    step_r = step_r >> 1
+                if has_seq_starts != 0:
+                    seq_start = cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
+            pos = packed_row - r_start + seq_start
             page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]
             row = pos % BLOCK_SIZE
             # 64-bit page addressing: caches beyond 4 GiB.

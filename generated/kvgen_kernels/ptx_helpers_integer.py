@@ -403,32 +403,55 @@ def quantize_div_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     return _asm_u32(_QUANTIZE_DIV, "=r,=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 2, loc=loc, ip=ip)
 
 
-@dsl_user_op
-def f32_scale(amax, pow2, *, loc=None, ip=None):
-    """A group's amax (float32 bits) -> its float32 scale bits: max(amax / 448,
-    2^-126) (`div.rn.f32`; a NaN amax, a group of NaNs, gives 2^-126), rounded
-    up to a power of two when `pow2` is non-zero (mantissa bits cleared and the
-    exponent raised by one, unless already a power of two; +Inf stays +Inf)."""
-    asm = (
-        "{\n"
-        ".reg .f32 x;\n"
-        ".reg .b32 a, m, e;\n"
-        ".reg .pred up, p2;\n"
-        "mov.b32 x, $1;\n"
+# A group's amax (float32 bits, register $n) -> its float32 scale bits in register a:
+# max(amax / 448, 2^-126) (`div.rn.f32`; a NaN amax, a group of NaNs, gives 2^-126).
+def _f32_scale_asm(n):
+    return (
+        f"mov.b32 x, ${n};\n"
         "div.rn.f32 x, x, 0f43E00000;\n"
         "max.f32 x, x, 0f00800000;\n"
         "mov.b32 a, x;\n"
+    )
+
+
+@dsl_user_op
+def f32_scale(amax, *, loc=None, ip=None):
+    """A group's amax (float32 bits) -> its float32 scale bits: max(amax / 448, 2^-126)."""
+    asm = "{\n.reg .f32 x;\n.reg .b32 a;\n" + _f32_scale_asm(1) + "mov.b32 $0, a;\n}"
+    return _asm_u32(asm, "=r,r", (amax,), 1, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def f32_pow2_scale(amax, *, loc=None, ip=None):
+    """A group's amax (float32 bits) -> [its float32 scale bits, rounded up to a
+    power of two, and the bits of 1 / scale].
+
+    The scale: max(amax / 448, 2^-126) with its mantissa bits cleared and its
+    exponent raised by one, unless already a power of two; +Inf stays +Inf. It
+    lies in 2^-126 .. 2^120 (a bf16 amax is below 2^128) or is +Inf, so its
+    reciprocal is exact: exponent field 254 - e (0x7F000000 - bits), or +0 for
+    +Inf. x times that reciprocal rounds the same real number as x / scale,
+    so quantize_bf16x8 with it gives div.rn's bytes (x = +-Inf: NaN either
+    way; tests/test_ptx_equivalences.py checks every scale)."""
+    asm = (
+        "{\n"
+        ".reg .f32 x;\n"
+        ".reg .b32 a, m, e, r;\n"
+        ".reg .pred up, inf;\n"
+        + _f32_scale_asm(2) +
         "and.b32 m, a, 0x7FFFFF;\n"
         "and.b32 e, a, 0x7F800000;\n"
         "add.u32 e, e, 0x00800000;\n"
         "setp.ne.u32 up, m, 0;\n"
-        "setp.ne.u32 p2, $2, 0;\n"
-        "and.pred up, up, p2;\n"
         "@up mov.b32 a, e;\n"
         "mov.b32 $0, a;\n"
+        "sub.u32 r, 0x7F000000, a;\n"
+        "setp.ge.u32 inf, a, 0x7F800000;\n"
+        "@inf mov.b32 r, 0;\n"
+        "mov.b32 $1, r;\n"
         "}"
     )
-    return _asm_u32(asm, "=r,r,r", (amax, pow2), 1, loc=loc, ip=ip)
+    return _asm_u32(asm, "=r,=r,r", (amax,), 2, loc=loc, ip=ip)
 
 
 @dsl_user_op

@@ -76,7 +76,6 @@ VALUE_CHUNKS = 16  # chunks of 8 values that are quantized
 OUT_CHUNKS = 16  # 16-byte chunks of a k row: the head dim / 8
 TAIL_CHUNKS = OUT_CHUNKS - VALUE_CHUNKS
 LANES_PER_GROUP = 16  # chunks (lanes) per scale group
-POW2_SCALE = 0
 TOKENS_PER_WARP = 2  # tokens a lane group loads before it writes the first
 TOKENS_PER_STEP = 2  # lane groups of a warp (tokens_per_step: derived from the format)
 GROUP_LANES = 16
@@ -164,7 +163,7 @@ def kernel(
                 
 
                 # chunk lane: eight values -> their e4m3 bytes; its group's scale from the group's lanes
-                scale = f32_scale(amax[0, u], Uint32(POW2_SCALE))
+                scale = f32_scale(amax[0, u])
                 q = quantize_div_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u], scale)
                 packed[0] = q[0]
                 packed[1] = q[1]

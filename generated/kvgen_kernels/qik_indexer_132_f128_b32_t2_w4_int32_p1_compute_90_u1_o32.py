@@ -26,7 +26,7 @@ the first. The ABI is flat -- raw pointers and integers only (PARAMS).
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64, Uint8, Uint32
-from .ptx_helpers_hopper import absmax_bf16x8, max_f32_bits, f32_scale, quantize_div_bf16x8
+from .ptx_helpers_hopper import absmax_bf16x8, max_f32_bits, f32_pow2_scale, quantize_bf16x8
 
 NAME = "qik_indexer_132_f128_b32_t2_w4_int32_p1_compute_90_u1_o32"
 CONFIG = {'format': {'name': 'indexer_132',
@@ -76,7 +76,6 @@ VALUE_CHUNKS = 16  # chunks of 8 values that are quantized
 OUT_CHUNKS = 16  # 16-byte chunks of a k row: the head dim / 8
 TAIL_CHUNKS = OUT_CHUNKS - VALUE_CHUNKS
 LANES_PER_GROUP = 16  # chunks (lanes) per scale group
-POW2_SCALE = 1
 TOKENS_PER_WARP = 2  # tokens a lane group loads before it writes the first
 TOKENS_PER_STEP = 2  # lane groups of a warp (tokens_per_step: derived from the format)
 GROUP_LANES = 16
@@ -164,8 +163,9 @@ def kernel(
                 
 
                 # chunk lane: eight values -> their e4m3 bytes; its group's scale from the group's lanes
-                scale = f32_scale(amax[0, u], Uint32(POW2_SCALE))
-                q = quantize_div_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u], scale)
+                scales = f32_pow2_scale(amax[0, u])  # a power of two and its exact reciprocal: no division
+                scale = scales[0]
+                q = quantize_bf16x8(rows[0, 0, u], rows[1, 0, u], rows[2, 0, u], rows[3, 0, u], scales[1])
                 packed[0] = q[0]
                 packed[1] = q[1]
                 cute.copy(st_8, packed, value_dst[None, lane])

@@ -76,7 +76,6 @@ VALUE_CHUNKS = 64  # chunks of 8 values that are quantized
 OUT_CHUNKS = 64  # 16-byte chunks of a k row: the head dim / 8
 TAIL_CHUNKS = OUT_CHUNKS - VALUE_CHUNKS
 LANES_PER_GROUP = 4  # chunks (lanes) per scale group
-POW2_SCALE = 0
 TOKENS_PER_WARP = 2  # tokens a lane group loads before it writes the first
 TOKENS_PER_STEP = 1  # lane groups of a warp (tokens_per_step: derived from the format)
 GROUP_LANES = 32

@@ -45,6 +45,10 @@ MAX_PIECES_PER_LANE = 3
 MAX_RECORD_BYTES = MAX_PIECES_PER_LANE * 32 * 16
 MAX_HEAD_DIM = MAX_PIECES_PER_LANE * 32 * 8
 MAX_TOKENS_PER_STEP = 8
+# Packed indexing: a CTA stages up to this many requests' starts and seq_starts
+# (two int32 each) in shared memory, so each row's request search reads shared
+# memory (BENCHMARKS.md, log 23); calls with more requests search global memory.
+STAGED_REQS = 512
 
 
 def copy_pieces(fmt: Format) -> tuple[int, int]:
@@ -125,7 +129,12 @@ class DequantGatherConfig(FamilyConfig):
     def smem_bytes(self) -> int:
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
         staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
-        return ring + staged_rows
+        return ring + staged_rows + 8 * self.staged_reqs
+
+    @property
+    def staged_reqs(self) -> int:
+        """Requests whose starts and seq_starts a CTA stages in shared memory (packed only)."""
+        return STAGED_REQS if self.indexing == "packed" else 0
 
     @classmethod
     def from_product(cls, point: dict[str, Any]):
