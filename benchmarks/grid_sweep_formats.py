@@ -1,7 +1,8 @@
 """Probe (H100): how the launch grid and the pipeline depth move the small-record
 gathers and the new writers, against a copy of the same bytes in the same rounds.
 
-    python benchmarks/grid_sweep_formats.py
+    python benchmarks/grid_sweep_formats.py [all|readers|writers|raw]
+    python benchmarks/grid_sweep_formats.py reader FORMAT OP TOKENS K1,K2,...   # one shape, K rows a warp
 
 Each variant is one manifest row launched directly with a chosen grid; every
 variant is checked against the torch path before it is timed.
@@ -165,6 +166,9 @@ if __name__ == "__main__":
     import sys
 
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what == "reader":  # reader FORMAT OP TOKENS K1,K2,...: one shape, rows a warp K1, K2, ...
+        fmt, op, n, ks = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+        sweep_reader(Bench(f"{fmt} {op} {n}", fmt, op, n), per_warp=tuple(int(k) for k in ks.split(",")))
     if what == "raw":
         for n in (65536, 262144):
             for op in ("raw", "packed"):

@@ -133,6 +133,11 @@ def test_launch_grid_is_bounded_by_host_quantities():
     # A schedule that fixes a warp's share (the ballot's chunk of 32 slots): 4 warps a CTA.
     assert launch_grid(entry, 1, 65536, rows_per_warp=32) == (1, 512, 1)
     assert launch_grid(entry, 1, 65537, rows_per_warp=32) == (1, 513, 1)
+    # A packed gather's warps take two rows each (PACKED_MIN_STEPS), the indexer's lane groups four steps.
+    packed = {e.format.name: e for e in registry().entries if e.config.get("indexing") == "packed"
+              and e.config["block_size"] == 64 and e.arch == "sm_90a" and e.config.get("output", "bf16") == "bf16"}
+    assert launch_grid(packed["v41_288"], 1, 65536) == (1, 8192, 1)
+    assert launch_grid(packed["indexer_132"], 1, 65536, tokens_per_step=4) == (1, 1024, 1)
 
 
 def test_a_ballot_row_gives_each_warp_one_chunk_of_slots():

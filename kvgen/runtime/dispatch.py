@@ -168,6 +168,13 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
 # 65536 tokens; 288-byte records are best at one token a warp (two: +1%), as are
 # the 528-, 584- and 656-byte ones, which keep their grid.
 MIN_WARP_BYTES = 528
+# A packed gather's warp takes at least this many ring steps: before its first
+# row it waits on its CTA's staging of the request starts (a global round trip
+# and a barrier) and searches them for every row. Measured on the H100
+# (BENCHMARKS.md, log 24), 65536 rows: 288-byte records 41.8 -> 39.6 us with
+# two rows a warp instead of one, 656-byte ones 50.9 -> 48.4; the dense
+# gathers of the same records are fastest at one.
+PACKED_MIN_STEPS = 2
 
 
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int, target_ctas: int = TARGET_CTAS,
@@ -175,11 +182,12 @@ def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int, target_ctas: i
     """grid = (requests, workers): enough warps for the longest possible gather
     (max_rows bounds every gather length), each lane group of a warp (a warp
     moves `tokens_per_step` records a step) with at least MIN_WARP_BYTES of
-    records -- or, where the row's schedule fixes it, `rows_per_warp` rows a
+    records and, packed, PACKED_MIN_STEPS steps -- or, where the row's schedule fixes it, `rows_per_warp` rows a
     warp --, the whole grid held near target_ctas. A sparse or packed call is
     one request of max_rows = number of slots (rows)."""
     if rows_per_warp is None:
-        rows_per_warp = tokens_per_step * max(1, MIN_WARP_BYTES // entry.format.record_bytes)
+        min_steps = PACKED_MIN_STEPS if entry.config.get("indexing") == "packed" else 1
+        rows_per_warp = tokens_per_step * max(min_steps, MIN_WARP_BYTES // entry.format.record_bytes)
     per_warp = entry.config["num_warps"] * rows_per_warp
     workers = min(-(-max_rows // per_warp), -(-target_ctas // num_reqs), MAX_GRID_Y)
     return (num_reqs, max(1, workers), 1)
