@@ -259,8 +259,18 @@ def test_records_per_warp_step_follow_the_record_size():
     assert {name: tokens_per_step(f) for name, f in formats.items()} == {
         "dsv4_584": 1, "v41_528": 1, "v41_288": 1, "v32_656": 1, "indexer_132": 4}
     assert tokens_per_step(formats["indexer_132"], "raw") == 8
-    one = dataclasses.replace(SEED, format=formats["indexer_132"], indexing="packed", gather_lens=False)
+    one = dataclasses.replace(SEED, format=formats["indexer_132"], indexing="sparse", gather_lens=False)
     assert one.smem_bytes == one.stage_bytes * 4 * one.num_stages * one.num_warps
+
+
+def test_packed_rows_stage_the_request_starts():
+    """A packed row's shared memory: the ring plus STAGED_REQS starts and seq_starts (int32 each)."""
+    from kvgen.families.dequant_gather.config import STAGED_REQS
+
+    sparse = dataclasses.replace(SEED, indexing="sparse", gather_lens=False)
+    packed = dataclasses.replace(sparse, indexing="packed")
+    assert packed.staged_reqs == STAGED_REQS and sparse.staged_reqs == 0 == SEED.staged_reqs
+    assert packed.smem_bytes == sparse.smem_bytes + 8 * STAGED_REQS
 
 
 def test_the_ballot_schedule_stages_an_out_row_per_stage():
