@@ -194,7 +194,7 @@ def test_a_cubin_that_fails_to_load_falls_back_to_the_ptx_route_first(monkeypatc
     monkeypatch.setattr(backend, "driver", lambda: "a driver")
     tried = []
 
-    def launch(entry, values, grid, device, pdl):
+    def launch(entry, names, values, grid, device, pdl):
         tried.append((entry.arch, pdl))
         raise KvgenLoadError(f"{entry.name}: the driver rejected it (a test)")
 
@@ -243,8 +243,9 @@ def test_every_op_hands_its_row_and_pdl_to_the_launch(monkeypatch):
     monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", (9, 0), H100))
     monkeypatch.setattr(backend, "driver", lambda: "a driver")
     launched = []
-    fake = lambda entry, values, grid, device, pdl: launched.append(  # noqa: E731
-        (entry.family, entry.config.get("indexing"), entry.arch, pdl, set(values) == {n for n, _ in entry.params}))
+    fake = lambda entry, names, values, grid, device, pdl: launched.append(  # noqa: E731
+        (entry.family, entry.config.get("indexing"), entry.arch, pdl,
+         len(names) == len(values) and set(names) == {n for n, _ in entry.params}))
     monkeypatch.setattr(ops, "launch", fake)
     monkeypatch.setattr(insert, "launch", fake)
     kvgen.dequantize_and_gather_k_cache(*good_args())

@@ -194,12 +194,13 @@ def test_values_are_packed_in_the_rows_abi_order_whatever_the_ops_order():
             recorded.append((list(buffers.values), tuple(buffers.grid), buffers.config.stream))
             return 0
 
-    for values in (in_order, shuffled):
-        kernel.launch((3, 2, 1), kernel.in_abi_order(values), stream=7, device=0, pdl=True, cuda=RecordingDriver())
-    assert recorded == [(list(in_order.values()), (3, 2, 1), 7)] * 2
+    for values in (in_order, shuffled, in_order):
+        args = kernel.in_abi_order(tuple(values), tuple(values.values()))
+        kernel.launch((3, 2, 1), args, stream=7, device=0, pdl=True, cuda=RecordingDriver())
+    assert recorded == [(list(in_order.values()), (3, 2, 1), 7)] * 3
     del shuffled[entry.params[0][0]]
     with pytest.raises(KeyError, match=entry.params[0][0]):  # a row asking for a parameter the op does not give
-        kernel.in_abi_order(shuffled)
+        kernel.in_abi_order(tuple(shuffled), tuple(shuffled.values()))
 
 
 def test_grids_are_computed_once_per_row_and_size():
@@ -242,3 +243,98 @@ def test_serve_runs_a_fallback_without_a_launch(monkeypatch):
                           lambda *a: seen.append(("torch", a)))
     backend.serve(backend.Decision("torch"), torch.device("cpu"), paths, None, (1, 2))
     assert seen == [("torch", (1, 2))] and kvgen.last_backend() == "torch"
+
+
+# --------------------------------------------------------------------- plans
+class _LaunchRecorder:
+    """A driver whose launches record their packed argument slots and grid; torch's context current."""
+
+    def __init__(self):
+        self.launches = []
+        self.kernel = None
+
+    def current_context(self):
+        return 1
+
+    def cuLaunchKernelEx_unconverted(self, *args):
+        buffers = self.kernel._thread.buffers
+        self.launches.append((list(buffers.values), tuple(buffers.grid)))
+        return 0
+
+    def cuLaunchKernel(self, kernel, gx, gy, gz, *rest):
+        self.launches.append((list(self.kernel._thread.buffers.values), (gx, gy, gz)))
+        return 0
+
+
+@pytest.fixture
+def faked_h100(monkeypatch):
+    """CPU tensors served by the cubin path: an H100 faked, each launch recorded instead of made."""
+    from kvgen.runtime import launch
+
+    recorder = _LaunchRecorder()
+
+    def loaded(entry):
+        recorder.kernel = recorder.kernel if recorder.kernel and recorder.kernel.entry is entry else LoadedKernel(
+            entry=entry, library=None, kernel=1, _prepared_devices={-1})
+        return recorder.kernel
+
+    monkeypatch.setattr(backend, "device_info", lambda device: ("cuda", (9, 0), "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(backend, "driver", lambda: "a driver")
+    monkeypatch.setattr(launch, "driver", lambda: recorder)
+    monkeypatch.setattr(launch, "_raw_stream", lambda device: 0)
+    monkeypatch.setitem(launch._primary_contexts, -1, 1)
+    monkeypatch.setattr(registry(), "get", loaded)
+    return recorder
+
+
+def test_a_repeated_call_takes_its_plan_with_its_own_pointers(faked_h100):
+    """The second call of a signature skips validation and dispatch; its
+    pointers are its own; a changed shape, stride, scalar or switch is a new
+    signature, planned afresh; a failing call is never planned."""
+    case = make_case(seq_lens=[40, 17], block_size=16, offset=1)
+    args = list(case.args())
+    kvgen.dequantize_and_gather_k_cache(*args)
+    assert kvgen.last_backend() == "cubin" and len(registry().plans) == 1
+    first = faked_h100.launches[-1]
+    other_out = args[0].clone()
+    kvgen.dequantize_and_gather_k_cache(other_out, *args[1:])  # planned: the same signature
+    assert len(registry().plans) == 1 and kvgen.last_backend() == "cubin"
+    values, grid = faked_h100.launches[-1]
+    assert values[0] == other_out.data_ptr() and values[1:] == first[0][1:] and grid == first[1]
+    kvgen.dequantize_and_gather_k_cache(*args[:6], 2)  # another offset: another max_rows
+    assert len(registry().plans) == 2 and faked_h100.launches[-1][0][-2:] == [2, args[0].shape[1] - 2]
+    with pytest.raises(TypeError, match="offset: expected an int, got bool"):  # not 1's plan
+        kvgen.dequantize_and_gather_k_cache(*args[:6], True)
+    with pytest.raises(ValueError, match="offset: must be <= out.shape"):
+        kvgen.dequantize_and_gather_k_cache(args[0][:, :0], *args[1:])
+    assert len(registry().plans) == 2
+
+
+def test_no_plan_under_kvgen_check_or_for_a_tensor_subclass(faked_h100, monkeypatch):
+    args = list(make_case(seq_lens=[40, 17], block_size=16).args())
+    monkeypatch.setenv("KVGEN_CHECK", "1")
+    for _ in range(2):
+        kvgen.dequantize_and_gather_k_cache(*args)
+    assert not registry().plans and len(faked_h100.launches) == 2
+    args[2] = args[2].clone()
+    args[2][0] = 10**6  # past the block table: refused at every call
+    with pytest.raises(ValueError, match="seq_lens: request 0"):
+        kvgen.dequantize_and_gather_k_cache(*args)
+    monkeypatch.delenv("KVGEN_CHECK")
+    args = list(make_case(seq_lens=[40, 17], block_size=16).args())
+    args[0] = torch.nn.Parameter(args[0], requires_grad=False)
+    kvgen.dequantize_and_gather_k_cache(*args)
+    assert not registry().plans and kvgen.last_backend() == "cubin"
+
+
+def test_the_writer_plans_its_tail_inside_k(faked_h100):
+    """Without a tail tensor the writer's tail pointer lies inside k's rows: a plan keeps that offset."""
+    from kvgen.families.quantize_insert.op import PARAMS
+
+    k_cache = torch.zeros(2, 16, 584, dtype=torch.uint8)
+    slots = torch.tensor([0, 3, -1, 9])
+    for k in (torch.zeros(4, 512, dtype=torch.bfloat16), torch.ones(4, 512, dtype=torch.bfloat16)):
+        kvgen.quantize_and_insert_k_cache(k, k_cache, slots, 16)
+        values = dict(zip(PARAMS, faked_h100.launches[-1][0]))
+        assert values["k"] == k.data_ptr() and values["tail"] == k.data_ptr() + 2 * 448
+    assert len(registry().plans) == 1

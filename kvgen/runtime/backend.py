@@ -165,6 +165,11 @@ def record_no_launch() -> None:
     _state.last_backend = None
 
 
+def record_backend(backend: str) -> None:
+    """`backend` served this thread's call (kvgen.runtime.plans: a call that skipped `serve`)."""
+    _state.last_backend = backend
+
+
 class Paths(NamedTuple):
     """How an op runs each backend: `cubin(entry, pdl, checked, *args)` launches a
     manifest row (the PTX route's too), `triton(*args)` and `torch(*args)` run
@@ -246,8 +251,9 @@ def _warn_jit_once(decision: Decision) -> None:
 
 
 def clear_dispatch_cache() -> None:
-    """Forget every decision, and which fallbacks were warned about (tests that
-    change what a decision depends on behind the registry's back)."""
+    """Forget every decision and launch plan, and which fallbacks were warned
+    about (tests that change what a decision depends on behind the registry's back)."""
     reg = registry()
     reg.decisions.clear()
+    reg.plans.clear()
     reg.warned.clear()

@@ -3,19 +3,52 @@ loaded cubin launched on torch's current stream, in torch's context."""
 
 from __future__ import annotations
 
+import threading
+from typing import Callable, NamedTuple, Optional
+
 import torch
 
-from typing import Callable
-
 from .driver import Driver, driver
-from .loader import registry
+from .loader import LoadedKernel, registry
 from .manifest import KernelEntry
 
 
-def launch(entry: KernelEntry, values: dict, grid: tuple[int, int, int], device: int, pdl: bool) -> None:
-    """`values`: every ABI parameter by name; `device`: the CUDA ordinal."""
+class Launched(NamedTuple):
+    """A launch made through `launch`, as kvgen.runtime.plans remembers it."""
+
+    kernel: LoadedKernel
+    names: tuple[str, ...]
+    values: tuple
+    grid: tuple[int, int, int]
+    device: int
+    pdl: bool
+
+
+_last = threading.local()  # per thread: `launched`, the last launch made through `launch`
+
+
+def launch(entry: KernelEntry, names: tuple[str, ...], values: tuple, grid: tuple[int, int, int], device: int,
+           pdl: bool) -> None:
+    """`values`: every ABI parameter, named by `names` (the op's constant
+    tuple, in the op's order); `device`: the CUDA ordinal. Once it has
+    launched, the launch is this thread's `take_launched()`."""
     kernel = registry().get(entry)  # loaded on first use
-    args = kernel.in_abi_order(values)
+    launch_loaded(kernel, names, values, grid, device, pdl)
+    _last.launched = Launched(kernel, names, values, grid, device, pdl)
+
+
+def take_launched() -> Optional[Launched]:
+    """The last launch this thread made through `launch` (None if none since the last take), forgotten."""
+    launched = getattr(_last, "launched", None)
+    _last.launched = None
+    return launched
+
+
+def launch_loaded(kernel: LoadedKernel, names: tuple[str, ...], values: tuple, grid: tuple[int, int, int],
+                  device: int, pdl: bool) -> None:
+    """Launch a loaded kernel as `launch` does, on torch's current stream (read now: a capturing
+    stream included), in torch's context."""
+    args = kernel.in_abi_order(names, values)
     cuda = driver()
     stream = _raw_stream(device) if _raw_stream is not None else torch.cuda.current_stream(device).cuda_stream
     primary = _primary_contexts.get(device)

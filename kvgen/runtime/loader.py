@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import struct
 import sys
@@ -59,13 +60,18 @@ class LoadedKernel:
         self.abi = tuple(sys.intern(name) for name, _ in self.entry.params)
         self._pdl_built = self.entry.pdl  # read per launch: a property of the entry, read once here
         self._thread = threading.local()  # per thread: its _LaunchBuffers
+        self._arrangement = (None, None)  # in_abi_order's last names, and how they map to the ABI
 
-    def in_abi_order(self, values: dict):
-        """The values of `values` (every parameter by name) in ABI order: as they
-        are where the op named them in that order (as the ops do), else looked up."""
-        if tuple(values) == self.abi:
-            return values.values()
-        return [values[name] for name in self.abi]
+    def in_abi_order(self, names: tuple[str, ...], values: tuple):
+        """`values` (the parameters named `names`, in that order) in ABI order:
+        as they are where the op names them in that order (as the ops do),
+        else picked. `names` is an op's constant: the mapping from it is worked
+        out at its first launch here and kept (by identity: no per-call hashing)."""
+        seen, pick = self._arrangement
+        if names is not seen:
+            pick = _picker(names, self.abi)
+            self._arrangement = (names, pick)  # one assignment: a thread reads both or neither
+        return values if pick is None else pick(values)
 
     def launch(self, grid: tuple[int, int, int], args, stream: int, device: int, pdl: bool = False,
                cuda: Driver | None = None) -> None:
@@ -108,6 +114,19 @@ class LoadedKernel:
         self._prepared_devices.add(device)
 
 
+def _picker(names: tuple[str, ...], abi: tuple[str, ...]):
+    """None where `names` is `abi`'s order, else a function picking the ABI's
+    values out of values named `names` (KeyError naming a parameter they lack)."""
+    if names == abi:
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    missing = [name for name in abi if name not in index]
+    if missing:
+        raise KeyError(missing[0])
+    pick = operator.itemgetter(*(index[name] for name in abi))
+    return pick if len(abi) > 1 else (lambda values: (pick(values),))
+
+
 class _LaunchBuffers:
     """One thread's memory for launching one kernel: 8-byte value slots, the
     void* array pointing at them, and a CUlaunchConfig asking for programmatic
@@ -140,8 +159,8 @@ class TreeConflict(UsageError):
 class Registry:
     """The kernel trees of this process -- the shipped one, then the user's
     (KVGEN_KERNEL_DIRS, add_kernel_dir) -- their formats, their rows, their
-    tuned rules; cubins loaded on first use. Dispatch decisions are cached
-    here, so a new registry starts with none."""
+    tuned rules; cubins loaded on first use. Dispatch decisions (and the
+    launch plans made from them) are cached here, so a new registry starts with none."""
 
     def __init__(self, root: Path | None = None, user_roots: list[Path] | None = None):
         self.root = root or generated_dir()
@@ -155,6 +174,7 @@ class Registry:
         self._lock = threading.RLock()
         self._pending = [self.root, *(user_roots if user_roots is not None else kernel_dirs_from_env())]
         self.decisions: dict[tuple, object] = {}  # dispatch's cache: call key -> decision
+        self.plans: dict[tuple, object] = {}  # kvgen.runtime.plans: call signature -> launch plan
         self.warned: set[str] = set()  # rows whose fallback was warned about
 
     def _ensure(self) -> None:
@@ -173,6 +193,7 @@ class Registry:
         with self._lock:
             tree = self._add(Path(root))
             self.decisions.clear()
+            self.plans.clear()
         return tree
 
     def _add(self, root: Path) -> Tree:

@@ -26,9 +26,10 @@ from ...runtime.dispatch import launch_grid
 from ...runtime.index_check import check_dense, check_packed, check_slots
 from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
+from ...runtime.plans import launch_planned, remember, signature
 from ...runtime.registration import register_op
 from ...runtime.validate import check_cache, check_one_device, meta
-from .config import DequantGatherConfig, tokens_per_step
+from .config import KERNEL_PARAMS, DequantGatherConfig, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
 # The family fields a row must have, per indexing mode (made once: a tuple per call is a key per call).
@@ -185,24 +186,26 @@ def launch_entry_sparse(entry: KernelEntry, out, k_cache, slot_indices, grid: tu
 
 # How each backend runs a call (backend.serve): the launches take (entry, pdl,
 # checked, the call's arguments); the fallbacks, imported on first use, the call's arguments.
+# Each launch's values are named by a constant tuple, in the kernels' ABI order (launch maps them by name
+# for a row that orders them otherwise).
+DENSE_PARAMS = tuple(p.name for p in KERNEL_PARAMS["dense"])
+SPARSE_PARAMS = tuple(p.name for p in KERNEL_PARAMS["sparse"])
+
+
 def _launch_dense(entry, pdl, checked, out, k_cache, seq_lens, gather_lens, block_table, block_size, offset,
                   grid=None):
-    values = {
-        "out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "seq_lens": seq_lens.data_ptr(),
-        "gather_lens": gather_lens.data_ptr() if gather_lens is not None else 0,
-        "block_table": block_table.data_ptr(),
-        "out_stride_req": checked.out_stride[0], "out_stride_row": checked.out_stride[1],
-        "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
-        "offset": offset, "max_rows": checked.max_rows,
-    }
-    launch(entry, values, grid or _grid(entry, checked.num_reqs, checked.max_rows), out.get_device(), pdl)
+    out_stride = checked.out_stride
+    values = (out.data_ptr(), k_cache.data_ptr(), seq_lens.data_ptr(),
+              gather_lens.data_ptr() if gather_lens is not None else 0, block_table.data_ptr(),
+              out_stride[0], out_stride[1], checked.page_stride, checked.block_table_stride, offset, checked.max_rows)
+    launch(entry, DENSE_PARAMS, values, grid or _grid(entry, checked.num_reqs, checked.max_rows), out.get_device(),
+           pdl)
 
 
 def _launch_sparse(entry, pdl, checked, out, k_cache, slot_indices, block_size, grid=None):
-    values = {"out": out.data_ptr(), "k_cache": k_cache.data_ptr(), "slot_indices": slot_indices.data_ptr(),
-              "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
-              "num_slots": checked.num_slots}
-    launch(entry, values, grid or _grid(entry, 1, checked.num_slots), out.get_device(), pdl)
+    values = (out.data_ptr(), k_cache.data_ptr(), slot_indices.data_ptr(), checked.row_stride, checked.page_stride,
+              checked.num_slots)
+    launch(entry, SPARSE_PARAMS, values, grid or _grid(entry, 1, checked.num_slots), out.get_device(), pdl)
 
 
 DENSE_PATHS = Paths(_launch_dense, fallback(__package__, "triton", "dequantize_and_gather_triton"),
@@ -215,30 +218,40 @@ SPARSE_PATHS = Paths(_launch_sparse, fallback(__package__, "triton", "dequantize
 @register_op("dequantize_and_gather_k_cache", mutates_args=("out",))
 def _run(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: Optional[torch.Tensor],
          block_table: torch.Tensor, block_size: int, offset: int) -> None:
+    snapshot = switches.read()
+    # The signature's tensors in the launch's pointer order (DENSE_PARAMS): kvgen.runtime.plans.
+    key, pointers = signature("dense", snapshot, (block_size, offset),
+                              (out, k_cache, seq_lens, gather_lens, block_table))
+    if launch_planned(key, pointers):
+        return
     checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
     if checked.num_reqs == 0 or checked.max_rows == 0:
         record_no_launch()
         return  # empty batch: nothing to launch
-    snapshot = switches.read()
     if switches.check_requested(snapshot):
         check_dense(k_cache, seq_lens, gather_lens, block_table, block_size, checked.max_rows)
     decision = decide_dense(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset, checked=checked,
                             snapshot=snapshot)
     serve(decision, checked.device, DENSE_PATHS, checked,
           (out, k_cache, seq_lens, gather_lens, block_table, block_size, offset))
+    remember(key, pointers, decision)
 
 
 @register_op("dequantize_and_gather_k_cache_sparse", mutates_args=("out",))
 def _run_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
+    snapshot = switches.read()
+    key, pointers = signature("sparse", snapshot, (block_size,), (out, k_cache, slot_indices))  # SPARSE_PARAMS
+    if launch_planned(key, pointers):
+        return
     checked = validate_sparse(out, k_cache, slot_indices, block_size)
     if checked.num_slots == 0:
         record_no_launch()
         return
-    snapshot = switches.read()
     if switches.check_requested(snapshot):
         check_slots(k_cache, slot_indices, block_size)
     decision = decide_sparse(out, k_cache, slot_indices, block_size, checked=checked, snapshot=snapshot)
     serve(decision, checked.device, SPARSE_PATHS, checked, (out, k_cache, slot_indices, block_size))
+    remember(key, pointers, decision)
 
 
 # -------------------------------------------------------------- entry points
@@ -418,24 +431,23 @@ def launch_raw(entry: KernelEntry, kv_cache, dst_k, dst_scale, block_table, cu_s
 
 
 # backend.serve's paths, as for the dense gather (the arguments in the fallbacks' order).
+PACKED_PARAMS = tuple(p.name for p in KERNEL_PARAMS["packed"])
+RAW_PARAMS = tuple(p.name for p in KERNEL_PARAMS["raw"])
+
+
 def _launch_packed(entry, pdl, checked, dst, src_cache, block_table, workspace_starts, batch_size, seq_starts,
                    block_size, grid=None):
-    values = {"out": dst.data_ptr(), "k_cache": src_cache.data_ptr(), "block_table": block_table.data_ptr(),
-              "starts": workspace_starts.data_ptr(),
-              "seq_starts": seq_starts.data_ptr() if seq_starts is not None else 0,
-              "out_stride_row": checked.row_stride, "page_stride": checked.page_stride,
-              "block_table_stride": checked.block_table_stride, "num_reqs": checked.num_reqs,
-              "num_rows": checked.num_rows, "bounded": 0, "has_seq_starts": int(seq_starts is not None)}
-    launch(entry, values, grid or _grid(entry, 1, checked.num_rows), dst.get_device(), pdl)
+    values = (dst.data_ptr(), src_cache.data_ptr(), block_table.data_ptr(), workspace_starts.data_ptr(),
+              seq_starts.data_ptr() if seq_starts is not None else 0, checked.row_stride, checked.page_stride,
+              checked.block_table_stride, checked.num_reqs, checked.num_rows, 0, int(seq_starts is not None))
+    launch(entry, PACKED_PARAMS, values, grid or _grid(entry, 1, checked.num_rows), dst.get_device(), pdl)
 
 
 def _launch_raw(entry, pdl, checked, dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, block_size, grid=None):
-    values = {"out": dst_k.data_ptr(), "out_scales": dst_scale.data_ptr(), "k_cache": kv_cache.data_ptr(),
-              "block_table": block_table.data_ptr(), "starts": cu_seq_lens.data_ptr(), "seq_starts": 0,
-              "out_stride_row": checked.row_stride, "scales_stride_row": checked.scale_row_stride,
-              "page_stride": checked.page_stride, "block_table_stride": checked.block_table_stride,
-              "num_reqs": checked.num_reqs, "num_rows": checked.num_rows, "bounded": 1, "has_seq_starts": 0}
-    launch(entry, values, grid or _grid(entry, 1, checked.num_rows), dst_k.get_device(), pdl)
+    values = (dst_k.data_ptr(), dst_scale.data_ptr(), kv_cache.data_ptr(), block_table.data_ptr(),
+              cu_seq_lens.data_ptr(), 0, checked.row_stride, checked.scale_row_stride, checked.page_stride,
+              checked.block_table_stride, checked.num_reqs, checked.num_rows, 1, 0)
+    launch(entry, RAW_PARAMS, values, grid or _grid(entry, 1, checked.num_rows), dst_k.get_device(), pdl)
 
 
 PACKED_PATHS = Paths(_launch_packed, fallback(__package__, "triton", "dequantize_and_gather_packed_triton"),
@@ -447,11 +459,15 @@ RAW_PATHS = Paths(_launch_raw, fallback(__package__, "triton", "gather_raw_packe
 @register_op("cp_gather_and_upconvert_fp8_kv_cache", mutates_args=("dst",))
 def _run_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
                 workspace_starts: torch.Tensor, batch_size: int, seq_starts: Optional[torch.Tensor] = None) -> None:
+    snapshot = switches.read()
+    key, pointers = signature("packed", snapshot, (batch_size,),  # PACKED_PARAMS' pointers
+                              (dst, src_cache, block_table, workspace_starts, seq_starts))
+    if launch_planned(key, pointers):
+        return
     checked = validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
     if checked.num_reqs == 0 or checked.num_rows == 0:
         record_no_launch()
         return
-    snapshot = switches.read()
     if switches.check_requested(snapshot):
         check_packed(src_cache, block_table, workspace_starts, batch_size, checked.num_rows, False, seq_starts,
                      checked.block_size, "workspace_starts")
@@ -459,17 +475,22 @@ def _run_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.T
     decision = decide_packed(dst, checked, "bf16", aligned, snapshot)
     serve(decision, checked.device, PACKED_PATHS, checked,
           (dst, src_cache, block_table, workspace_starts, batch_size, seq_starts, checked.block_size))
+    remember(key, pointers, decision)
 
 
 @register_op("cp_gather_indexer_k_quant_cache", mutates_args=("dst_k", "dst_scale"))
 def _run_raw(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor, block_table: torch.Tensor,
              cu_seq_lens: torch.Tensor) -> None:
+    snapshot = switches.read()
+    # Signed as passed (dtype included), before byte_rows views them: a view has their pointers.
+    key, pointers = signature("raw", snapshot, (), (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens))
+    if launch_planned(key, pointers):
+        return
     dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)
     checked = validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
     if checked.num_reqs == 0 or checked.num_rows == 0:
         record_no_launch()
         return
-    snapshot = switches.read()
     if switches.check_requested(snapshot):
         check_packed(kv_cache, block_table, cu_seq_lens, checked.num_reqs, checked.num_rows, True, None,
                      checked.block_size, "cu_seq_lens")
@@ -478,6 +499,7 @@ def _run_raw(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tenso
     decision = decide_packed(dst_k, checked, "raw", aligned, snapshot)
     serve(decision, checked.device, RAW_PATHS, checked,
           (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, checked.block_size))
+    remember(key, pointers, decision)
 
 
 def cp_gather_and_upconvert_fp8_kv_cache(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,

@@ -24,6 +24,7 @@ from ...runtime.backend import Decision, Paths, decide, record_no_launch, serve
 from ...runtime.index_check import check_write_slots
 from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
+from ...runtime.plans import launch_planned, remember, signature
 from ...runtime.registration import register_op
 from ...runtime.validate import check_one_device, format_named, meta
 from .config import QuantizeInsertConfig, tokens_per_step
@@ -167,6 +168,10 @@ def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, 
     _launch(entry, pdl, checked, k, k_cache, slot_mapping, None, None, tail, None, grid)
 
 
+# The launch's values, named in the kernels' ABI order (launch maps them by name for a row ordered otherwise).
+PARAMS = ("k", "tail", "k_cache", "slot_mapping", "k_stride", "tail_stride", "page_stride", "num_tokens")
+
+
 # How each backend runs a write (backend.serve), on (k, k_cache, slot_mapping, block_size, format, tail,
 # pow2_scale); the launch is given (entry, pdl, checked) first, the fallbacks are imported on first use.
 def _launch(entry, pdl, checked, k, k_cache, slot_mapping, block_size, fmt, tail, pow2_scale, grid=None):
@@ -175,10 +180,9 @@ def _launch(entry, pdl, checked, k, k_cache, slot_mapping, block_size, fmt, tail
         tail_ptr, tail_stride = k_ptr + 2 * checked.format.values, checked.k_stride
     else:
         tail_ptr, tail_stride = tail.data_ptr(), checked.tail_stride
-    values = {"k": k_ptr, "tail": tail_ptr, "k_cache": k_cache.data_ptr(),
-              "slot_mapping": slot_mapping.data_ptr(), "k_stride": checked.k_stride, "tail_stride": tail_stride,
-              "page_stride": checked.page_stride, "num_tokens": checked.num_tokens}
-    launch(entry, values, grid or launch_grid(entry, checked.num_tokens), k.get_device(), pdl)
+    values = (k_ptr, tail_ptr, k_cache.data_ptr(), slot_mapping.data_ptr(), checked.k_stride, tail_stride,
+              checked.page_stride, checked.num_tokens)
+    launch(entry, PARAMS, values, grid or launch_grid(entry, checked.num_tokens), k.get_device(), pdl)
 
 
 def _triton(k, k_cache, slot_mapping, block_size, fmt, tail, pow2_scale):
@@ -196,25 +200,39 @@ def _torch(k, k_cache, slot_mapping, block_size, fmt, tail, pow2_scale):
 PATHS = Paths(_launch, _triton, _torch)
 
 
-def _insert(k, k_cache, slot_mapping, block_size, checked: Checked, tail=None, pow2_scale: bool = False) -> None:
-    """Serve one validated write: k holds the values (and the tail, unless `tail` is given)."""
+def _signature(op: str, scalars: tuple, k, tail, k_cache, slot_mapping):
+    """The write's switches, and its signature and pointers for kvgen.runtime.plans: the
+    tensors in PARAMS' pointer order, k standing for the tail it holds where no `tail` is given
+    (the tail's pointer is then k's plus a fixed offset)."""
+    snapshot = switches.read()
+    return snapshot, *signature(op, snapshot, scalars, (k, k if tail is None else tail, k_cache, slot_mapping))
+
+
+def _insert(k, k_cache, slot_mapping, block_size, checked: Checked, snapshot: tuple, key, pointers, tail=None,
+            pow2_scale: bool = False) -> None:
+    """Serve one validated write: k holds the values (and the tail, unless `tail` is given);
+    `snapshot`, `key` and `pointers` as _signature gave them."""
     if checked.num_tokens == 0:
         record_no_launch()
         return
-    snapshot = switches.read()
     if switches.check_requested(snapshot):
         check_write_slots(k_cache.shape[0], slot_mapping, block_size)
     decision = decide_insert(k, k_cache, slot_mapping, block_size, checked=checked, tail=tail, pow2_scale=pow2_scale,
                              snapshot=snapshot)
     serve(decision, checked.device, PATHS, checked,
           (k, k_cache, slot_mapping, block_size, checked.format, tail, pow2_scale))
+    remember(key, pointers, decision)
 
 
 # Each op's implementation, registered as torch.ops.kvgen's kernel for it and called by the eager entry point.
 @register_op("quantize_and_insert_k_cache", mutates_args=("k_cache",))
 def _run(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
          record_bytes: Optional[int] = None) -> None:
-    _insert(k, k_cache, slot_mapping, block_size, validate(k, k_cache, slot_mapping, block_size, record_bytes))
+    snapshot, key, pointers = _signature("insert", (block_size, record_bytes), k, None, k_cache, slot_mapping)
+    if launch_planned(key, pointers):
+        return
+    _insert(k, k_cache, slot_mapping, block_size, validate(k, k_cache, slot_mapping, block_size, record_bytes),
+            snapshot, key, pointers)
 
 
 def quantize_and_insert_k_cache(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -269,8 +287,11 @@ def validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping) -> tuple[Checked, int]:
 
 @register_op("concat_and_cache_ds_mla", mutates_args=("kv_cache",))
 def _run_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    snapshot, key, pointers = _signature("ds_mla", (), kv_c, k_pe, kv_cache, slot_mapping)
+    if launch_planned(key, pointers):
+        return
     checked, block_size = validate_ds_mla(kv_c, k_pe, kv_cache, slot_mapping)
-    _insert(kv_c, kv_cache, slot_mapping, block_size, checked, tail=k_pe)
+    _insert(kv_c, kv_cache, slot_mapping, block_size, checked, snapshot, key, pointers, tail=k_pe)
 
 
 def concat_and_cache_ds_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -303,8 +324,11 @@ def validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt=None
 @register_op("indexer_k_quant_and_cache", mutates_args=("kv_cache",))
 def _run_indexer(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, quant_block_size: int,
                  scale_fmt: Optional[str] = None) -> None:
+    snapshot, key, pointers = _signature("indexer", (quant_block_size, scale_fmt), k, None, kv_cache, slot_mapping)
+    if launch_planned(key, pointers):
+        return
     checked, block_size = validate_indexer(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
-    _insert(k, kv_cache, slot_mapping, block_size, checked, pow2_scale=scale_fmt == "ue8m0")
+    _insert(k, kv_cache, slot_mapping, block_size, checked, snapshot, key, pointers, pow2_scale=scale_fmt == "ue8m0")
 
 
 def indexer_k_quant_and_cache(k: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
