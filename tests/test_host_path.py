@@ -222,17 +222,17 @@ def test_grids_are_computed_once_per_row_and_size():
 
 # ---------------------------------------------------------------- benchmark
 def test_host_cost_runs_with_the_faked_driver(tmp_path):
-    """benchmarks/host_cost.py --fake-driver: every op served by the cubin path, ratios reported."""
+    """benchmarks/host_cost.py --fake-driver --miss: every op served by the cubin path, ratios and misses reported."""
     out = tmp_path / "host.json"
     done = subprocess.run([sys.executable, "benchmarks/host_cost.py", "--fake-driver", "--calls", "200",
-                           "--repeats", "1", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           "--repeats", "1", "--miss", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert set(report["ops"]) == set(SCHEMAS)
     for name, row in report["ops"].items():
         assert row["backend"] == "cubin", name
-        assert row["direct_us"] > 0 and row["torch_ops_vs_direct"] > 0
+        assert row["direct_us"] > 0 and row["torch_ops_vs_direct"] > 0 and row["miss_us"] > 0
     assert "direct/copy_" in done.stdout
 
 
