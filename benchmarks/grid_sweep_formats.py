@@ -5,7 +5,11 @@ gathers and the new writers, against a copy of the same bytes in the same rounds
     python benchmarks/grid_sweep_formats.py reader FORMAT OP TOKENS K1,K2,...   # one shape, K rows a warp
 
 Each variant is one manifest row launched directly with a chosen grid; every
-variant is checked against the torch path before it is timed.
+variant is checked against the torch path before it is timed. Each variant's
+graph is one call on one input set, so a kernel of under ~20 us reads at the
+graph launch's floor here (every 65536-token indexer variant and its copy at
+16.8-18.4 us, where bench_formats, rotating many sets a graph, reads 8-12):
+compare variants of such shapes in bench_formats, not here.
 """
 
 from __future__ import annotations
