@@ -66,16 +66,7 @@ class QuantizeInsertConfig(FamilyConfig):
 
     @property
     def params(self) -> tuple[KernelParam, ...]:
-        return (
-            KernelParam("k", "__nv_bfloat16*", 16),  # the values to quantize, [T, values] (rows k_stride apart)
-            KernelParam("tail", "__nv_bfloat16*", 16),  # the tail copied verbatim, [T, tail]: k + values, or k_pe
-            KernelParam("k_cache", "uint8_t*", 16),
-            KernelParam("slot_mapping", SLOT_DTYPES[self.slot_dtype], 4),  # slot or -1: token skipped
-            KernelParam("k_stride", "int64_t"),  # elements between rows of k
-            KernelParam("tail_stride", "int64_t"),  # elements between rows of tail
-            KernelParam("page_stride", "int64_t"),  # bytes between pages
-            KernelParam("num_tokens", "int32_t"),  # slot_mapping.shape[0]: tokens past it are not written
-        )
+        return KERNEL_PARAMS[self.slot_dtype]
 
     @property
     def tokens_per_step(self) -> int:
@@ -116,3 +107,22 @@ def _check(c: QuantizeInsertConfig) -> None:
                               <= MAX_OCCUPANCY_WARPS):
         raise ConfigError(f"occupancy_warps={c.occupancy_warps} must be 0 or a multiple of num_warps "
                           f"({c.num_warps}) up to {MAX_OCCUPANCY_WARPS}")
+
+
+def _kernel_params(slot_ctype: str) -> tuple[KernelParam, ...]:
+    return (
+        KernelParam("k", "__nv_bfloat16*", 16),  # the values to quantize, [T, values] (rows k_stride apart)
+        KernelParam("tail", "__nv_bfloat16*", 16),  # the tail copied verbatim, [T, tail]: k + values, or k_pe
+        KernelParam("k_cache", "uint8_t*", 16),
+        KernelParam("slot_mapping", slot_ctype, 4),  # slot or -1: token skipped
+        KernelParam("k_stride", "int64_t"),  # elements between rows of k
+        KernelParam("tail_stride", "int64_t"),  # elements between rows of tail
+        KernelParam("page_stride", "int64_t"),  # bytes between pages
+        KernelParam("num_tokens", "int32_t"),  # slot_mapping.shape[0]: tokens past it are not written
+    )
+
+
+# The kernel ABI for each slot_mapping dtype (only the slots' C type differs). Named here once: the
+# template renders it, the manifest records it, the op names its launch values after it.
+KERNEL_PARAMS: dict[str, tuple[KernelParam, ...]] = {
+    dtype: _kernel_params(ctype) for dtype, ctype in SLOT_DTYPES.items()}

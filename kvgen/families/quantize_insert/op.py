@@ -27,7 +27,7 @@ from ...runtime.manifest import KernelEntry
 from ...runtime.plans import launch_planned, remember, signature
 from ...runtime.registration import register_op
 from ...runtime.validate import check_one_device, format_named, meta
-from .config import QuantizeInsertConfig, tokens_per_step
+from .config import KERNEL_PARAMS, QuantizeInsertConfig, tokens_per_step
 
 FAMILY = QuantizeInsertConfig.family
 DEFAULT_RECORD_BYTES = 584  # the DeepSeek-V4 record, as vLLM's byte-view callers assume
@@ -168,8 +168,9 @@ def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, 
     _launch(entry, pdl, checked, k, k_cache, slot_mapping, None, None, tail, None, grid)
 
 
-# The launch's values, named in the kernels' ABI order (launch maps them by name for a row ordered otherwise).
-PARAMS = ("k", "tail", "k_cache", "slot_mapping", "k_stride", "tail_stride", "page_stride", "num_tokens")
+# The launch's values, named in the kernels' ABI order (launch maps them by name for a row ordered otherwise);
+# the names are the same for every slot dtype.
+PARAMS = tuple(p.name for p in KERNEL_PARAMS["int64"])
 
 
 # How each backend runs a write (backend.serve), on (k, k_cache, slot_mapping, block_size, format, tail,
