@@ -206,7 +206,12 @@ def serve(decision: Decision, device: torch.device, paths: Paths, checked, args:
     elif backend == "ptx":
         backend = _serve_image(decision, device, paths, checked, args)
     if backend == "triton":
-        paths.triton(*args)
+        if device.type == "cuda":
+            # Triton launches on the current device: make it the tensors' (a call on a GPU that is not current).
+            with torch.cuda.device(device):
+                paths.triton(*args)
+        else:  # CPU tensors under TRITON_INTERPRET=1
+            paths.triton(*args)
     elif backend == "torch":
         paths.torch(*args)
     _state.last_backend = backend

@@ -160,7 +160,9 @@ def _capture(calls: list[Callable[[], None]]) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # Captured on this side stream, of the current device: torch.cuda.graph's own default stream is made
+    # once, on whichever device was current then, so a later capture for another GPU would record nothing.
+    with torch.cuda.graph(graph, stream=stream):
         for call in calls:
             call()
     return graph
