@@ -9,6 +9,7 @@ switches as the call read them included).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -206,11 +207,9 @@ def serve(decision: Decision, device: torch.device, paths: Paths, checked, args:
     elif backend == "ptx":
         backend = _serve_image(decision, device, paths, checked, args)
     if backend == "triton":
-        if device.type == "cuda":
-            # Triton launches on the current device: make it the tensors' (a call on a GPU that is not current).
-            with torch.cuda.device(device):
-                paths.triton(*args)
-        else:  # CPU tensors under TRITON_INTERPRET=1
+        # Triton launches on the current device: make it the tensors' (a call on a GPU that is not current;
+        # CPU tensors run under TRITON_INTERPRET=1).
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             paths.triton(*args)
     elif backend == "torch":
         paths.torch(*args)

@@ -57,11 +57,13 @@ class Plan(NamedTuple):
     backend: str  # "cubin" or "ptx": what served it
 
 
-def signature(op: str, snapshot: tuple, scalars: tuple, tensors: tuple) -> tuple[Optional[tuple], list[int]]:
-    """(The call's signature, its tensors' data pointers in order, 0 for None);
-    (None, []) where a tensor argument is neither None nor a torch.Tensor
-    proper: such a call is never planned. `op` names the op (its own checks),
-    `scalars` its other arguments."""
+def signature(op: str, scalars: tuple, tensors: tuple) -> tuple[tuple, Optional[tuple], list[int]]:
+    """(The call's switches, read now (kvgen.runtime.switches: the op's one
+    read of them), its signature, its tensors' data pointers in order, 0 for
+    None); the signature is None, and the pointers [], where a tensor argument
+    is neither None nor a torch.Tensor proper: such a call is never planned.
+    `op` names the op (its own checks), `scalars` its other arguments."""
+    snapshot = switches.read()
     key = [op, snapshot, *scalars, *map(type, scalars)]
     pointers = []
     for t in tensors:
@@ -73,8 +75,8 @@ def signature(op: str, snapshot: tuple, scalars: tuple, tensors: tuple) -> tuple
             key += (t.shape, t.stride(), t.dtype, t.device, pointer & 15)
             pointers.append(pointer)
         else:
-            return None, []
-    return tuple(key), pointers
+            return snapshot, None, []
+    return snapshot, tuple(key), pointers
 
 
 def launch_planned(key: Optional[tuple], pointers: list[int]) -> bool:

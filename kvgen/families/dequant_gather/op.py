@@ -218,10 +218,9 @@ SPARSE_PATHS = Paths(_launch_sparse, fallback(__package__, "triton", "dequantize
 @register_op("dequantize_and_gather_k_cache", mutates_args=("out",))
 def _run(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, gather_lens: Optional[torch.Tensor],
          block_table: torch.Tensor, block_size: int, offset: int) -> None:
-    snapshot = switches.read()
     # The signature's tensors in the launch's pointer order (DENSE_PARAMS): kvgen.runtime.plans.
-    key, pointers = signature("dense", snapshot, (block_size, offset),
-                              (out, k_cache, seq_lens, gather_lens, block_table))
+    snapshot, key, pointers = signature("dense", (block_size, offset),
+                                        (out, k_cache, seq_lens, gather_lens, block_table))
     if launch_planned(key, pointers):
         return
     checked = validate(out, k_cache, seq_lens, gather_lens, block_table, block_size, offset)
@@ -239,8 +238,7 @@ def _run(out: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, gathe
 
 @register_op("dequantize_and_gather_k_cache_sparse", mutates_args=("out",))
 def _run_sparse(out: torch.Tensor, k_cache: torch.Tensor, slot_indices: torch.Tensor, block_size: int) -> None:
-    snapshot = switches.read()
-    key, pointers = signature("sparse", snapshot, (block_size,), (out, k_cache, slot_indices))  # SPARSE_PARAMS
+    snapshot, key, pointers = signature("sparse", (block_size,), (out, k_cache, slot_indices))  # SPARSE_PARAMS
     if launch_planned(key, pointers):
         return
     checked = validate_sparse(out, k_cache, slot_indices, block_size)
@@ -459,9 +457,8 @@ RAW_PATHS = Paths(_launch_raw, fallback(__package__, "triton", "gather_raw_packe
 @register_op("cp_gather_and_upconvert_fp8_kv_cache", mutates_args=("dst",))
 def _run_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.Tensor,
                 workspace_starts: torch.Tensor, batch_size: int, seq_starts: Optional[torch.Tensor] = None) -> None:
-    snapshot = switches.read()
-    key, pointers = signature("packed", snapshot, (batch_size,),  # PACKED_PARAMS' pointers
-                              (dst, src_cache, block_table, workspace_starts, seq_starts))
+    snapshot, key, pointers = signature("packed", (batch_size,),  # PACKED_PARAMS' pointers
+                                        (dst, src_cache, block_table, workspace_starts, seq_starts))
     if launch_planned(key, pointers):
         return
     checked = validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
@@ -481,9 +478,8 @@ def _run_packed(src_cache: torch.Tensor, dst: torch.Tensor, block_table: torch.T
 @register_op("cp_gather_indexer_k_quant_cache", mutates_args=("dst_k", "dst_scale"))
 def _run_raw(kv_cache: torch.Tensor, dst_k: torch.Tensor, dst_scale: torch.Tensor, block_table: torch.Tensor,
              cu_seq_lens: torch.Tensor) -> None:
-    snapshot = switches.read()
     # Signed as passed (dtype included), before byte_rows views them: a view has their pointers.
-    key, pointers = signature("raw", snapshot, (), (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens))
+    snapshot, key, pointers = signature("raw", (), (dst_k, dst_scale, kv_cache, block_table, cu_seq_lens))
     if launch_planned(key, pointers):
         return
     dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)

@@ -202,11 +202,10 @@ PATHS = Paths(_launch, _triton, _torch)
 
 
 def _signature(op: str, scalars: tuple, k, tail, k_cache, slot_mapping):
-    """The write's switches, and its signature and pointers for kvgen.runtime.plans: the
-    tensors in PARAMS' pointer order, k standing for the tail it holds where no `tail` is given
-    (the tail's pointer is then k's plus a fixed offset)."""
-    snapshot = switches.read()
-    return snapshot, *signature(op, snapshot, scalars, (k, k if tail is None else tail, k_cache, slot_mapping))
+    """The write's switches, signature and pointers (kvgen.runtime.plans): the tensors in PARAMS'
+    pointer order, k standing for the tail it holds where no `tail` is given (the tail's pointer
+    is then k's plus a fixed offset)."""
+    return signature(op, scalars, (k, k if tail is None else tail, k_cache, slot_mapping))
 
 
 def _insert(k, k_cache, slot_mapping, block_size, checked: Checked, snapshot: tuple, key, pointers, tail=None,
