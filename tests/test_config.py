@@ -68,6 +68,7 @@ def _alternatives():
         "arch": [dict(arch="sm_90x")],
         "output": [dict(output="raw", indexing="packed", gather_lens=False)],
         "ballot_chunk": [dict(schedule="ballot", ballot_chunk=8, indexing="sparse", gather_lens=False)],
+        "run_tokens": [dict(schedule="page_run", run_tokens=32, num_stages=1)],
     }
 
 
@@ -91,7 +92,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 245
+    assert len(configs) == 265
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -128,6 +129,15 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(schedule="ballot", indexing="packed", gather_lens=False), "not packed indexing"),
     (dict(schedule="ballot", indexing="sparse", gather_lens=False, format=Format(
         "small", values=128, scale_group=128, scale_kind="f32")), "4 records a step"),
+    (dict(run_tokens=32), "run_tokens=32 applies to the page_run schedule only"),
+    (dict(schedule="page_run", run_tokens=32), "num_stages must be 1"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=0), "power of two that divides block_size=64"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=48), "power of two that divides"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=128), "power of two that divides block_size=64"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=1), "multiple of 16 bytes"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=32, indexing="sparse", gather_lens=False),
+     "built for dense bf16 gathers"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=32, arch="sm_80"), "needs cp.async.bulk"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -279,3 +289,16 @@ def test_the_ballot_schedule_stages_an_out_row_per_stage():
     ballot = dataclasses.replace(strided, schedule="ballot")
     assert ballot.smem_bytes == strided.smem_bytes + 4 * ballot.num_stages * ballot.num_warps
     assert "_ballot_" in ballot.name
+
+
+def test_a_page_run_stages_one_run_of_rows_and_scale_rows():
+    """Its shared memory: the run's data rows (or inline records), its scale rows
+    from the 16-byte boundary before the first (16 bytes more), one mbarrier."""
+    run = dataclasses.replace(SEED, schedule="page_run", num_stages=1, num_warps=8, run_tokens=32)
+    assert run.smem_bytes == 32 * 576 + (32 * 8 + 16) + 8
+    assert "_page_run_" in run.name and run.name.endswith("_r32")
+    from kvgen.testing import as_format
+
+    for name in ("v32_656", "v41_288", "indexer_132"):  # rows never checked on a GPU: refused
+        with pytest.raises(ConfigError, match="page-split formats of e4m3 values with UE8M0 scales"):
+            dataclasses.replace(run, format=as_format(name))

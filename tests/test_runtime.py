@@ -140,6 +140,22 @@ def test_launch_grid_is_bounded_by_host_quantities():
     assert launch_grid(packed["indexer_132"], 1, 65536, tokens_per_step=4) == (1, 1024, 1)
 
 
+def test_a_page_run_row_gives_each_cta_one_run_at_a_time():
+    """A CTA per run of run_tokens positions (one more where a window may start
+    inside a run), the grid held near TARGET_CTAS; its CTAs grid-stride over the rest."""
+    from kvgen.families.dequant_gather import op as ops
+
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "page_run"]
+    assert {(e.config["block_size"], e.config["run_tokens"]) for e in rows} >= {(16, 16), (64, 32), (256, 32)}
+    for entry in rows:
+        run = entry.config["run_tokens"]
+        extra = 1 if entry.config["gather_lens"] else 0
+        assert ops._grid(entry, 1, 65536) == (1, 65536 // run + extra, 1), entry.name
+        assert ops._grid(entry, 32, 128) == (32, -(-128 // run) + extra, 1), entry.name
+        assert ops._grid(entry, 1, 1 << 22) == (1, 32768, 1), entry.name
+        assert ops._grid(entry, 4, 0) == (4, 1, 1), entry.name
+
+
 def test_a_ballot_row_gives_each_warp_one_chunk_of_slots():
     from kvgen.families.dequant_gather import op as ops
 
@@ -180,6 +196,22 @@ def test_tune_writes_a_rule_only_past_the_margin():
     measured[1]["us"].pop("s4w8c")
     rules, groups = tune.choose_rules(measured, margin=0.02)
     assert rules == [] and "s4w8c" not in groups[0]["relative_time"]
+
+
+def test_tuning_some_families_keeps_the_others_measurements(tmp_path):
+    """tune --family F replaces F's shapes only: the others' measurements (and so
+    their rules) stay, unless the old table was measured on another device."""
+    import json
+
+    old = {"tuned_on": {"device": "GPU A"}, "measured": [_measured("a", "long", {"s4w4s": 1.0}),
+                                                         _measured("b", "long", {"s4w4s": 2.0})]}
+    path = tmp_path / "dispatch.json"
+    assert tune.kept_measurements(path, "GPU A", {"a"}) == []  # no table yet
+    path.write_text(json.dumps(old))
+    assert [m["shape"] for m in tune.kept_measurements(path, "GPU A", {"a"})] == ["b"]
+    assert tune.kept_measurements(path, "GPU B", {"a"}) == []
+    path.write_text("not json")
+    assert tune.kept_measurements(path, "GPU A", {"a"}) == []
 
 
 TUNED_ON = "NVIDIA H100 80GB HBM3"  # the device of the committed dispatch table

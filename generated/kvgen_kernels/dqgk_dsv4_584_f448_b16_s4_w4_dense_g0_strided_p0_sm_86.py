@@ -16,6 +16,7 @@ Config (every generator parameter):
     arch         = sm_86
     output       = bf16
     ballot_chunk = 32
+    run_tokens   = 0
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; request = blockIdx.x, worker = blockIdx.y (strided schedule).
@@ -47,7 +48,8 @@ CONFIG = {'format': {'name': 'dsv4_584',
  'pdl': False,
  'arch': 'sm_86',
  'output': 'bf16',
- 'ballot_chunk': 32}
+ 'ballot_chunk': 32,
+ 'run_tokens': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -98,7 +100,6 @@ SMEM_BYTES = 9472  # dynamic shared memory per CTA
 # Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
 SCALE_LANE = SRC_PIECES % 32
-
 
 
 
@@ -255,6 +256,7 @@ def kernel(
         fill_stage = fill_stage + 1
         if fill_stage == NUM_STAGES:
             fill_stage = Int32(0)
+
 
 
 @cute.jit

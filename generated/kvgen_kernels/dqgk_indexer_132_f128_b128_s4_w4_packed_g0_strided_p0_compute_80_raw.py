@@ -16,6 +16,7 @@ Config (every generator parameter):
     arch         = compute_80
     output       = raw
     ballot_chunk = 32
+    run_tokens   = 0
 
 One warp gathers 8 tokens (lane groups of 4) per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the row range (strided schedule).
@@ -46,7 +47,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'pdl': False,
  'arch': 'compute_80',
  'output': 'raw',
- 'ballot_chunk': 32}
+ 'ballot_chunk': 32,
+ 'run_tokens': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -107,7 +109,6 @@ STAGED_REQS = 512  # requests whose starts a CTA stages in shared memory
 # "lane" below is a lane's place in its group.
 TOKENS_PER_STEP = 8
 LANES_PER_TOKEN = 4
-
 
 
 
@@ -347,6 +348,7 @@ def kernel(
         fill_stage = fill_stage + 1
         if fill_stage == NUM_STAGES:
             fill_stage = Int32(0)
+
 
 
 @cute.jit

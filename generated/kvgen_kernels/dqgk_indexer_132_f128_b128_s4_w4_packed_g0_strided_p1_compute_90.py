@@ -16,6 +16,7 @@ Config (every generator parameter):
     arch         = compute_90
     output       = bf16
     ballot_chunk = 32
+    run_tokens   = 0
 
 One warp gathers 4 tokens (lane groups of 8) per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the row range (strided schedule).
@@ -47,7 +48,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'pdl': True,
  'arch': 'compute_90',
  'output': 'bf16',
- 'ballot_chunk': 32}
+ 'ballot_chunk': 32,
+ 'run_tokens': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -105,7 +107,6 @@ STAGED_REQS = 512  # requests whose starts a CTA stages in shared memory
 # "lane" below is a lane's place in its group.
 TOKENS_PER_STEP = 4
 LANES_PER_TOKEN = 8
-
 
 
 
@@ -350,6 +351,7 @@ def kernel(
         fill_stage = fill_stage + 1
         if fill_stage == NUM_STAGES:
             fill_stage = Int32(0)
+
 
 
 @cute.jit

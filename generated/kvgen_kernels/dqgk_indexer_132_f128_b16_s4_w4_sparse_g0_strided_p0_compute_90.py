@@ -16,6 +16,7 @@ Config (every generator parameter):
     arch         = compute_90
     output       = bf16
     ballot_chunk = 32
+    run_tokens   = 0
 
 One warp gathers 4 tokens (lane groups of 8) per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (strided schedule).
@@ -47,7 +48,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'pdl': False,
  'arch': 'compute_90',
  'output': 'bf16',
- 'ballot_chunk': 32}
+ 'ballot_chunk': 32,
+ 'run_tokens': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -96,7 +98,6 @@ SCALE_LANE = SRC_PIECES % 8
 # "lane" below is a lane's place in its group.
 TOKENS_PER_STEP = 4
 LANES_PER_TOKEN = 8
-
 
 
 
@@ -247,6 +248,7 @@ def kernel(
         fill_stage = fill_stage + 1
         if fill_stage == NUM_STAGES:
             fill_stage = Int32(0)
+
 
 
 @cute.jit

@@ -16,6 +16,7 @@ Config (every generator parameter):
     arch         = sm_90a
     output       = bf16
     ballot_chunk = 16
+    run_tokens   = 0
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (ballot schedule).
@@ -47,7 +48,8 @@ CONFIG = {'format': {'name': 'v32_656',
  'pdl': False,
  'arch': 'sm_90a',
  'output': 'bf16',
- 'ballot_chunk': 16}
+ 'ballot_chunk': 16,
+ 'run_tokens': 0}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.
@@ -89,7 +91,6 @@ SMEM_BYTES = 10560  # dynamic shared memory per CTA
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
 SCALE_LANE = SRC_PIECES % 32
 BALLOT_CHUNK = 16  # slots a warp reads and ballots at once
-
 
 
 
@@ -262,6 +263,7 @@ def kernel(
         fill_stage = fill_stage + 1
         if fill_stage == NUM_STAGES:
             fill_stage = Int32(0)
+
 
 
 @cute.jit

@@ -6,7 +6,7 @@ Each helper is one `asm` block, so the instruction sequence that decides the
 output bits is written here once, in PTX, and reviewed here once.
 """
 
-from cutlass import Uint32
+from cutlass import Int32, Int64, Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -184,6 +184,23 @@ dequant_e4m3_f32_x8 = _dequant_op("e4m3", "f32")
 dequant_e2m1_ue8m0_x8 = _dequant_op("e2m1", "ue8m0")
 dequant_e2m1_e4m3_x8 = _dequant_op("e2m1", "e4m3")
 dequant_e2m1_f32_x8 = _dequant_op("e2m1", "f32")
+
+
+# ---- moving bytes ------------------------------------------------------------
+
+@dsl_user_op
+def bulk_copy_g2s(dst, src, size, barrier, *, loc=None, ip=None):
+    """Copy `size` bytes (a multiple of 16, both addresses 16-byte aligned) from
+    global address `src` to shared address `dst` with one cp.async.bulk; their
+    arrival completes `size` bytes of the transaction count of the mbarrier at
+    shared address `barrier`. Sizes known only at run time (a run's last rows)
+    are why this is asm and not a CuteDSL bulk-copy atom of static shape."""
+    llvm.inline_asm(
+        None,
+        [Int32(dst).ir_value(loc=loc, ip=ip), Int64(src).ir_value(loc=loc, ip=ip),
+         Int32(size).ir_value(loc=loc, ip=ip), Int32(barrier).ir_value(loc=loc, ip=ip)],
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+        "r,l,r,r,~{memory}", has_side_effects=True, is_align_stack=False, loc=loc, ip=ip)
 
 
 # ---- the packing side (writers) ---------------------------------------------

@@ -193,6 +193,17 @@ def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int, target_ctas: i
     return (num_reqs, max(1, workers), 1)
 
 
+def run_grid(num_reqs: int, max_rows: int, run_tokens: int, windowed: bool,
+             target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
+    """grid = (requests, workers) for the page_run schedule: a CTA per run of
+    `run_tokens` positions (runs aligned to run_tokens, so a window that starts
+    inside one touches one run more), the whole grid held near target_ctas;
+    a request's CTAs grid-stride over its runs."""
+    runs = -(-max_rows // run_tokens) + (1 if windowed else 0)
+    workers = min(runs, -(-target_ctas // num_reqs), MAX_GRID_Y)
+    return (num_reqs, max(1, workers), 1)
+
+
 def forced_backend() -> str | None:
     value = os.environ.get(BACKEND_ENV, "").strip().lower()
     if not value:

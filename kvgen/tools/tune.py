@@ -7,7 +7,9 @@ indexing and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
 rule only where it beats the untuned default on the geometric mean of its
 group's shapes by more than `margin` (run-to-run noise is about 2%). The table
 (generated/dispatch.json) keeps every group's measurements, ruled or not;
-the runtime reads its rules with no device synchronisation.
+the runtime reads its rules with no device synchronisation. Tuning some
+families keeps the measurements of the others from the table it replaces
+(measured on a device of the same name), so their rules survive.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .variants import geomean, variant_of
 FORMAT = 1
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
-TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "tokens_per_warp")  # those a family's rows have
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "run_tokens", "tokens_per_warp")  # those a family's rows have
 MATCH_FIELDS = ("family", "format", "indexing", "slot_dtype", "shape_class")  # CallKey fields a rule matches
 
 
@@ -93,6 +95,21 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
     return rules, summary
 
 
+def kept_measurements(path: Path, device: str, remeasured: set[str]) -> list[dict]:
+    """The measurements of the table at `path` that this run does not repeat,
+    where they were taken on a device of this name: tuning one family keeps the
+    rules of the others (a table from another device is replaced whole)."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+        if old["tuned_on"]["device"] != device:
+            return []
+        return [m for m in old.get("measured", []) if m["shape"] not in remeasured]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
 def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGIN) -> dict:
     import torch
     import triton
@@ -109,6 +126,8 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
             measured.append(m)
             times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))
             print(f"{shape.label:<28} {m['match']['shape_class']:<14} default {m['default']}  {times}", flush=True)
+    out = out or generated_dir() / DISPATCH_TABLE
+    measured = kept_measurements(out, props.name, {m["shape"] for m in measured}) + measured
     rules, groups = choose_rules(measured, margin)
     table = {
         "format": FORMAT,
@@ -119,7 +138,6 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
         "groups": groups,
         "measured": measured,
     }
-    out = out or generated_dir() / DISPATCH_TABLE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     for g in groups:

@@ -12,8 +12,9 @@ def geomean(values) -> float:
 
 def variant_of(config: dict) -> str:
     """A row's tuned fields as a short name: s4w8c (a reader), s4w4b16 (a reader
-    under the ballot schedule, with its chunk), t2w4 (a writer)."""
+    under the ballot schedule, with its chunk), s1w8p32 (under page_run, with its
+    run), t2w4 (a writer)."""
     if "tokens_per_warp" in config:
         return f"t{config['tokens_per_warp']}w{config['num_warps']}"
-    chunk = config["ballot_chunk"] if config["schedule"] == "ballot" else ""
-    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}{chunk}"
+    size = {"ballot": config.get("ballot_chunk"), "page_run": config.get("run_tokens")}.get(config["schedule"], "")
+    return f"s{config['num_stages']}w{config['num_warps']}{config['schedule'][0]}{size}"

@@ -22,7 +22,14 @@ from ...formats import Format
 #   ballot:     sparse only: warps grid-stride over chunks of ballot_chunk slots, read
 #               with one load a lane; a warp ballot marks the valid ones and only
 #               those enter the ring, so -1 slots cost no pipeline step
-SCHEDULES = ("strided", "contiguous", "ballot")
+#   page_run:   dense only: a request's worker y takes its runs y, y + Y, ... of run_tokens
+#               consecutive tokens of one page: one block-table lookup a run, two bulk
+#               copies (cp.async.bulk, sm_90+) move the run's contiguous data rows and
+#               scale rows into shared memory behind an mbarrier, then all warps decode
+#               and store the run's contiguous output rows; CTAs are numbered
+#               request-major, so those resident at once stream a few requests
+#               (BENCHMARKS.md, log 30)
+SCHEDULES = ("strided", "contiguous", "ballot", "page_run")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 
 # Which tokens a call gathers.
@@ -98,6 +105,8 @@ class DequantGatherConfig(FamilyConfig):
     ballot_chunk: int = param("c", f"the ballot schedule's chunk: slots a warp reads (one a lane) and ballots at "
                                    f"once, one of {BALLOT_CHUNKS}; also each warp's share of the launch grid. "
                                    f"Other schedules: 32", default=32, named_at_default=False)
+    run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two that "
+                                 "divides block_size; other schedules: 0", default=0, named_at_default=False)
 
     family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "dequant_gather"  # its table in a spec file,
@@ -126,7 +135,16 @@ class DequantGatherConfig(FamilyConfig):
         return copy_pieces(self.format)
 
     @property
+    def run_scale_bytes(self) -> int:
+        """page_run: shared memory for the run's scale rows, copied from the 16-byte
+        boundary at or before the run's first scale row (so up to 16 bytes more
+        than the rows), then rounded up to 16."""
+        return _round_up(self.run_tokens * self.format.scale_bytes, 16) + 16
+
+    @property
     def smem_bytes(self) -> int:
+        if self.schedule == "page_run":  # the run's data rows, its scale rows, one 8-byte mbarrier
+            return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
         staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
         return ring + staged_rows + 8 * self.staged_reqs
@@ -152,7 +170,8 @@ def _round_up(x: int, m: int) -> int:
 
 def _check(c: DequantGatherConfig) -> None:
     check_types(c, {"block_size": int, "num_stages": int, "num_warps": int, "indexing": str, "gather_lens": bool,
-                    "schedule": str, "pdl": bool, "arch": str, "output": str, "ballot_chunk": int})
+                    "schedule": str, "pdl": bool, "arch": str, "output": str, "ballot_chunk": int,
+                    "run_tokens": int})
     check_choice("arch", c.arch, ARCHS)
     check_choice("schedule", c.schedule, SCHEDULES)
     check_choice("indexing", c.indexing, INDEXING)
@@ -171,6 +190,10 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"schedule='ballot' is built for sparse gathers of one record a warp step (records of 288 "
                           f"bytes or more), not {c.indexing} indexing of format {f.name} "
                           f"({c.tokens_per_step} records a step)")
+    if c.schedule == "page_run":
+        _check_page_run(c)
+    elif c.run_tokens:
+        raise ConfigError(f"run_tokens={c.run_tokens} applies to the page_run schedule only, not {c.schedule}")
     if f.scale_group % 8 or f.tail % 8:
         raise ConfigError(f"format {f.name}: the template handles values in chunks of 8 (one 16-byte store), so "
                           f"scale_group ({f.scale_group}) and tail ({f.tail}) must be multiples of 8")
@@ -189,6 +212,30 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(
             f"{c.num_stages} stages x {c.num_warps} warps need {c.smem_bytes} bytes of "
             f"shared memory; {c.arch} allows {c.arch_row.max_smem_per_block}")
+
+
+def _check_page_run(c: DequantGatherConfig) -> None:
+    f = c.format
+    if c.indexing != "dense" or c.output != "bf16":
+        raise ConfigError(f"schedule='page_run' is built for dense bf16 gathers, not {c.indexing} indexing "
+                          f"with output={c.output!r}")
+    if c.arch_row.flavour != "hopper":
+        raise ConfigError(f"schedule='page_run' needs cp.async.bulk (sm_90 or later), not {c.arch}")
+    if (f.placement, f.value_kind, f.scale_kind) != ("page_split", "e4m3", "ue8m0"):
+        # The formats whose page_run rows were checked on a GPU (dsv4_584, v41_528).
+        raise ConfigError(f"schedule='page_run' is built for page-split formats of e4m3 values with UE8M0 scales, "
+                          f"not format {f.name} ({f.placement}, {f.value_kind} values, {f.scale_kind} scales)")
+    if c.num_stages != 1:
+        raise ConfigError(f"schedule='page_run' stages one run a CTA: num_stages must be 1, not {c.num_stages}")
+    r = c.run_tokens
+    if r < 1 or r & (r - 1) or c.block_size % r:
+        raise ConfigError(f"run_tokens={r} must be a power of two that divides block_size={c.block_size}")
+    if f.data_bytes % 16:
+        raise ConfigError(f"format {f.name}: a bulk copy moves multiples of 16 bytes; its data rows are "
+                          f"{f.data_bytes} bytes")
+    if (r * f.scale_bytes) % 16:
+        raise ConfigError(f"run_tokens={r}: a run's scale rows ({r} x {f.scale_bytes} bytes) must be a multiple of "
+                          f"16 bytes, so the page's scale region ends on a bulk copy's boundary")
 
 
 # The ABI of each indexing mode, in order. Named here once: the template
