@@ -243,6 +243,30 @@ def test_every_shipped_kernel_bit_exact():
         assert mismatches(out.cpu(), expected) == 0, (entry.name, "one CTA")
 
 
+def test_page_run_rows_with_empty_and_unaligned_windows():
+    """page_run rows where a window starts inside a run and gathers nothing, or
+    one token, or ends the cache's last page early: only the addressed rows
+    change (a window of 0 at an unaligned start gives the kernel a run of no rows)."""
+    from kvgen.families.dequant_gather import op as ops
+    from kvgen.runtime.loader import registry
+
+    here = torch.cuda.get_device_capability()
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "page_run"
+            and e.config["gather_lens"] and ARCHS[e.arch].serves(here)]
+    assert rows
+    for i, entry in enumerate(rows):
+        bs = entry.config["block_size"]
+        case = make_case(seq_lens=[bs + 5, 7, 2 * bs + 1, 0, 3], gather_lens=[0, 0, 1, 0, 3], block_size=bs,
+                         format=entry.config["format"], offset=1, seed=i)
+        expected = reference(case)
+        out, k_cache, seq_lens, gather_lens, block_table, _, offset = case.args("cuda")
+        for grid in (None, (out.shape[0], 1, 1)):
+            out.view(torch.int16).fill_(POISON_BF16)
+            ops.launch_entry(entry, out, k_cache, seq_lens, gather_lens, block_table, offset, grid=grid)
+            torch.cuda.synchronize()
+            assert mismatches(out.cpu(), expected) == 0, (entry.name, grid)
+
+
 def _ballot_slot_patterns(num_slots: int, cache_slots: int) -> dict[str, torch.Tensor]:
     """Slot patterns the ballot schedule's chunking must get right: nothing
     valid, everything valid, only the last (partial) chunk, whole empty chunks
