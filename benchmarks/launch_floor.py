@@ -14,7 +14,6 @@ from kvgen.runtime import backend
 from kvgen.families.dequant_gather import op as ops
 from kvgen.tools import bench
 from kvgen.tools.bench import Shape, gpu_case, graph_time
-from kvgen.runtime.dispatch import launch_grid
 
 bench.copy_bandwidth()  # ramps the clocks
 for label, seq_lens, window in [("1x8192", (8192,), None), ("32x8192 last128", (8192,) * 32, 128)]:
@@ -22,7 +21,7 @@ for label, seq_lens, window in [("1x8192", (8192,), None), ("32x8192 last128", (
     sets = [gpu_case(shape, seed) for seed in range(16)]
     empty = [[*a[:3], torch.zeros_like(a[2]), *a[4:]] for a in sets]
     entry = ops.decide_dense(*empty[0]).entry  # reads gather_lens
-    grid = launch_grid(entry, len(seq_lens), window or max(seq_lens))
+    grid = ops.grid_for(entry, len(seq_lens), window or max(seq_lens))
     line = [f"{label} (grid {grid}):"]
     for pdl in (True, False):
         os.environ["KVGEN_PDL"] = "1" if pdl else "0"

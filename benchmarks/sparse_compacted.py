@@ -7,8 +7,9 @@ slots over the cache, the rest -1), timed side by side (bench.graph_times):
   compacted    the public op over the valid slots alone, in the same order:
                the same records read and the same rows written, with no -1 slot
                to skip -- what a perfect compaction of the slots would leave
-  compacted_strided  the same, through the strided row (s4 w4), which dispatch
-               gives calls of at most 16384 slots (longer ones: the ballot row)
+  compacted_strided  the same, through the strided row of 4 stages (dispatch
+               gives calls of at most 16384 slots a strided row -- 2 stages for
+               DSv4 by its tuned rule -- and longer ones the ballot row)
   copy         a device-to-device copy of the valid bytes
 every compacted output checked against the valid rows of the full one.
 Results: BENCHMARKS.md, log 31.

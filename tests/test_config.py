@@ -138,6 +138,7 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(schedule="page_run", num_stages=1, run_tokens=32, indexing="sparse", gather_lens=False),
      "built for dense bf16 gathers"),
     (dict(schedule="page_run", num_stages=1, run_tokens=32, arch="sm_80"), "needs cp.async.bulk"),
+    (dict(schedule="page_run", num_stages=1, block_size=1024, run_tokens=512), "run_tokens=512 needs"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -292,10 +293,10 @@ def test_the_ballot_schedule_stages_an_out_row_per_stage():
 
 
 def test_a_page_run_stages_one_run_of_rows_and_scale_rows():
-    """Its shared memory: the run's data rows (or inline records), its scale rows
-    from the 16-byte boundary before the first (16 bytes more), one mbarrier."""
+    """Its shared memory: the run's data rows, its scale rows, one mbarrier; only
+    the formats whose rows were checked on a GPU."""
     run = dataclasses.replace(SEED, schedule="page_run", num_stages=1, num_warps=8, run_tokens=32)
-    assert run.smem_bytes == 32 * 576 + (32 * 8 + 16) + 8
+    assert run.smem_bytes == 32 * 576 + 32 * 8 + 8
     assert "_page_run_" in run.name and run.name.endswith("_r32")
     from kvgen.testing import as_format
 

@@ -198,20 +198,32 @@ def test_tune_writes_a_rule_only_past_the_margin():
     assert rules == [] and "s4w8c" not in groups[0]["relative_time"]
 
 
-def test_tuning_some_families_keeps_the_others_measurements(tmp_path):
-    """tune --family F replaces F's shapes only: the others' measurements (and so
-    their rules) stay, unless the old table was measured on another device."""
+def test_tuning_some_families_keeps_the_others_measurements(tmp_path, capsys):
+    """tune --family F replaces the groups F measured (every shape class of
+    them, renamed shapes included): the others' measurements (and so their
+    rules) stay, unless the old table came from another device or format."""
     import json
 
-    old = {"tuned_on": {"device": "GPU A"}, "measured": [_measured("a", "long", {"s4w4s": 1.0}),
-                                                         _measured("b", "long", {"s4w4s": 2.0})]}
+    def measured(shape, fmt, cls="long"):
+        m = _measured(shape, cls, {"s4w4s": 1.0})
+        m["match"] = {**m["match"], "family": "dqgk", "format": fmt}
+        return m
+
+    old = {"format": tune.FORMAT, "tuned_on": {"device": "GPU A"},
+           "measured": [measured("a", "dsv4_584"), measured("a short", "dsv4_584", "short"),
+                        measured("b", "v41_528")]}
     path = tmp_path / "dispatch.json"
-    assert tune.kept_measurements(path, "GPU A", {"a"}) == []  # no table yet
+    new = [measured("a renamed", "dsv4_584")]
+    assert tune.kept_measurements(path, "GPU A", new) == []  # no table yet
     path.write_text(json.dumps(old))
-    assert [m["shape"] for m in tune.kept_measurements(path, "GPU A", {"a"})] == ["b"]
-    assert tune.kept_measurements(path, "GPU B", {"a"}) == []
+    assert [m["shape"] for m in tune.kept_measurements(path, "GPU A", new)] == ["b"]
+    assert tune.kept_measurements(path, "GPU B", new) == []
+    assert "replaced whole" in capsys.readouterr().out
+    path.write_text(json.dumps({**old, "format": tune.FORMAT + 1}))
+    assert tune.kept_measurements(path, "GPU A", new) == []
     path.write_text("not json")
-    assert tune.kept_measurements(path, "GPU A", {"a"}) == []
+    assert tune.kept_measurements(path, "GPU A", new) == []
+    assert "not read" in capsys.readouterr().out
 
 
 TUNED_ON = "NVIDIA H100 80GB HBM3"  # the device of the committed dispatch table

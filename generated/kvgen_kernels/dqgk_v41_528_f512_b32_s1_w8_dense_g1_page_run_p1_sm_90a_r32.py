@@ -97,7 +97,7 @@ STAGE_BYTES = 528  # one staged record, 16-byte aligned
 NUM_STAGES = 1
 NUM_WARPS = 8
 THREADS = 256
-SMEM_BYTES = 16920  # dynamic shared memory per CTA
+SMEM_BYTES = 16904  # dynamic shared memory per CTA
 # Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
 SCALE_LANE = SRC_PIECES % 32
@@ -124,8 +124,10 @@ SCALE_LANE = SRC_PIECES % 32
 RUN_TOKENS = 32
 ROW_BYTES = DATA_BYTES  # a token's data row, as the run stages it
 ROW_WORDS = ROW_BYTES // 4
-RUN_SCALE_BYTES = 528  # the run's scale rows, from the 16-byte boundary at or before the first
-SCALE_ALIGN_ROWS = 1  # a scale copy starts on a row that is a multiple of this
+RUN_SCALE_BYTES = 512  # the run's scale rows
+# A scale copy starts on a row that is a multiple of this (a 16-byte boundary); a
+# run's first row is one, so a window's partial first run still copies only its run's rows.
+SCALE_ALIGN_ROWS = 1
 
 
 @cute.kernel
@@ -180,6 +182,8 @@ def kernel(
     # a window's first and last runs are partial.
     first_run = start // RUN_TOKENS
     num_runs = (pos_end + RUN_TOKENS - 1) // RUN_TOKENS - first_run
+    if pos_end <= start:  # nothing to gather (gather_len <= 0, or no out rows): no run at all, not an empty one
+        num_runs = Int32(0)
     regs = cute.make_rmem_tensor(4, Uint32)  # one 16-byte output chunk
     phase = Int32(0)
     for j in cutlass.range(worker, num_runs, num_workers):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from ..runtime.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class, split_by_image
+from ..runtime.dispatch import CallKey, candidate_rows, choose_row, shape_class, split_by_image
 from ..testing import POISON_BF16, as_format, make_cache, mismatches, poisoned_out, random_block_table, random_slots
 from .variants import geomean, variant_of
 
@@ -363,7 +363,7 @@ def bench_shape(shape: Shape | SparseShape, copy_bw: float, l2_bytes: int, sweep
     if sweep:
         variants.update(entry_variants(rows))
         for target in grid_targets:
-            grid = launch_grid(chosen, w.num_reqs, w.max_rows, target)
+            grid = ops.grid_for(chosen, w.num_reqs, w.max_rows, target)
             variants[f"ctas{target}"] = lambda a, g=grid: _runner("entry", a, chosen, g, pdl=chosen.pdl)
 
     roofline_s = w.working_set / copy_bw

@@ -95,19 +95,30 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
     return rules, summary
 
 
-def kept_measurements(path: Path, device: str, remeasured: set[str]) -> list[dict]:
-    """The measurements of the table at `path` that this run does not repeat,
-    where they were taken on a device of this name: tuning one family keeps the
-    rules of the others (a table from another device is replaced whole)."""
+def kept_measurements(path: Path, device: str, remeasured: list[dict]) -> list[dict]:
+    """The measurements of the table at `path` for groups this run did not
+    measure (a group: family, format, indexing, slot dtype -- every shape
+    class of it), where that table was measured on a device of this name in
+    this table format: tuning one family keeps the others' rules. A table from
+    another device, or one that cannot be read, is replaced whole, and said so."""
     if not path.exists():
         return []
     try:
         old = json.loads(path.read_text())
-        if old["tuned_on"]["device"] != device:
-            return []
-        return [m for m in old.get("measured", []) if m["shape"] not in remeasured]
-    except (ValueError, KeyError, TypeError):
+        old_device, old_format, measured = old["tuned_on"]["device"], old["format"], old["measured"]
+    except (ValueError, KeyError, TypeError) as err:
+        print(f"{path}: not read ({type(err).__name__}: {err}); replaced whole")
         return []
+    if old_device != device or old_format != FORMAT:
+        print(f"{path}: measured on {old_device!r} (format {old_format}), not this {device!r}; replaced whole")
+        return []
+    done = {_group(m) for m in remeasured}
+    return [m for m in measured if _group(m) not in done]
+
+
+def _group(measurement: dict) -> tuple:
+    """What a measurement's shapes are re-measured together by: its match fields but the shape class."""
+    return tuple(measurement["match"].get(f) for f in MATCH_FIELDS if f != "shape_class")
 
 
 def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGIN) -> dict:
@@ -127,7 +138,7 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
             times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))
             print(f"{shape.label:<28} {m['match']['shape_class']:<14} default {m['default']}  {times}", flush=True)
     out = out or generated_dir() / DISPATCH_TABLE
-    measured = kept_measurements(out, props.name, {m["shape"] for m in measured}) + measured
+    measured = kept_measurements(out, props.name, measured) + measured
     rules, groups = choose_rules(measured, margin)
     table = {
         "format": FORMAT,

@@ -22,7 +22,7 @@ from ...formats import Format
 #   ballot:     sparse only: warps grid-stride over chunks of ballot_chunk slots, read
 #               with one load a lane; a warp ballot marks the valid ones and only
 #               those enter the ring, so -1 slots cost no pipeline step
-#   page_run:   dense only: a request's worker y takes its runs y, y + Y, ... of run_tokens
+#   page_run:   dense only: a request's y-th CTA of Y takes its runs y, y + Y, ... of run_tokens
 #               consecutive tokens of one page: one block-table lookup a run, two bulk
 #               copies (cp.async.bulk, sm_90+) move the run's contiguous data rows and
 #               scale rows into shared memory behind an mbarrier, then all warps decode
@@ -136,10 +136,11 @@ class DequantGatherConfig(FamilyConfig):
 
     @property
     def run_scale_bytes(self) -> int:
-        """page_run: shared memory for the run's scale rows, copied from the 16-byte
-        boundary at or before the run's first scale row (so up to 16 bytes more
-        than the rows), then rounded up to 16."""
-        return _round_up(self.run_tokens * self.format.scale_bytes, 16) + 16
+        """page_run: shared memory for the run's scale rows. A copy starts at the
+        16-byte boundary at or before its first scale row, which lies inside the
+        run (a run's first row is on one: run_tokens * scale_bytes is a multiple
+        of 16), so it never holds more than the run's rows."""
+        return self.run_tokens * self.format.scale_bytes
 
     @property
     def smem_bytes(self) -> int:
@@ -190,9 +191,7 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"schedule='ballot' is built for sparse gathers of one record a warp step (records of 288 "
                           f"bytes or more), not {c.indexing} indexing of format {f.name} "
                           f"({c.tokens_per_step} records a step)")
-    if c.schedule == "page_run":
-        _check_page_run(c)
-    elif c.run_tokens:
+    if c.run_tokens and c.schedule != "page_run":
         raise ConfigError(f"run_tokens={c.run_tokens} applies to the page_run schedule only, not {c.schedule}")
     if f.scale_group % 8 or f.tail % 8:
         raise ConfigError(f"format {f.name}: the template handles values in chunks of 8 (one 16-byte store), so "
@@ -208,10 +207,13 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"num_stages={c.num_stages} must be in 1..{MAX_STAGES}")
     if not 1 <= c.num_warps <= 32:
         raise ConfigError(f"num_warps={c.num_warps} must be in 1..32")
+    if c.schedule == "page_run":
+        _check_page_run(c)
     if c.smem_bytes > c.arch_row.max_smem_per_block:
-        raise ConfigError(
-            f"{c.num_stages} stages x {c.num_warps} warps need {c.smem_bytes} bytes of "
-            f"shared memory; {c.arch} allows {c.arch_row.max_smem_per_block}")
+        what = (f"run_tokens={c.run_tokens} needs" if c.schedule == "page_run"
+                else f"{c.num_stages} stages x {c.num_warps} warps need")
+        raise ConfigError(f"{what} {c.smem_bytes} bytes of shared memory; {c.arch} allows "
+                          f"{c.arch_row.max_smem_per_block}")
 
 
 def _check_page_run(c: DequantGatherConfig) -> None:
@@ -230,12 +232,9 @@ def _check_page_run(c: DequantGatherConfig) -> None:
     r = c.run_tokens
     if r < 1 or r & (r - 1) or c.block_size % r:
         raise ConfigError(f"run_tokens={r} must be a power of two that divides block_size={c.block_size}")
-    if f.data_bytes % 16:
-        raise ConfigError(f"format {f.name}: a bulk copy moves multiples of 16 bytes; its data rows are "
-                          f"{f.data_bytes} bytes")
     if (r * f.scale_bytes) % 16:
         raise ConfigError(f"run_tokens={r}: a run's scale rows ({r} x {f.scale_bytes} bytes) must be a multiple of "
-                          f"16 bytes, so the page's scale region ends on a bulk copy's boundary")
+                          f"16 bytes, so that each run's scale rows start on a bulk copy's 16-byte boundary")
 
 
 # The ABI of each indexing mode, in order. Named here once: the template

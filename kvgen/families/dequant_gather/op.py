@@ -22,7 +22,7 @@ import torch
 from ...formats import Format
 from ...runtime import switches
 from ...runtime.backend import Decision, Paths, decide, fallback, record_no_launch, serve
-from ...runtime.dispatch import launch_grid, run_grid
+from ...runtime.dispatch import TARGET_CTAS, launch_grid, run_grid
 from ...runtime.index_check import check_dense, check_packed, check_slots
 from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
@@ -157,17 +157,25 @@ def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[C
 
 
 # -------------------------------------------------------------------- launch
-@memoised_grid
-def _grid(entry: KernelEntry, num_reqs: int, max_rows: int) -> tuple[int, int, int]:
-    """The dispatch grid for a row: its warps move tokens_per_step records a
-    step; under the ballot schedule each warp takes one chunk of slots; under
-    page_run each CTA one run of tokens at a time."""
+def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
+             target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
+    """A row's grid, held near `target_ctas`: its warps move tokens_per_step
+    records a step; under the ballot schedule each warp takes one chunk of
+    slots; under page_run each CTA one run of tokens at a time. (The bench's
+    grid sweep asks with other targets.)"""
     config = entry.config
     if config["schedule"] == "page_run":
-        return run_grid(num_reqs, max_rows, config["run_tokens"], windowed=config["gather_lens"])
-    return launch_grid(entry, num_reqs, max_rows,
+        return run_grid(num_reqs, max_rows, config["run_tokens"], windowed=config["gather_lens"],
+                        target_ctas=target_ctas)
+    return launch_grid(entry, num_reqs, max_rows, target_ctas,
                        tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
                        rows_per_warp=config["ballot_chunk"] if config["schedule"] == "ballot" else None)
+
+
+@memoised_grid
+def _grid(entry: KernelEntry, num_reqs: int, max_rows: int) -> tuple[int, int, int]:
+    """The dispatch grid for a row (grid_for at dispatch's target)."""
+    return grid_for(entry, num_reqs, max_rows)
 
 
 def launch_entry(entry: KernelEntry, out, k_cache, seq_lens, gather_lens, block_table, offset,
