@@ -21,7 +21,7 @@ import triton.language as tl
 
 import kvgen
 from kvgen.tools import bench
-from kvgen.tools.bench import Shape, gpu_case, graph_times
+from kvgen.tools.bench import Shape, gpu_case, graph_times, in_physical_order
 
 
 
@@ -55,16 +55,7 @@ for shape in (Shape("1x262144", (262144,)), Shape("8x16384", (16384,) * 8), Shap
     working_set = shape.tokens * (584 + bench.WRITE_BYTES)
     sets = bench._set_count(working_set, l2)
     shuffled = [gpu_case(shape, seed) for seed in range(sets)]
-    in_order = []
-    for case in shuffled:
-        case = list(case)
-        table = case[4]
-        pages = -(-max(shape.seq_lens) // shape.block_size)
-        ordered = torch.arange(table.shape[0] * pages, dtype=torch.int32, device="cuda").view(table.shape[0], pages)
-        table = table.clone()
-        table[:, :pages] = ordered
-        case[4] = table
-        in_order.append(case)
+    in_order = [in_physical_order(case, shape) for case in shuffled]
     values = working_set // 3  # read 1 byte, write 2
     casts = [(torch.empty(values, dtype=torch.uint8, device="cuda").random_(0, 120).view(torch.float8_e4m3fn),
               torch.empty(values, dtype=torch.bfloat16, device="cuda")) for _ in range(sets)]

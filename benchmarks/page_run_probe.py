@@ -26,7 +26,7 @@ from kvgen.families.dequant_gather import op as ops
 from kvgen.runtime.loader import registry
 from kvgen.testing import POISON_BF16
 from kvgen.tools import bench
-from kvgen.tools.bench import Shape, gpu_case, graph_times
+from kvgen.tools.bench import Shape, gpu_case, graph_times, in_physical_order
 
 PROBES = {"probe_r64": (64, 256), "probe_r32": (32, 256), "probe_r16": (16, 128)}  # run tokens, threads
 SHAPES = (Shape("1x65536", (65536,)), Shape("1x262144", (262144,)), Shape("8x16384", (16384,) * 8),
@@ -73,15 +73,6 @@ def probe_call(kernel, run: int, threads: int, args):
         err, = cu.cuLaunchKernelEx(config, kernel, (values, types), 0)
         assert err == cu.CUresult.CUDA_SUCCESS, err
     return call
-
-
-def in_physical_order(case: list, shape: Shape) -> list:
-    case = list(case)
-    table = case[4].clone()
-    pages = -(-max(shape.seq_lens) // shape.block_size)
-    table[:, :pages] = torch.arange(table.shape[0] * pages, dtype=table.dtype, device=table.device).view(-1, pages)
-    case[4] = table
-    return case
 
 
 def main(only: list[str]) -> None:

@@ -136,8 +136,12 @@ def test_launch_grid_is_bounded_by_host_quantities():
     # A packed gather's warps take two rows each (PACKED_MIN_STEPS), the indexer's lane groups four steps.
     packed = {e.format.name: e for e in registry().entries if e.config.get("indexing") == "packed"
               and e.config["block_size"] == 64 and e.arch == "sm_90a" and e.config.get("output", "bf16") == "bf16"}
-    assert launch_grid(packed["v41_288"], 1, 65536) == (1, 8192, 1)
-    assert launch_grid(packed["indexer_132"], 1, 65536, tokens_per_step=4) == (1, 1024, 1)
+    from kvgen.families.dequant_gather import op as ops
+
+    steps = ops.PACKED_MIN_STEPS
+    assert launch_grid(packed["v41_288"], 1, 65536, min_steps=steps) == (1, 8192, 1)
+    assert launch_grid(packed["indexer_132"], 1, 65536, tokens_per_step=4, min_steps=steps) == (1, 1024, 1)
+    assert ops.grid_for(packed["v41_288"], 1, 65536) == (1, 8192, 1)  # the family's grid asks for them
 
 
 def test_a_page_run_row_gives_each_cta_one_run_at_a_time():

@@ -155,9 +155,11 @@ def kernel(
     req = linear // num_workers
     worker = linear - req * num_workers
 
-    # Programmatic dependent launch, as in the ring schedules: nothing in global
-    # memory is touched before the previous kernel in the stream has finished
-    # (and the wait comes first, in the entry block, where the PDL check finds it).
+    # Programmatic dependent launch; both are no-ops unless the launch asks for
+    # it. Nothing in global memory is touched before the previous kernel in the
+    # stream has finished and flushed its writes (it may have written the cache,
+    # the block table or the lengths); the next kernel may be scheduled now, so
+    # its launch overlaps this grid's tail instead of following it.
     cute.arch.griddepcontrol_wait()
     cute.arch.griddepcontrol_launch_dependents()
 
@@ -176,8 +178,9 @@ def kernel(
     gather_len = cute.make_tensor(gather_lens + req, cute.make_layout(1))[0]
     start = seq_len - gather_len
     # Never write past out's rows, whatever gather_len says.
-    pos_end = start + cutlass.min(gather_len, max_rows)
+    rows = cutlass.min(gather_len, max_rows)
     block_table_row = block_table + Int64(req) * block_table_stride
+    pos_end = start + rows
     # Runs are aligned to RUN_TOKENS positions (so a run never crosses a page);
     # a window's first and last runs are partial.
     first_run = start // RUN_TOKENS

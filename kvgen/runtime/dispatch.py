@@ -168,40 +168,33 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
 # 65536 tokens; 288-byte records are best at one token a warp (two: +1%), as are
 # the 528-, 584- and 656-byte ones, which keep their grid.
 MIN_WARP_BYTES = 528
-# A packed gather's warp takes at least this many ring steps: before its first
-# row it waits on its CTA's staging of the request starts (a global round trip
-# and a barrier) and searches them for every row. Measured on the H100
-# (BENCHMARKS.md, log 24), 65536 rows: 288-byte records 41.8 -> 39.6 us with
-# two rows a warp instead of one, 656-byte ones 50.9 -> 48.4; the dense
-# gathers of the same records are fastest at one.
-PACKED_MIN_STEPS = 2
+def held_grid(num_reqs: int, workers_needed: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
+    """grid = (requests, workers): `workers_needed` CTAs a request, the whole
+    grid held near target_ctas (a request's CTAs grid-stride over the rest)."""
+    workers = min(workers_needed, -(-target_ctas // num_reqs), MAX_GRID_Y)
+    return (num_reqs, max(1, workers), 1)
 
 
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int, target_ctas: int = TARGET_CTAS,
-                tokens_per_step: int = 1, rows_per_warp: int | None = None) -> tuple[int, int, int]:
-    """grid = (requests, workers): enough warps for the longest possible gather
-    (max_rows bounds every gather length), each lane group of a warp (a warp
-    moves `tokens_per_step` records a step) with at least MIN_WARP_BYTES of
-    records and, packed, PACKED_MIN_STEPS steps -- or, where the row's schedule fixes it, `rows_per_warp` rows a
-    warp --, the whole grid held near target_ctas. A sparse or packed call is
-    one request of max_rows = number of slots (rows)."""
+                tokens_per_step: int = 1, rows_per_warp: int | None = None, min_steps: int = 1) -> tuple[int, int, int]:
+    """grid = (requests, workers) for the ring schedules: enough warps for the
+    longest possible gather (max_rows bounds every gather length), each lane
+    group of a warp (a warp moves `tokens_per_step` records a step) with at
+    least MIN_WARP_BYTES of records and `min_steps` steps -- or, where the
+    row's schedule fixes it, `rows_per_warp` rows a warp --, held near
+    target_ctas. A sparse or packed call is one request of max_rows = number
+    of slots (rows)."""
     if rows_per_warp is None:
-        min_steps = PACKED_MIN_STEPS if entry.config.get("indexing") == "packed" else 1
         rows_per_warp = tokens_per_step * max(min_steps, MIN_WARP_BYTES // entry.format.record_bytes)
-    per_warp = entry.config["num_warps"] * rows_per_warp
-    workers = min(-(-max_rows // per_warp), -(-target_ctas // num_reqs), MAX_GRID_Y)
-    return (num_reqs, max(1, workers), 1)
+    return held_grid(num_reqs, -(-max_rows // (entry.config["num_warps"] * rows_per_warp)), target_ctas)
 
 
 def run_grid(num_reqs: int, max_rows: int, run_tokens: int, windowed: bool,
              target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """grid = (requests, workers) for the page_run schedule: a CTA per run of
     `run_tokens` positions (runs aligned to run_tokens, so a window that starts
-    inside one touches one run more), the whole grid held near target_ctas;
-    a request's CTAs grid-stride over its runs."""
-    runs = -(-max_rows // run_tokens) + (1 if windowed else 0)
-    workers = min(runs, -(-target_ctas // num_reqs), MAX_GRID_Y)
-    return (num_reqs, max(1, workers), 1)
+    inside one touches one run more), held near target_ctas."""
+    return held_grid(num_reqs, -(-max_rows // run_tokens) + (1 if windowed else 0), target_ctas)
 
 
 def forced_backend() -> str | None:

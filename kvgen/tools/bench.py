@@ -115,6 +115,17 @@ def gpu_case(shape: Shape, seed: int, device="cuda"):
     return [out, k_cache, seq_lens, gather_lens, block_table, bs, 0]
 
 
+def in_physical_order(case: list, shape: Shape) -> list:
+    """A gpu_case's arguments with every request's pages in physical order, back to back
+    (block table = arange; requests of one length): the same call without the random page order."""
+    case = list(case)
+    table = case[4].clone()
+    pages = -(-max(shape.seq_lens) // shape.block_size)
+    table[:, :pages] = torch.arange(table.shape[0] * pages, dtype=table.dtype, device=table.device).view(-1, pages)
+    case[4] = table
+    return case
+
+
 def gpu_sparse_case(shape: SparseShape, seed: int, device="cuda"):
     layout = as_format(shape.format)
     bs = shape.block_size

@@ -157,19 +157,29 @@ def decide_sparse(out, k_cache, slot_indices, block_size, *, checked: Optional[C
 
 
 # -------------------------------------------------------------------- launch
+# A packed gather's warp takes at least this many ring steps: before its first
+# row it waits on its CTA's staging of the request starts (a global round trip
+# and a barrier) and searches them for every row. Measured on the H100
+# (BENCHMARKS.md, log 24), 65536 rows: 288-byte records 41.8 -> 39.6 us with
+# two rows a warp instead of one, 656-byte ones 50.9 -> 48.4; the dense
+# gathers of the same records are fastest at one.
+PACKED_MIN_STEPS = 2
+
+
 def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
              target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """A row's grid, held near `target_ctas`: its warps move tokens_per_step
-    records a step; under the ballot schedule each warp takes one chunk of
-    slots; under page_run each CTA one run of tokens at a time. (The bench's
-    grid sweep asks with other targets.)"""
+    records a step, packed ones at least PACKED_MIN_STEPS steps; under the
+    ballot schedule each warp takes one chunk of slots; under page_run each
+    CTA one run of tokens at a time. (The bench's grid sweep asks with other targets.)"""
     config = entry.config
     if config["schedule"] == "page_run":
         return run_grid(num_reqs, max_rows, config["run_tokens"], windowed=config["gather_lens"],
                         target_ctas=target_ctas)
     return launch_grid(entry, num_reqs, max_rows, target_ctas,
                        tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
-                       rows_per_warp=config["ballot_chunk"] if config["schedule"] == "ballot" else None)
+                       rows_per_warp=config["ballot_chunk"] if config["schedule"] == "ballot" else None,
+                       min_steps=PACKED_MIN_STEPS if config["indexing"] == "packed" else 1)
 
 
 @memoised_grid
