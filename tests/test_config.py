@@ -63,7 +63,7 @@ def _alternatives():
         "num_stages": [dict(num_stages=1), dict(num_stages=8)],
         "num_warps": [dict(num_warps=8)],
         "gather_lens": [dict(gather_lens=False)],
-        "schedule": [dict(schedule="contiguous")],
+        "schedule": [dict(schedule="contiguous"), dict(schedule="compact", indexing="sparse", gather_lens=False)],
         "pdl": [dict(pdl=True)],
         "arch": [dict(arch="sm_90x")],
         "output": [dict(output="raw", indexing="packed", gather_lens=False)],
@@ -92,7 +92,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 265
+    assert len(configs) == 295
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -124,7 +124,8 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(output="raw"), "output='raw'"),
     (dict(output="hex"), "unknown output"),
     (dict(schedule="ballot"), "schedule='ballot' is built for sparse gathers"),
-    (dict(ballot_chunk=8), "ballot_chunk=8 applies to the ballot schedule only"),
+    (dict(ballot_chunk=8), "ballot_chunk=8 applies to the ballot and compact schedules only"),
+    (dict(schedule="compact"), "schedule='compact' is built for sparse gathers"),
     (dict(schedule="ballot", indexing="sparse", gather_lens=False, ballot_chunk=5), "unknown ballot_chunk 5"),
     (dict(schedule="ballot", indexing="packed", gather_lens=False), "not packed indexing"),
     (dict(schedule="ballot", indexing="sparse", gather_lens=False, format=Format(
@@ -290,6 +291,15 @@ def test_the_ballot_schedule_stages_an_out_row_per_stage():
     ballot = dataclasses.replace(strided, schedule="ballot")
     assert ballot.smem_bytes == strided.smem_bytes + 4 * ballot.num_stages * ballot.num_warps
     assert "_ballot_" in ballot.name
+
+
+def test_the_compact_schedule_keeps_a_list_of_its_chunk():
+    """Its shared memory: the ring plus the chunk's list (slot and out row, an
+    int32 each, per slot of the chunk) and a count per warp (16-byte aligned)."""
+    strided = dataclasses.replace(SEED, indexing="sparse", gather_lens=False)
+    compact = dataclasses.replace(strided, schedule="compact", ballot_chunk=16)
+    assert compact.smem_bytes == strided.smem_bytes + 8 * 16 * 4 + 16
+    assert "_compact_" in compact.name and compact.name.endswith("_c16")
 
 
 def test_a_page_run_stages_one_run_of_rows_and_scale_rows():

@@ -292,14 +292,14 @@ def _ballot_slot_patterns(num_slots: int, cache_slots: int) -> dict[str, torch.T
 
 
 def test_ballot_rows_slot_patterns():
-    """Every ballot-schedule row, on the dispatch grid and on one CTA, over the
-    slot patterns its chunking must handle; rows of -1 (or any negative) slot
-    stay poisoned."""
+    """Every ballot- and compact-schedule row, on the dispatch grid, on one CTA
+    and on two (a CTA over several chunks), over the slot patterns its chunking
+    must handle; rows of -1 (or any negative) slot stay poisoned."""
     from kvgen.families.dequant_gather import op as ops
     from kvgen.runtime.loader import registry
 
     here = torch.cuda.get_device_capability()
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "ballot"
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in ("ballot", "compact")
             and ARCHS[e.arch].serves(here)]
     assert rows
     for i, entry in enumerate(rows):

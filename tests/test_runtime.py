@@ -160,11 +160,14 @@ def test_a_page_run_row_gives_each_cta_one_run_at_a_time():
         assert ops._grid(entry, 4, 0) == (4, 1, 1), entry.name
 
 
-def test_a_ballot_row_gives_each_warp_one_chunk_of_slots():
+def test_ballot_and_compact_rows_give_each_warp_one_chunk_of_slots():
+    """A ballot row's warp takes one chunk of slots; a compact row's CTA one chunk
+    of num_warps such chunks, compacted together."""
     from kvgen.families.dequant_gather import op as ops
 
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "ballot"]
-    assert {e.config["ballot_chunk"] for e in rows} == {8, 16, 32}
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in ("ballot", "compact")]
+    assert {(e.config["schedule"], e.config["ballot_chunk"]) for e in rows} == {
+        ("ballot", 8), ("ballot", 16), ("ballot", 32), ("compact", 4), ("compact", 16)}
     for entry in rows:
         warps = -(-65536 // entry.config["ballot_chunk"])
         assert ops._grid(entry, 1, 65536) == (1, warps // entry.config["num_warps"], 1), entry.name

@@ -22,6 +22,11 @@ from ...formats import Format
 #   ballot:     sparse only: warps grid-stride over chunks of ballot_chunk slots, read
 #               with one load a lane; a warp ballot marks the valid ones and only
 #               those enter the ring, so -1 slots cost no pipeline step
+#   compact:    sparse only: CTAs grid-stride over chunks of ballot_chunk slots a warp; each
+#               warp ballots its slots, the CTA compacts the chunk's valid ones in shared
+#               memory (slot order), and its warps take the entries in turn through their
+#               rings: no step for a -1 slot, and a chunk's records spread evenly over its
+#               warps (BENCHMARKS.md, log 32)
 #   page_run:   dense only: a request's y-th CTA of Y takes its runs y, y + Y, ... of run_tokens
 #               consecutive tokens of one page: one block-table lookup a run, two bulk
 #               copies (cp.async.bulk, sm_90+) move the run's contiguous data rows and
@@ -29,7 +34,7 @@ from ...formats import Format
 #               and store the run's contiguous output rows; CTAs are numbered
 #               request-major, so those resident at once stream a few requests
 #               (BENCHMARKS.md, log 30)
-SCHEDULES = ("strided", "contiguous", "ballot", "page_run")
+SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 
 # Which tokens a call gathers.
@@ -102,9 +107,9 @@ class DequantGatherConfig(FamilyConfig):
     arch: str = param("", "target architecture (a row of kvgen.config.ARCHS)", default="sm_90a")
     output: str = param("", "bf16 (decoded rows) or raw (value and scale bytes; packed only); see OUTPUTS",
                         default="bf16", named_at_default=False)
-    ballot_chunk: int = param("c", f"the ballot schedule's chunk: slots a warp reads (one a lane) and ballots at "
-                                   f"once, one of {BALLOT_CHUNKS}; also each warp's share of the launch grid. "
-                                   f"Other schedules: 32", default=32, named_at_default=False)
+    ballot_chunk: int = param("c", f"the ballot and compact schedules' chunk: slots a warp reads (one a lane) and "
+                                   f"ballots at once, one of {BALLOT_CHUNKS}; also each warp's share of the launch "
+                                   f"grid. Other schedules: 32", default=32, named_at_default=False)
     run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two that "
                                  "divides block_size; other schedules: 0", default=0, named_at_default=False)
 
@@ -148,7 +153,14 @@ class DequantGatherConfig(FamilyConfig):
             return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
         staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
-        return ring + staged_rows + 8 * self.staged_reqs
+        return ring + staged_rows + self.compact_bytes + 8 * self.staged_reqs
+
+    @property
+    def compact_bytes(self) -> int:
+        """compact: the chunk's list (slot and out row, int32 each, per slot) and a count per warp."""
+        if self.schedule != "compact":
+            return 0
+        return 8 * self.ballot_chunk * self.num_warps + _round_up(4 * self.num_warps, 16)
 
     @property
     def staged_reqs(self) -> int:
@@ -185,10 +197,11 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError("output='raw' (undecoded value and scale bytes) is built for packed indexing of page-split "
                           f"formats, not {c.indexing} indexing of {f.placement} format {f.name}")
     check_choice("ballot_chunk", c.ballot_chunk, BALLOT_CHUNKS)
-    if c.ballot_chunk != 32 and c.schedule != "ballot":
-        raise ConfigError(f"ballot_chunk={c.ballot_chunk} applies to the ballot schedule only, not {c.schedule}")
-    if c.schedule == "ballot" and (c.indexing != "sparse" or c.tokens_per_step != 1):
-        raise ConfigError(f"schedule='ballot' is built for sparse gathers of one record a warp step (records of 288 "
+    if c.ballot_chunk != 32 and c.schedule not in ("ballot", "compact"):
+        raise ConfigError(f"ballot_chunk={c.ballot_chunk} applies to the ballot and compact schedules only, not "
+                          f"{c.schedule}")
+    if c.schedule in ("ballot", "compact") and (c.indexing != "sparse" or c.tokens_per_step != 1):
+        raise ConfigError(f"schedule={c.schedule!r} is built for sparse gathers of one record a warp step (records of 288 "
                           f"bytes or more), not {c.indexing} indexing of format {f.name} "
                           f"({c.tokens_per_step} records a step)")
     if c.run_tokens and c.schedule != "page_run":

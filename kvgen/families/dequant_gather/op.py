@@ -170,7 +170,7 @@ def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
              target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """A row's grid, held near `target_ctas`: its warps move tokens_per_step
     records a step, packed ones at least PACKED_MIN_STEPS steps; under the
-    ballot schedule each warp takes one chunk of slots; under page_run each
+    ballot and compact schedules each warp takes one chunk of slots; under page_run each
     CTA one run of tokens at a time. (The bench's grid sweep asks with other targets.)"""
     config = entry.config
     if config["schedule"] == "page_run":
@@ -178,7 +178,7 @@ def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
                         target_ctas=target_ctas)
     return launch_grid(entry, num_reqs, max_rows, target_ctas,
                        tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
-                       rows_per_warp=config["ballot_chunk"] if config["schedule"] == "ballot" else None,
+                       rows_per_warp=config["ballot_chunk"] if config["schedule"] in ("ballot", "compact") else None,
                        min_steps=PACKED_MIN_STEPS if config["indexing"] == "packed" else 1)
 
 
