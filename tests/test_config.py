@@ -126,6 +126,8 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(schedule="ballot"), "schedule='ballot' is built for sparse gathers"),
     (dict(ballot_chunk=8), "ballot_chunk=8 applies to the ballot and compact schedules only"),
     (dict(schedule="compact"), "schedule='compact' is built for sparse gathers"),
+    (dict(schedule="compact", indexing="packed", gather_lens=False), "not packed indexing"),
+    (dict(schedule="compact", indexing="sparse", gather_lens=False, ballot_chunk=5), "unknown ballot_chunk 5"),
     (dict(schedule="ballot", indexing="sparse", gather_lens=False, ballot_chunk=5), "unknown ballot_chunk 5"),
     (dict(schedule="ballot", indexing="packed", gather_lens=False), "not packed indexing"),
     (dict(schedule="ballot", indexing="sparse", gather_lens=False, format=Format(

@@ -17,7 +17,7 @@ from kvgen.runtime import backend
 from kvgen.families.dequant_gather import op as ops
 from kvgen.runtime import dispatch
 from kvgen.tools import tune
-from kvgen.runtime.dispatch import CallKey, candidate_rows, choose_row, launch_grid, shape_class
+from kvgen.runtime.dispatch import TARGET_CTAS, CallKey, candidate_rows, choose_row, launch_grid, shape_class
 from kvgen.runtime.loader import KvgenLoadError, registry, reset_registry
 from kvgen.paths import generated_dir
 from kvgen.families.dequant_gather.oracle import dequantize_and_gather_oracle, dequantize_and_gather_sparse_oracle
@@ -169,8 +169,10 @@ def test_ballot_and_compact_rows_give_each_warp_one_chunk_of_slots():
     assert {(e.config["schedule"], e.config["ballot_chunk"]) for e in rows} == {
         ("ballot", 8), ("ballot", 16), ("ballot", 32), ("compact", 4), ("compact", 16)}
     for entry in rows:
-        warps = -(-65536 // entry.config["ballot_chunk"])
-        assert ops._grid(entry, 1, 65536) == (1, warps // entry.config["num_warps"], 1), entry.name
+        chunk, warps = entry.config["ballot_chunk"], entry.config["num_warps"]
+        assert ops._grid(entry, 1, 65536) == (1, 65536 // (chunk * warps), 1), entry.name
+        assert ops._grid(entry, 1, 65537) == (1, 65536 // (chunk * warps) + 1, 1), entry.name  # a partial chunk
+        assert ops._grid(entry, 1, 2**30) == (1, TARGET_CTAS, 1), entry.name  # held: CTAs stride over chunks
 
 
 def test_shape_classes_follow_host_known_sizes():
@@ -186,6 +188,19 @@ def _measured(shape, cls, times, default="s4w4s"):
               for v in times}
     return {"shape": shape, "match": {"format": "dsv4_584", "indexing": "dense", "shape_class": cls},
             "default": default, "us": times, "prefer": prefer}
+
+
+def test_every_schedule_has_its_own_letter_in_variant_names():
+    """Variant names (tune's measurements, bench's columns) tell every schedule
+    apart, and each schedule that a field sizes carries that field."""
+    from kvgen.families.dequant_gather.config import SCHEDULES
+    from kvgen.tools.variants import SCHEDULE_LETTERS, variant_of
+
+    assert set(SCHEDULE_LETTERS) == set(SCHEDULES)
+    letters = [letter for letter, _ in SCHEDULE_LETTERS.values()]
+    assert len(set(letters)) == len(letters)
+    names = {variant_of(e.config) for e in registry().entries if e.family == "dqgk"}
+    assert {"s4w4k4", "s8w4k16", "s8w8k16", "s4w4b16", "s1w8p32", "s4w4s"} <= names
 
 
 def test_tune_writes_a_rule_only_past_the_margin():

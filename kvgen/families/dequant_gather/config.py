@@ -25,8 +25,8 @@ from ...formats import Format
 #   compact:    sparse only: CTAs grid-stride over chunks of ballot_chunk slots a warp; each
 #               warp ballots its slots, the CTA compacts the chunk's valid ones in shared
 #               memory (slot order), and its warps take the entries in turn through their
-#               rings: no step for a -1 slot, and a chunk's records spread evenly over its
-#               warps (BENCHMARKS.md, log 32)
+#               rings: no step for a negative slot, and a chunk's records spread evenly over
+#               its warps (BENCHMARKS.md, log 32)
 #   page_run:   dense only: a request's y-th CTA of Y takes its runs y, y + Y, ... of run_tokens
 #               consecutive tokens of one page: one block-table lookup a run, two bulk
 #               copies (cp.async.bulk, sm_90+) move the run's contiguous data rows and
@@ -36,6 +36,7 @@ from ...formats import Format
 #               (BENCHMARKS.md, log 30)
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run")
 BALLOT_CHUNKS = (4, 8, 16, 32)
+CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
 
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
@@ -108,8 +109,9 @@ class DequantGatherConfig(FamilyConfig):
     output: str = param("", "bf16 (decoded rows) or raw (value and scale bytes; packed only); see OUTPUTS",
                         default="bf16", named_at_default=False)
     ballot_chunk: int = param("c", f"the ballot and compact schedules' chunk: slots a warp reads (one a lane) and "
-                                   f"ballots at once, one of {BALLOT_CHUNKS}; also each warp's share of the launch "
-                                   f"grid. Other schedules: 32", default=32, named_at_default=False)
+                                   f"ballots at once, one of {BALLOT_CHUNKS}; the launch grid gives each warp "
+                                   f"(ballot) or each CTA's num_warps warps (compact) one such chunk. Other "
+                                   f"schedules: 32", default=32, named_at_default=False)
     run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two that "
                                  "divides block_size; other schedules: 0", default=0, named_at_default=False)
 
@@ -197,12 +199,12 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError("output='raw' (undecoded value and scale bytes) is built for packed indexing of page-split "
                           f"formats, not {c.indexing} indexing of {f.placement} format {f.name}")
     check_choice("ballot_chunk", c.ballot_chunk, BALLOT_CHUNKS)
-    if c.ballot_chunk != 32 and c.schedule not in ("ballot", "compact"):
+    if c.ballot_chunk != 32 and c.schedule not in CHUNKED_SCHEDULES:
         raise ConfigError(f"ballot_chunk={c.ballot_chunk} applies to the ballot and compact schedules only, not "
                           f"{c.schedule}")
-    if c.schedule in ("ballot", "compact") and (c.indexing != "sparse" or c.tokens_per_step != 1):
-        raise ConfigError(f"schedule={c.schedule!r} is built for sparse gathers of one record a warp step (records of 288 "
-                          f"bytes or more), not {c.indexing} indexing of format {f.name} "
+    if c.schedule in CHUNKED_SCHEDULES and (c.indexing != "sparse" or c.tokens_per_step != 1):
+        raise ConfigError(f"schedule={c.schedule!r} is built for sparse gathers of one record a warp step (records "
+                          f"of 288 bytes or more), not {c.indexing} indexing of format {f.name} "
                           f"({c.tokens_per_step} records a step)")
     if c.run_tokens and c.schedule != "page_run":
         raise ConfigError(f"run_tokens={c.run_tokens} applies to the page_run schedule only, not {c.schedule}")

@@ -29,7 +29,7 @@ from ...runtime.manifest import KernelEntry
 from ...runtime.plans import launch_planned, remember, signature
 from ...runtime.registration import register_op
 from ...runtime.validate import check_cache, check_one_device, meta
-from .config import KERNEL_PARAMS, DequantGatherConfig, tokens_per_step
+from .config import CHUNKED_SCHEDULES, KERNEL_PARAMS, DequantGatherConfig, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
 # The family fields a row must have, per indexing mode (made once: a tuple per call is a key per call).
@@ -178,7 +178,7 @@ def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
                         target_ctas=target_ctas)
     return launch_grid(entry, num_reqs, max_rows, target_ctas,
                        tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
-                       rows_per_warp=config["ballot_chunk"] if config["schedule"] in ("ballot", "compact") else None,
+                       rows_per_warp=config["ballot_chunk"] if config["schedule"] in CHUNKED_SCHEDULES else None,
                        min_steps=PACKED_MIN_STEPS if config["indexing"] == "packed" else 1)
 
 

@@ -1,0 +1,125 @@
+"""The raw indexer gather by page runs (GPU, nvcc on PATH; not yet run:
+`python benchmarks/raw_run_probe.py`).
+
+Issue 15's raw gather (`kvgen.cp_gather_indexer_k_quant_cache`) runs at 0.83 /
+0.89 of a copy of its bytes at 65536 / 262144 rows (BENCHMARKS.md, log 28),
+level with its Triton fallback. Its rows are each request's consecutive
+positions, so a page holds runs of contiguous 128-byte data rows and 4-byte
+scale rows that go to contiguous output rows. benchmarks/raw_run_probe.cu
+moves a run of RUN rows per CTA with one block-table lookup, three ways (see
+its header: bulk copies in and out, bulk in and thread stores out, thread
+loads and stores with no shared memory). Timed side by side on bench_formats'
+raw shapes (8 requests of T/8 rows, pages in random order, block size 64;
+bench.graph_times: CUDA-graph replays, interleaved rounds, rotated past L2):
+  kvgen      the public op (the shipped row)
+  triton     its Triton fallback
+  rR_mM      the probe kernel, runs of R rows, mode M, one run a CTA
+  copy       a device-to-device copy of the same bytes
+every output first checked byte for byte against the op's.
+"""
+
+import ctypes
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from cuda.bindings import driver as cu
+
+import kvgen
+from kvgen.formats import as_format
+from kvgen.tools import bench
+from kvgen.tools.bench import graph_times, same_bytes_copy, with_env
+from kvgen.tools.bench_formats import BLOCK_SIZE, READ_TOKENS, _cache
+
+PROBES = tuple((run, 128, mode) for run in (64, 32) for mode in (0, 1, 2))  # (run rows, threads, mode)
+REQS = 8
+
+
+def load_probes() -> dict:
+    torch.zeros(1, device="cuda")  # the primary context, current: the module loads into it
+    cubin = Path(tempfile.mkdtemp()) / "raw_run_probe.cubin"
+    subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-O3", "-o", str(cubin),
+                    str(Path(__file__).with_suffix(".cu"))], check=True)
+    err, module = cu.cuModuleLoadData(cubin.read_bytes())
+    assert err == cu.CUresult.CUDA_SUCCESS, err
+    kernels = {}
+    for run, threads, mode in PROBES:
+        err, kernel = cu.cuModuleGetFunction(module, f"raw_run_r{run}_t{threads}_m{mode}".encode())
+        assert err == cu.CUresult.CUDA_SUCCESS, (run, mode, err)
+        kernels[(run, threads, mode)] = kernel
+    return kernels
+
+
+def raw_case(tokens: int, seed: int):
+    """bench_formats' raw shape: 8 requests of tokens / 8 rows, pages in random order."""
+    fmt = as_format("indexer_132")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cache = _cache(fmt, tokens, g)
+    per = tokens // REQS
+    perm = torch.randperm(cache.shape[0], generator=g, device="cuda").to(torch.int32)
+    block_table = perm[: REQS * (per // BLOCK_SIZE)].reshape(REQS, per // BLOCK_SIZE).contiguous()
+    cu_seq_lens = torch.arange(REQS + 1, dtype=torch.int32, device="cuda") * per
+    dst_k = torch.empty((tokens, fmt.value_bytes), dtype=torch.uint8, device="cuda")
+    dst_s = torch.empty((tokens, fmt.num_scales * fmt.scale_size), dtype=torch.uint8, device="cuda")
+    return cache, dst_k, dst_s, block_table, cu_seq_lens
+
+
+def probe_call(kernel, run: int, threads: int, mode: int, case):
+    cache, dst_k, dst_s, block_table, cu_seq_lens = case
+    smem = 0 if mode == 2 else run * 128 + (run + 4) * 4 + 8
+    types = (ctypes.c_void_p,) * 5 + (ctypes.c_int, ctypes.c_longlong, ctypes.c_int)
+    values = (dst_k.data_ptr(), dst_s.data_ptr(), cache.data_ptr(), block_table.data_ptr(), cu_seq_lens.data_ptr(),
+              block_table.stride(0), cache.stride(0), BLOCK_SIZE)
+    grid_y = -(-(dst_k.shape[0] // REQS) // run)
+
+    def call():
+        config = cu.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = REQS, grid_y, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+        config.sharedMemBytes = smem
+        config.hStream = torch.cuda.current_stream().cuda_stream
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config.attrs, config.numAttrs = [attr], 1
+        err, = cu.cuLaunchKernelEx(config, kernel, (values, types), 0)
+        assert err == cu.CUresult.CUDA_SUCCESS, err
+    return call
+
+
+def main() -> None:
+    kernels = load_probes()
+    bench.copy_bandwidth()  # ramps the clocks
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    for tokens in READ_TOKENS:
+        moved = tokens * 2 * (128 + 4)
+        sets = max(2, -(-3 * l2 // moved))
+        cases = [raw_case(tokens, seed) for seed in range(sets)]
+
+        def op(c):
+            return lambda: kvgen.cp_gather_indexer_k_quant_cache(c[0], c[1], c[2], c[3], c[4])
+        calls = {"kvgen": op, "triton": lambda c: with_env(op(c), KVGEN_BACKEND="triton")}
+        calls.update({f"r{run}_m{mode}": (lambda c, k=kernels[(run, t, mode)], p=(run, t, mode): probe_call(k, *p, c))
+                      for run, t, mode in PROBES})
+        expected = []
+        for c in cases:
+            op(c)()
+            expected.append((c[1].clone(), c[2].clone()))
+        variants = {"copy": same_bytes_copy(moved, sets)}
+        for name, make in calls.items():
+            for c, (want_k, want_s) in zip(cases, expected):
+                c[1].fill_(0xA5)
+                c[2].fill_(0xA5)
+                make(c)()
+                torch.cuda.synchronize()
+                assert torch.equal(c[1], want_k) and torch.equal(c[2], want_s), (tokens, name)
+            variants[name] = [make(c) for c in cases]
+        times = graph_times(variants)
+        copy = times["copy"]
+        print(f"raw {tokens:<7} copy {copy * 1e6:.2f} us  "
+              + "  ".join(f"{k} {t * 1e6:.2f} us {copy / t:.3f}" for k, t in times.items() if k != "copy"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
