@@ -13,13 +13,11 @@ every output checked bit-exact against the op's first. Results: BENCHMARKS.md, l
 """
 
 import ctypes
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from cuda.bindings import driver as cu
+from cuda_probe import launcher, load_kernels
 
 import kvgen
 from kvgen.families.dequant_gather import op as ops
@@ -37,18 +35,9 @@ SHAPES = (Shape("1x65536", (65536,)), Shape("1x262144", (262144,)), Shape("8x163
 
 
 def load_probes() -> dict:
-    torch.zeros(1, device="cuda")  # the primary context, current: the module loads into it
-    cubin = Path(tempfile.mkdtemp()) / "page_run_probe.cubin"
-    subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-O3", "-o", str(cubin),
-                    str(Path(__file__).with_suffix(".cu"))], check=True)
-    err, module = cu.cuModuleLoadData(cubin.read_bytes())
-    assert err == cu.CUresult.CUDA_SUCCESS, err
-    kernels = {}
-    for name, (run, threads) in PROBES.items():
-        err, kernel = cu.cuModuleGetFunction(module, f"page_r{run}_t{threads}_s1_c0".encode())
-        assert err == cu.CUresult.CUDA_SUCCESS, (name, err)
-        kernels[name] = kernel
-    return kernels
+    names = {name: f"page_r{run}_t{threads}_s1_c0" for name, (run, threads) in PROBES.items()}
+    kernels = load_kernels(Path(__file__).with_suffix(".cu"), names.values())
+    return {name: kernels[symbol] for name, symbol in names.items()}
 
 
 def probe_call(kernel, run: int, threads: int, args):
@@ -59,20 +48,7 @@ def probe_call(kernel, run: int, threads: int, args):
     values = (out.data_ptr(), k_cache.data_ptr(), seq_lens.data_ptr(), block_table.data_ptr(), block_table.stride(0),
               k_cache.stride(0), out.stride(0), out.shape[1], block_size, 1)
     grid_y = -(-int(seq_lens.max()) // run)
-
-    def call():
-        config = cu.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = out.shape[0], grid_y, 1
-        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
-        config.sharedMemBytes = smem
-        config.hStream = torch.cuda.current_stream().cuda_stream
-        attr = cu.CUlaunchAttribute()
-        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        config.attrs, config.numAttrs = [attr], 1
-        err, = cu.cuLaunchKernelEx(config, kernel, (values, types), 0)
-        assert err == cu.CUresult.CUDA_SUCCESS, err
-    return call
+    return launcher(kernel, (out.shape[0], grid_y), threads, smem, values, types)
 
 
 def main(only: list[str]) -> None:

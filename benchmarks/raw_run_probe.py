@@ -19,12 +19,10 @@ every output first checked byte for byte against the op's.
 """
 
 import ctypes
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
-from cuda.bindings import driver as cu
+from cuda_probe import launcher, load_kernels
 
 import kvgen
 from kvgen.formats import as_format
@@ -37,18 +35,9 @@ REQS = 8
 
 
 def load_probes() -> dict:
-    torch.zeros(1, device="cuda")  # the primary context, current: the module loads into it
-    cubin = Path(tempfile.mkdtemp()) / "raw_run_probe.cubin"
-    subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-O3", "-o", str(cubin),
-                    str(Path(__file__).with_suffix(".cu"))], check=True)
-    err, module = cu.cuModuleLoadData(cubin.read_bytes())
-    assert err == cu.CUresult.CUDA_SUCCESS, err
-    kernels = {}
-    for run, threads, mode in PROBES:
-        err, kernel = cu.cuModuleGetFunction(module, f"raw_run_r{run}_t{threads}_m{mode}".encode())
-        assert err == cu.CUresult.CUDA_SUCCESS, (run, mode, err)
-        kernels[(run, threads, mode)] = kernel
-    return kernels
+    names = {probe: "raw_run_r{}_t{}_m{}".format(*probe) for probe in PROBES}
+    kernels = load_kernels(Path(__file__).with_suffix(".cu"), names.values())
+    return {probe: kernels[symbol] for probe, symbol in names.items()}
 
 
 def raw_case(tokens: int, seed: int):
@@ -72,20 +61,7 @@ def probe_call(kernel, run: int, threads: int, mode: int, case):
     values = (dst_k.data_ptr(), dst_s.data_ptr(), cache.data_ptr(), block_table.data_ptr(), cu_seq_lens.data_ptr(),
               block_table.stride(0), cache.stride(0), BLOCK_SIZE)
     grid_y = -(-(dst_k.shape[0] // REQS) // run)
-
-    def call():
-        config = cu.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = REQS, grid_y, 1
-        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
-        config.sharedMemBytes = smem
-        config.hStream = torch.cuda.current_stream().cuda_stream
-        attr = cu.CUlaunchAttribute()
-        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        config.attrs, config.numAttrs = [attr], 1
-        err, = cu.cuLaunchKernelEx(config, kernel, (values, types), 0)
-        assert err == cu.CUresult.CUDA_SUCCESS, err
-    return call
+    return launcher(kernel, (REQS, grid_y), threads, smem, values, types)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import torch
 
 import kvgen
 from kvgen.config import ARCHS
+from kvgen.families.dequant_gather.config import CHUNKED_SCHEDULES
 from kvgen.families.dequant_gather.reference import (dequantize_and_gather_packed_torch,
                                                      dequantize_and_gather_sparse_torch, dequantize_and_gather_torch,
                                                      gather_raw_packed_torch)
@@ -299,7 +300,7 @@ def test_ballot_rows_slot_patterns():
     from kvgen.runtime.loader import registry
 
     here = torch.cuda.get_device_capability()
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in ("ballot", "compact")
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in CHUNKED_SCHEDULES
             and ARCHS[e.arch].serves(here)]
     assert rows
     for i, entry in enumerate(rows):

@@ -164,8 +164,9 @@ def test_ballot_and_compact_rows_give_each_warp_one_chunk_of_slots():
     """A ballot row's warp takes one chunk of slots; a compact row's CTA one chunk
     of num_warps such chunks, compacted together."""
     from kvgen.families.dequant_gather import op as ops
+    from kvgen.families.dequant_gather.config import CHUNKED_SCHEDULES
 
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in ("ballot", "compact")]
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in CHUNKED_SCHEDULES]
     assert {(e.config["schedule"], e.config["ballot_chunk"]) for e in rows} == {
         ("ballot", 8), ("ballot", 16), ("ballot", 32), ("compact", 4), ("compact", 16)}
     for entry in rows:

@@ -168,6 +168,8 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
 # 65536 tokens; 288-byte records are best at one token a warp (two: +1%), as are
 # the 528-, 584- and 656-byte ones, which keep their grid.
 MIN_WARP_BYTES = 528
+
+
 def held_grid(num_reqs: int, workers_needed: int, target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """grid = (requests, workers): `workers_needed` CTAs a request, the whole
     grid held near target_ctas (a request's CTAs grid-stride over the rest)."""
@@ -176,7 +178,8 @@ def held_grid(num_reqs: int, workers_needed: int, target_ctas: int = TARGET_CTAS
 
 
 def launch_grid(entry: KernelEntry, num_reqs: int, max_rows: int, target_ctas: int = TARGET_CTAS,
-                tokens_per_step: int = 1, rows_per_warp: int | None = None, min_steps: int = 1) -> tuple[int, int, int]:
+                tokens_per_step: int = 1, rows_per_warp: int | None = None,
+                min_steps: int = 1) -> tuple[int, int, int]:
     """grid = (requests, workers) for the ring schedules: enough warps for the
     longest possible gather (max_rows bounds every gather length), each lane
     group of a warp (a warp moves `tokens_per_step` records a step) with at

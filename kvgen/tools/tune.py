@@ -27,7 +27,8 @@ from .variants import geomean, variant_of
 FORMAT = 1
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
-TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "run_tokens", "tokens_per_warp")  # those a family's rows have
+# Each family's rows have some of them.
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "run_tokens", "tokens_per_warp")
 MATCH_FIELDS = ("family", "format", "indexing", "slot_dtype", "shape_class")  # CallKey fields a rule matches
 
 
