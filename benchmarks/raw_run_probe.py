@@ -1,5 +1,5 @@
-"""The raw indexer gather by page runs (GPU, nvcc on PATH; not yet run:
-`python benchmarks/raw_run_probe.py`).
+"""The raw indexer gather by page runs (GPU, nvcc on PATH:
+`python benchmarks/raw_run_probe.py`; BENCHMARKS.md, log 33).
 
 Issue 15's raw gather (`kvgen.cp_gather_indexer_k_quant_cache`) runs at 0.83 /
 0.89 of a copy of its bytes at 65536 / 262144 rows (BENCHMARKS.md, log 28),
@@ -25,7 +25,7 @@ import torch
 from cuda_probe import launcher, load_kernels
 
 import kvgen
-from kvgen.formats import as_format
+from kvgen.testing import as_format
 from kvgen.tools import bench
 from kvgen.tools.bench import graph_times, same_bytes_copy, with_env
 from kvgen.tools.bench_formats import BLOCK_SIZE, READ_TOKENS, _cache

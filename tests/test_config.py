@@ -92,7 +92,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 295
+    assert len(configs) == 310
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -140,6 +140,8 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(schedule="page_run", num_stages=1, run_tokens=1), "multiple of 16 bytes"),
     (dict(schedule="page_run", num_stages=1, run_tokens=32, indexing="sparse", gather_lens=False),
      "built for dense bf16 gathers"),
+    (dict(schedule="page_run", num_stages=1, run_tokens=32, indexing="packed", gather_lens=False),
+     "built for dense bf16 gathers and raw packed ones, not packed indexing with output='bf16'"),
     (dict(schedule="page_run", num_stages=1, run_tokens=32, arch="sm_80"), "needs cp.async.bulk"),
     (dict(schedule="page_run", num_stages=1, block_size=1024, run_tokens=512), "run_tokens=512 needs"),
 ])
@@ -315,3 +317,25 @@ def test_a_page_run_stages_one_run_of_rows_and_scale_rows():
     for name in ("v32_656", "v41_288", "indexer_132"):  # rows never checked on a GPU: refused
         with pytest.raises(ConfigError, match="page-split formats of e4m3 values with UE8M0 scales"):
             dataclasses.replace(run, format=as_format(name))
+
+
+def test_a_raw_page_run_stages_a_chunk_of_rows_and_its_runs():
+    """The raw packed gather's page_run: its shared memory holds the chunk's data
+    rows, its runs (three int32 each) and their count, one mbarrier and the staged
+    starts; a chunk of any power of two up to a row a thread, whatever the block
+    size (runs split at pages), on sm_90 and later only."""
+    from kvgen.families.dequant_gather.config import STAGED_REQS
+    from kvgen.testing import as_format
+
+    raw = dataclasses.replace(SEED, format=as_format("indexer_132"), indexing="packed", gather_lens=False,
+                              output="raw", schedule="page_run", num_stages=1, block_size=16, run_tokens=64)
+    assert raw.smem_bytes == 64 * 128 + 64 * 12 + 16 + 16 + 8 * STAGED_REQS
+    assert raw.name.endswith("_raw_r64")
+    assert dataclasses.replace(raw, run_tokens=128).run_tokens == 128  # 4 warps: 128 threads
+    for bad, message in ((dict(run_tokens=256), "at most 128 \\(num_warps \\* 32\\)"),
+                         (dict(run_tokens=48), "run_tokens=48 must be a power of two"),
+                         (dict(run_tokens=0), "run_tokens=0 must be a power of two"),
+                         (dict(num_stages=2), "num_stages must be 1"),
+                         (dict(arch="sm_80"), "needs cp.async.bulk")):
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(raw, **bad)

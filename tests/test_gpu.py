@@ -268,6 +268,78 @@ def test_page_run_rows_with_empty_and_unaligned_windows():
             assert mismatches(out.cpu(), expected) == 0, (entry.name, grid)
 
 
+
+def _raw_page_run_rows():
+    from kvgen.runtime.loader import registry
+
+    here = torch.cuda.get_device_capability()
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "page_run"
+            and e.config.get("output") == "raw" and ARCHS[e.arch].serves(here)]
+    assert rows
+    return rows
+
+
+def _strided_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t's rows as a column slice of a wider tensor (rows `pad` bytes apart beyond their width)."""
+    wide = torch.full((t.shape[0], t.shape[1] + pad), 0xA5, dtype=t.dtype, device=t.device)
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+def test_raw_page_run_rows_split_chunks_into_runs():
+    """The raw gather's page_run rows, whose chunks of run_tokens rows split
+    into a run per request and page: chunks of many one-row and empty
+    requests (up to a run a row), requests that start inside a page's run,
+    more requests than a CTA stages (searched in global memory), strided
+    destination rows; on the dispatch grid, on one CTA and on three. Rows
+    before cu_seq_lens[0] and past cu_seq_lens[-1] stay poisoned."""
+    from kvgen.families.dequant_gather import op as ops
+    from kvgen.families.dequant_gather.config import STAGED_REQS
+
+    for i, entry in enumerate(_raw_page_run_rows()):
+        bs, run = entry.config["block_size"], entry.config["run_tokens"]
+        tiny = [(1, 0, 1, 1, 2, 0, 1)[j % 7] for j in range(3 * run)]
+        for lens in (tiny + [2 * bs + 3, run + 1, 5], [j % 4 for j in range(STAGED_REQS + 5)]):
+            case = make_raw_packed_case(seq_lens=lens, block_size=bs, format=entry.config["format"], first_row=5,
+                                        extra_rows=3, raw_bytes=i % 2 == 1, seed=i)
+            exp_k, exp_s = _strided_rows(case.dst_k, 16), _strided_rows(case.dst_scale, 4)
+            gather_raw_packed_torch(*case.reference_args(dst_k=exp_k, dst_scale=exp_s))
+            kv_cache, _, _, block_table, cu = case.args("cuda")
+            for grid in (None, (1, 1, 1), (1, 3, 1)):
+                dst_k, dst_s = _strided_rows(case.dst_k, 16).cuda(), _strided_rows(case.dst_scale, 4).cuda()
+                ops.launch_raw(entry, kv_cache, dst_k, dst_s, block_table, cu, grid=grid)
+                torch.cuda.synchronize()
+                assert torch.equal(dst_k.cpu(), exp_k) and torch.equal(dst_s.cpu(), exp_s), (entry.name, grid)
+
+
+def test_raw_page_run_rows_with_decreasing_starts():
+    """Unchecked starts that decrease (docs/semantics.md): a page_run row ends,
+    writes only rows cu_seq_lens[0] .. cu_seq_lens[-1] - 1, and gives each of
+    them -- values and scales alike -- some request whose start is at or below it."""
+    from kvgen.families.dequant_gather import op as ops
+
+    for i, entry in enumerate(_raw_page_run_rows()):
+        bs = entry.config["block_size"]
+        case = make_raw_packed_case(seq_lens=[200] * 4, block_size=bs, format=entry.config["format"], seed=i)
+        cu = torch.tensor([3, 150, 40, 170, 190], dtype=torch.int32)  # every position read lies in a mapped page
+        exp_k, exp_s = case.dst_k.clone(), case.dst_scale.clone()
+        candidates = {}
+        for r in range(4):  # each request's reading of every row at or after its start
+            k, s = case.dst_k.clone(), case.dst_scale.clone()
+            one = torch.tensor([int(cu[r]), 190], dtype=torch.int32)
+            gather_raw_packed_torch(k, s, case.k_cache, case.block_table[r:r + 1], one, bs)
+            candidates[r] = (k, s)
+        kv_cache, dst_k, dst_s, block_table, _ = case.args("cuda")
+        ops.launch_raw(entry, kv_cache, dst_k, dst_s, block_table, cu.cuda())
+        torch.cuda.synchronize()
+        got_k, got_s = dst_k.cpu(), dst_s.cpu()
+        assert torch.equal(got_k[:3], exp_k[:3]) and torch.equal(got_k[190:], exp_k[190:]), entry.name
+        assert torch.equal(got_s[:3], exp_s[:3]) and torch.equal(got_s[190:], exp_s[190:]), entry.name
+        for t in range(3, 190):
+            assert any(torch.equal(got_k[t], k[t]) and torch.equal(got_s[t], s[t])
+                       for r, (k, s) in candidates.items() if int(cu[r]) <= t), (entry.name, t)
+
+
 def _ballot_slot_patterns(num_slots: int, cache_slots: int) -> dict[str, torch.Tensor]:
     """Slot patterns the ballot schedule's chunking must get right: nothing
     valid, everything valid, only the last (partial) chunk, whole empty chunks

@@ -337,6 +337,27 @@ def test_committed_dispatch_table_is_well_formed():
     assert tune.choose_rules(table["measured"], table["margin"])[0] == table["rules"]
 
 
+
+def test_the_raw_gathers_rules_steer_only_raw_calls():
+    """The shipped table's rules for the raw packed gather (page_run rows) match
+    on output: the bf16 packed gather of the same format keeps its default."""
+    import json
+
+    from kvgen.families.dequant_gather.op import PACKED_FIELDS
+
+    rules = json.loads((generated_dir() / dispatch.DISPATCH_TABLE).read_text())["rules"]
+    for shape_class in ("short", "long"):
+        raw = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["raw"], (9, 0), shape_class)
+        assert dispatch.preference_for(raw, rules)["schedule"] == "page_run"
+        bf16 = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["bf16"], (9, 0), shape_class)
+        assert dispatch.preference_for(bf16, rules) is None
+
+
+def test_tune_times_the_raw_gather_in_both_classes():
+    shapes = tune.family_shapes("raw")
+    assert {dispatch.shape_class(1, s.tokens) for s in shapes} == {"short", "long"}
+    assert all(s.op == "raw" for s in shapes)
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Pretend the CPU tensors live on a GPU of the given compute capability,

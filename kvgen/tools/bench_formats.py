@@ -12,7 +12,7 @@ CUDA-graph replays, interleaved, inputs rotated past L2 (kvgen/tools/bench.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -31,6 +31,10 @@ class Bench:
     op: str  # dense, sparse, packed, raw, write
     tokens: int
 
+
+# `python -m kvgen tune --family raw`: the raw gather has rows to choose among
+# (the ring, and page runs of three chunk sizes), short and long.
+TUNE_FAMILIES = {"raw": tuple(Bench(f"indexer_132 raw {n}", "indexer_132", "raw", n) for n in (8192,) + READ_TOKENS)}
 
 SHAPES = tuple(
     [Bench(f"{fmt} {op} {n}", fmt, op, n) for fmt in ("v41_288", "v32_656", "indexer_132")
@@ -52,8 +56,15 @@ def _cache(fmt, tokens: int, g: torch.Generator) -> torch.Tensor:
     return cache
 
 
-def _case(b: Bench, seed: int):
-    """(call arguments, the outputs to poison and compare, the torch path, bytes moved)."""
+class Case(NamedTuple):
+    call: Callable[[], None]  # the public op on this input set
+    outs: list  # the outputs to poison and compare
+    torch_path: Callable[[], None]  # the torch path, writing into outs
+    moved: int  # bytes moved
+    args: tuple[Any, ...] = ()  # the raw gather's arguments (a manifest row is launched on them)
+
+
+def _case(b: Bench, seed: int) -> Case:
     import kvgen
     from ..families.dequant_gather import reference as rd
     from ..families.quantize_insert.reference import quantize_and_insert_torch
@@ -77,7 +88,7 @@ def _case(b: Bench, seed: int):
             call = lambda: kvgen.quantize_and_insert_k_cache(k, cache, slots, BLOCK_SIZE)  # noqa: E731
         pow2 = fmt.name == "indexer_132"
         torch_path = lambda: quantize_and_insert_torch(k, cache, slots, BLOCK_SIZE, fmt, pow2_scale=pow2)  # noqa
-        return call, [cache], torch_path, n * (2 * fmt.head_dim + fmt.record_bytes)
+        return Case(call, [cache], torch_path, n * (2 * fmt.head_dim + fmt.record_bytes))
     cache = _cache(fmt, n, g)
     num_blocks = cache.shape[0]
     perm = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32)
@@ -112,14 +123,13 @@ def _case(b: Bench, seed: int):
         else:
             dst_k = torch.empty((n, fmt.value_bytes), dtype=torch.uint8, device="cuda")
             dst_s = torch.empty((n, fmt.num_scales * fmt.scale_size), dtype=torch.uint8, device="cuda")
-            call = lambda: kvgen.cp_gather_indexer_k_quant_cache(cache, dst_k, dst_s, block_table, starts)  # noqa
+            args = (cache, dst_k, dst_s, block_table, starts)
+            call = lambda: kvgen.cp_gather_indexer_k_quant_cache(*args)  # noqa: E731
             torch_path = lambda: rd.gather_raw_packed_torch(dst_k, dst_s, cache, block_table, starts, BLOCK_SIZE)
-            outs = [dst_k, dst_s]
-    if b.op == "raw":  # the value and scale bytes, read from the record and written out
-        moved = n * 2 * (fmt.value_bytes + fmt.num_scales * fmt.scale_size)
-    else:
-        moved = n * (fmt.record_bytes + 2 * fmt.head_dim)
-    return call, outs, torch_path, moved
+            # the value and scale bytes, read from the record and written out
+            moved = n * 2 * (fmt.value_bytes + fmt.num_scales * fmt.scale_size)
+            return Case(call, [dst_k, dst_s], torch_path, moved, args)
+    return Case(call, outs, torch_path, n * (fmt.record_bytes + 2 * fmt.head_dim))
 
 
 def _forced(backend: str, call: Callable[[], None]) -> Callable[[], None]:
@@ -131,33 +141,57 @@ def _poison(outs) -> None:
         t.view(torch.uint8).fill_(0xA5)
 
 
-def bench_one(b: Bench, l2_bytes: int) -> dict:
+def _cases(b: Bench, l2_bytes: int) -> tuple[list[Case], list[list[torch.Tensor]]]:
+    """Input sets enough to rotate past L2, and the torch path's outputs on each."""
     first = _case(b, 0)
-    moved = first[3]
-    sets = max(2, -(-3 * l2_bytes // moved))  # rotate past L2
+    sets = max(2, -(-3 * l2_bytes // first.moved))
     cases = [first] + [_case(b, s) for s in range(1, sets)]
     expected = []
-    for _, outs, torch_path, _ in cases:
-        _poison(outs)
-        torch_path()
-        expected.append([t.clone() for t in outs])
-    timed = {}
-    for backend in ("cubin", "triton"):
-        calls = timed["kvgen" if backend == "cubin" else backend] = [_forced(backend, c[0]) for c in cases]
-        for (_, outs, _, _), call, ref in zip(cases, calls, expected):
-            _poison(outs)
+    for c in cases:
+        _poison(c.outs)
+        c.torch_path()
+        expected.append([t.clone() for t in c.outs])
+    return cases, expected
+
+
+def _checked_times(b: Bench, cases: list[Case], expected: list, variants: dict[str, list]) -> dict[str, float]:
+    """Each variant (one call per input set) checked against the torch path on
+    every set (outputs poisoned first), then all timed with a copy of the same
+    bytes: {name: seconds per call}."""
+    for name, calls in variants.items():
+        for c, call, ref in zip(cases, calls, expected):
+            _poison(c.outs)
             call()
             torch.cuda.synchronize()
-            for got, want in zip(outs, ref):
+            for got, want in zip(c.outs, ref):
                 same = got.view(torch.uint8) == want.view(torch.uint8)
                 if got.dtype == torch.bfloat16:  # NaN matches any NaN
                     same = same.view(-1, 2).all(-1) | (torch.isnan(got) & torch.isnan(want)).view(-1)
                 if not bool(same.all()):
-                    raise AssertionError(f"{b.label} {backend}: differs from the torch path")
-    timed[COPY] = same_bytes_copy(moved, len(cases))
-    seconds = graph_times(timed)
-    return {"shape": b.label, "tokens": b.tokens, "bytes": moved, "sets": len(cases),
+                    raise AssertionError(f"{b.label} {name}: differs from the torch path")
+    return graph_times({**variants, COPY: same_bytes_copy(cases[0].moved, len(cases))})
+
+
+def bench_one(b: Bench, l2_bytes: int) -> dict:
+    cases, expected = _cases(b, l2_bytes)
+    variants = {"kvgen" if backend == "cubin" else backend: [_forced(backend, c.call) for c in cases]
+                for backend in ("cubin", "triton")}
+    seconds = _checked_times(b, cases, expected, variants)
+    return {"shape": b.label, "tokens": b.tokens, "bytes": cases[0].moved, "sets": len(cases),
             "us": {name: t * 1e6 for name, t in seconds.items()}}
+
+
+def time_raw_rows(b: Bench, rows: dict, l2_bytes: int) -> dict[str, float]:
+    """`python -m kvgen tune --family raw`: each of `rows` ({name: manifest row}
+    of the raw gather) launched directly on its dispatch grid, PDL as the row
+    was built, checked against the torch path, then timed: {name: us}."""
+    from ..families.dequant_gather import op as ops
+
+    cases, expected = _cases(b, l2_bytes)
+    variants = {name: [lambda c=c, e=e: ops.launch_raw(e, *c.args, pdl=e.pdl) for c in cases]
+                for name, e in rows.items()}
+    seconds = _checked_times(b, cases, expected, variants)
+    return {name: seconds[name] * 1e6 for name in rows}
 
 
 def run(shapes=SHAPES) -> dict:

@@ -1,6 +1,7 @@
 """`python -m kvgen tune` (GPU): which shipped variant should serve each shape class.
 
-Every shipped row that could serve a benchmark shape (bench.FAMILIES) is
+Every shipped row that could serve a benchmark shape (bench.FAMILIES, and
+bench_formats.TUNE_FAMILIES for the raw gather) is
 checked bit-exact and timed beside the others (bench's interleaved CUDA-graph
 replays). Shapes are grouped by what a dispatch rule can match -- format,
 indexing and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
@@ -29,7 +30,14 @@ MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
 # Each family's rows have some of them.
 TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "run_tokens", "tokens_per_warp")
-MATCH_FIELDS = ("family", "format", "indexing", "slot_dtype", "shape_class")  # CallKey fields a rule matches
+# CallKey fields a rule matches (output: the raw packed gather's rules must not steer the bf16 one's calls).
+MATCH_FIELDS = ("family", "format", "indexing", "output", "slot_dtype", "shape_class")
+
+
+def family_shapes(family: str) -> tuple:
+    from . import bench, bench_formats
+
+    return bench.FAMILIES.get(family) or bench_formats.TUNE_FAMILIES[family]
 
 
 def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
@@ -40,6 +48,8 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
 
     if isinstance(shape, bench.WriterShape):
         return _measure_writer_shape(shape, copy_bw, l2_bytes)
+    if not isinstance(shape, (bench.Shape, bench.SparseShape)):
+        return _measure_raw_shape(shape, l2_bytes)
     w = bench.workload(shape, l2_bytes)
     rows = split_by_image(candidate_rows(registry().entries, w.key))[0]  # cubins: what tune's rules choose among
     default = choose_row(rows, DEFAULT_PREFERENCE)
@@ -69,6 +79,30 @@ def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
         "default": variant_of(choose_row(list(rows.values()), DEFAULT_PREFERENCE).config),
         "us": {name: round(result["backends"][name]["us"], 3) for name in rows},
         "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in rows.items()},
+    }
+
+
+def _measure_raw_shape(shape, l2_bytes: int) -> dict:
+    """A raw packed gather's shape (a bench_formats.Bench): its rows, timed directly."""
+    import torch
+
+    from . import bench_formats
+    from ..families.dequant_gather.op import FAMILY, PACKED_FIELDS
+    from ..runtime.dispatch import CallKey, shape_class
+    from ..runtime.loader import registry
+
+    key = CallKey(FAMILY, shape.format, bench_formats.BLOCK_SIZE, PACKED_FIELDS["raw"],
+                  torch.cuda.get_device_capability(), shape_class(1, shape.tokens))
+    rows = split_by_image(candidate_rows(registry().entries, key))[0]
+    default = choose_row(rows, DEFAULT_PREFERENCE)
+    variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
+    us = bench_formats.time_raw_rows(shape, variants, l2_bytes)
+    return {
+        "shape": shape.label,
+        "match": {f: key.get(f) for f in MATCH_FIELDS},
+        "default": variant_of(default.config),
+        "us": {name: round(t, 3) for name, t in us.items()},
+        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in variants.items()},
     }
 
 
@@ -133,7 +167,7 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
     copy_bw = bench.copy_bandwidth()
     measured = []
     for family in families:
-        for shape in bench.FAMILIES[family]:
+        for shape in family_shapes(family):
             m = measure_shape(shape, copy_bw, props.L2_cache_size)
             measured.append(m)
             times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))

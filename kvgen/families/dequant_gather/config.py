@@ -33,7 +33,10 @@ from ...formats import Format
 #               scale rows into shared memory behind an mbarrier, then all warps decode
 #               and store the run's contiguous output rows; CTAs are numbered
 #               request-major, so those resident at once stream a few requests
-#               (BENCHMARKS.md, log 30)
+#               (BENCHMARKS.md, log 30). Raw packed gathers too: CTA y takes chunks
+#               y, y + Y, ... of run_tokens consecutive output rows, one bulk copy for
+#               each run of a request's positions inside one page, each thread its
+#               row's scale bytes; then all threads store the chunk (log 33)
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
@@ -112,8 +115,9 @@ class DequantGatherConfig(FamilyConfig):
                                    f"ballots at once, one of {BALLOT_CHUNKS}; the launch grid gives each warp "
                                    f"(ballot) or each CTA's num_warps warps (compact) one such chunk. Other "
                                    f"schedules: 32", default=32, named_at_default=False)
-    run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two that "
-                                 "divides block_size; other schedules: 0", default=0, named_at_default=False)
+    run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two (dense: "
+                                 "one that divides block_size; raw packed: at most num_warps * 32); other "
+                                 "schedules: 0", default=0, named_at_default=False)
 
     family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "dequant_gather"  # its table in a spec file,
@@ -143,14 +147,19 @@ class DequantGatherConfig(FamilyConfig):
 
     @property
     def run_scale_bytes(self) -> int:
-        """page_run: shared memory for the run's scale rows. A copy starts at the
-        16-byte boundary at or before its first scale row, which lies inside the
-        run (a run's first row is on one: run_tokens * scale_bytes is a multiple
-        of 16), so it never holds more than the run's rows."""
-        return self.run_tokens * self.format.scale_bytes
+        """page_run: shared memory for the run's scale rows (dense; the raw packed
+        gather's threads load theirs). A copy starts at the 16-byte boundary at or
+        before its first scale row, which lies inside the run (a run's first row
+        is on one: run_tokens * scale_bytes is a multiple of 16), so it never
+        holds more than the run's rows."""
+        return self.run_tokens * self.format.scale_bytes if self.indexing == "dense" else 0
 
     @property
     def smem_bytes(self) -> int:
+        if self.schedule == "page_run" and self.indexing == "packed":
+            # the chunk's data rows, its runs (3 int32 each) and their count, one 8-byte mbarrier, the staged starts
+            return (self.run_tokens * self.format.data_bytes + _round_up(12 * self.run_tokens, 16) + 16 + 16
+                    + 8 * self.staged_reqs)
         if self.schedule == "page_run":  # the run's data rows, its scale rows, one 8-byte mbarrier
             return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
@@ -233,18 +242,24 @@ def _check(c: DequantGatherConfig) -> None:
 
 def _check_page_run(c: DequantGatherConfig) -> None:
     f = c.format
-    if c.indexing != "dense" or c.output != "bf16":
-        raise ConfigError(f"schedule='page_run' is built for dense bf16 gathers, not {c.indexing} indexing "
-                          f"with output={c.output!r}")
+    if (c.indexing, c.output) not in (("dense", "bf16"), ("packed", "raw")):
+        raise ConfigError(f"schedule='page_run' is built for dense bf16 gathers and raw packed ones, not "
+                          f"{c.indexing} indexing with output={c.output!r}")
     if c.arch_row.flavour != "hopper":
         raise ConfigError(f"schedule='page_run' needs cp.async.bulk (sm_90 or later), not {c.arch}")
+    if c.num_stages != 1:
+        raise ConfigError(f"schedule='page_run' stages one run a CTA: num_stages must be 1, not {c.num_stages}")
+    r = c.run_tokens
+    if c.indexing == "packed":
+        # Runs start on any row of a page: each is one bulk copy of whole data rows (16-byte multiples).
+        if r < 1 or r & (r - 1) or r > c.threads:
+            raise ConfigError(f"run_tokens={r} must be a power of two of at most {c.threads} (num_warps * 32): a "
+                              f"thread loads one row's scales")
+        return
     if (f.placement, f.value_kind, f.scale_kind) != ("page_split", "e4m3", "ue8m0"):
         # The formats whose page_run rows were checked on a GPU (dsv4_584, v41_528).
         raise ConfigError(f"schedule='page_run' is built for page-split formats of e4m3 values with UE8M0 scales, "
                           f"not format {f.name} ({f.placement}, {f.value_kind} values, {f.scale_kind} scales)")
-    if c.num_stages != 1:
-        raise ConfigError(f"schedule='page_run' stages one run a CTA: num_stages must be 1, not {c.num_stages}")
-    r = c.run_tokens
     if r < 1 or r & (r - 1) or c.block_size % r:
         raise ConfigError(f"run_tokens={r} must be a power of two that divides block_size={c.block_size}")
     if (r * f.scale_bytes) % 16:
