@@ -340,17 +340,17 @@ def test_raw_page_run_rows_with_decreasing_starts():
                        for r, (k, s) in candidates.items() if int(cu[r]) <= t), (entry.name, t)
 
 
-def _ballot_slot_patterns(num_slots: int, cache_slots: int) -> dict[str, torch.Tensor]:
-    """Slot patterns the ballot schedule's chunking must get right: nothing
-    valid, everything valid, only the last (partial) chunk, whole empty chunks
-    between valid ones (a warp loops over several chunks for one stage),
-    negative slots other than -1, and a chunk with one valid lane."""
+def _ballot_slot_patterns(num_slots: int, cache_slots: int, chunk: int) -> dict[str, torch.Tensor]:
+    """Slot patterns the chunking of a warp's `chunk` slots must get right:
+    nothing valid, everything valid, only the last (partial) chunk, whole empty
+    chunks between valid ones (a warp loops over several chunks for one stage),
+    negative slots other than -1, and only each chunk's top lane valid."""
     g = torch.Generator().manual_seed(num_slots)
     real = torch.randint(0, cache_slots, (num_slots,), generator=g, dtype=torch.int32)
     none = torch.full((num_slots,), -1, dtype=torch.int32)
     patterns = {"none": none.clone(), "all": real.clone()}
     last = none.clone()
-    last[-(num_slots % 32 or 32):] = real[-(num_slots % 32 or 32):]
+    last[-(num_slots % chunk or chunk):] = real[-(num_slots % chunk or chunk):]
     patterns["last partial chunk"] = last
     sparse_runs = none.clone()
     sparse_runs[::97] = real[::97]  # most chunks empty, the rest with one valid lane
@@ -358,16 +358,18 @@ def _ballot_slot_patterns(num_slots: int, cache_slots: int) -> dict[str, torch.T
     negative = real.clone()
     negative[1::3] = torch.randint(-2**31, 0, (len(negative[1::3]),), generator=g, dtype=torch.int32)
     patterns["negatives"] = negative
-    lane31 = none.clone()
-    lane31[31::32] = real[31::32]
-    patterns["lane 31 only"] = lane31
+    top = none.clone()
+    top[chunk - 1::chunk] = real[chunk - 1::chunk]
+    patterns["top lane only"] = top
     return patterns
 
 
 def test_ballot_rows_slot_patterns():
     """Every ballot- and compact-schedule row, on the dispatch grid, on one CTA
     and on two (a CTA over several chunks), over the slot patterns its chunking
-    must handle; rows of -1 (or any negative) slot stay poisoned."""
+    must handle, sized from its chunk (three CTAs' chunks, then a partial one
+    whose second warp's chunk is partial too); rows of -1 (or any negative)
+    slot stay poisoned."""
     from kvgen.families.dequant_gather import op as ops
     from kvgen.runtime.loader import registry
 
@@ -378,9 +380,11 @@ def test_ballot_rows_slot_patterns():
     for i, entry in enumerate(rows):
         c = entry.config
         bs = c["block_size"]
-        case = make_sparse_case(num_slots=4 * 32 * 3 + 19, block_size=bs, format=c["format"], seed=i)
+        chunk = c["ballot_chunk"]
+        num_slots = 3 * chunk * c["num_warps"] + chunk + chunk // 2 + 1
+        case = make_sparse_case(num_slots=num_slots, block_size=bs, format=c["format"], seed=i)
         cache_slots = case.k_cache.shape[0] * bs
-        for name, slots in _ballot_slot_patterns(case.slot_indices.shape[0], cache_slots).items():
+        for name, slots in _ballot_slot_patterns(num_slots, cache_slots, chunk).items():
             case.slot_indices = slots
             expected = case.out.clone()
             dequantize_and_gather_sparse_torch(*case.args(out=expected))

@@ -346,10 +346,10 @@ def test_the_raw_gathers_rules_steer_only_raw_calls():
     from kvgen.families.dequant_gather.op import PACKED_FIELDS
 
     rules = json.loads((generated_dir() / dispatch.DISPATCH_TABLE).read_text())["rules"]
-    for shape_class in ("short", "long"):
-        raw = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["raw"], (9, 0), shape_class)
+    for size_class in ("short", "long"):
+        raw = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["raw"], (9, 0), size_class)
         assert dispatch.preference_for(raw, rules)["schedule"] == "page_run"
-        bf16 = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["bf16"], (9, 0), shape_class)
+        bf16 = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["bf16"], (9, 0), size_class)
         assert dispatch.preference_for(bf16, rules) is None
 
 

@@ -273,8 +273,8 @@ def kernel(
             fill_stage = fill_stage + 1
             if fill_stage == NUM_STAGES:
                 fill_stage = Int32(0)
-        # Every warp is done with this chunk's entries before the next chunk's replace them.
-        cute.arch.barrier()
+        # No barrier here: a warp writes the next chunk's entries only after that
+        # chunk's first barrier, which every warp reaches once done with this one.
 
 
 
