@@ -125,7 +125,7 @@ def sweep_writer(b: Bench, ctas=(None, 132 * 16, 132 * 8, 132 * 4, 132 * 2)):
     from kvgen.testing import as_format
 
     fmt = as_format(b.format)
-    call, outs, torch_path, moved = _case(b, 0)
+    call, outs, torch_path, moved, _ = _case(b, 0)
     pow2 = fmt.name == "indexer_132"
     entries = rows("qik", b.format, slot_dtype="int64", pow2_scale=pow2)
     # The case's tensors, through the closure of its call.

@@ -10,7 +10,7 @@ import torch
 from kvgen.tools.bench_formats import SHAPES, _case, _forced
 
 shape = next(b for b in SHAPES if b.label == sys.argv[1])
-call, outs, torch_path, moved = _case(shape, 0)
+call = _case(shape, 0).call
 for _ in range(3):
     _forced("cubin", call)()
 torch.cuda.synchronize()

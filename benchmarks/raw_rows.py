@@ -14,6 +14,8 @@ byte against the op's. Two shapes of requests:
   ragged  about T/1024 requests of random lengths (mean 1024; staged, at most
           512), so requests start anywhere in a page and a chunk of rows
           splits into two runs where a page or a request begins inside it
+  tiny    about T/8 requests of 1 .. 15 rows (more than a CTA stages: searched
+          in global memory), so a chunk of rows is many runs
 """
 
 import json
@@ -32,12 +34,13 @@ from kvgen.tools.bench_formats import BLOCK_SIZE, _cache
 TOKENS = (8192, 65536, 262144)
 
 
-def ragged_case(tokens: int, seed: int):
-    """Requests of random lengths (1 .. 2047) summing to `tokens`, each its own pages in random order."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def ragged_case(tokens: int, seed: int, longest: int = 2047):
+    """Requests of random lengths (1 .. longest) summing to `tokens`, each its own pages in random order."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
     lens = []
     while sum(lens) < tokens:
-        lens.append(min(int(torch.randint(1, 2048, (1,), generator=g, device="cuda")), tokens - sum(lens)))
+        lens.append(min(int(torch.randint(1, longest + 1, (1,), generator=g)), tokens - sum(lens)))
+    g = torch.Generator(device="cuda").manual_seed(seed)
     pages = [-(-n // BLOCK_SIZE) for n in lens]
     cache = _cache(as_format("indexer_132"), sum(pages) * BLOCK_SIZE, g)
     perm = torch.randperm(cache.shape[0], generator=g, device="cuda").to(torch.int32)
@@ -61,7 +64,9 @@ def main() -> None:
     assert rows and here == (9, 0), (len(rows), here)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     results = []
-    for shape, make_case in (("even", raw_case), ("ragged", ragged_case)):
+    shapes = (("even", raw_case), ("ragged", ragged_case),
+              ("tiny", lambda tokens, seed: ragged_case(tokens, seed, longest=15)))
+    for shape, make_case in shapes:
         for tokens in TOKENS:
             moved = tokens * 2 * (128 + 4)
             sets = max(2, -(-3 * l2 // moved))

@@ -92,7 +92,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 310
+    assert len(configs) == 305
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -319,17 +319,17 @@ def test_a_page_run_stages_one_run_of_rows_and_scale_rows():
             dataclasses.replace(run, format=as_format(name))
 
 
-def test_a_raw_page_run_stages_a_chunk_of_rows_and_its_runs():
+def test_a_raw_page_run_stages_a_chunk_of_rows():
     """The raw packed gather's page_run: its shared memory holds the chunk's data
-    rows, its runs (three int32 each) and their count, one mbarrier and the staged
-    starts; a chunk of any power of two up to a row a thread, whatever the block
-    size (runs split at pages), on sm_90 and later only."""
+    rows, one mbarrier and the staged starts; a chunk of any power of two up to a
+    row a thread, whatever the block size (runs split at pages), on sm_90 and
+    later only."""
     from kvgen.families.dequant_gather.config import STAGED_REQS
     from kvgen.testing import as_format
 
     raw = dataclasses.replace(SEED, format=as_format("indexer_132"), indexing="packed", gather_lens=False,
                               output="raw", schedule="page_run", num_stages=1, block_size=16, run_tokens=64)
-    assert raw.smem_bytes == 64 * 128 + 64 * 12 + 16 + 16 + 8 * STAGED_REQS
+    assert raw.smem_bytes == 64 * 128 + 16 + 8 * STAGED_REQS
     assert raw.name.endswith("_raw_r64")
     assert dataclasses.replace(raw, run_tokens=128).run_tokens == 128  # 4 warps: 128 threads
     for bad, message in ((dict(run_tokens=256), "at most 128 \\(num_warps \\* 32\\)"),

@@ -358,6 +358,13 @@ def test_tune_times_the_raw_gather_in_both_classes():
     assert {dispatch.shape_class(1, s.tokens) for s in shapes} == {"short", "long"}
     assert all(s.op == "raw" for s in shapes)
 
+
+def test_tune_skips_a_shape_no_cubin_row_serves(monkeypatch):
+    """On an A100 the raw gather has PTX rows only: tune skips its shapes (nothing
+    to choose among) instead of failing after timing every other family."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert tune._measure_raw_shape(tune.family_shapes("raw")[0], 50 << 20) is None
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Pretend the CPU tensors live on a GPU of the given compute capability,

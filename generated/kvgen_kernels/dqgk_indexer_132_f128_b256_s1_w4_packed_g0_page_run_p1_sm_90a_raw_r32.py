@@ -100,7 +100,7 @@ STAGE_BYTES = 144  # one staged record, 16-byte aligned
 NUM_STAGES = 1
 NUM_WARPS = 4
 THREADS = 128
-SMEM_BYTES = 8608  # dynamic shared memory per CTA
+SMEM_BYTES = 8208  # dynamic shared memory per CTA
 # Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
 SCALE_LANE = SRC_PIECES % 4
@@ -126,14 +126,14 @@ LANES_PER_TOKEN = 4
 
 
 # The page_run schedule of the raw packed gather: a CTA moves chunks of
-# RUN_TOKENS consecutive output rows. A chunk's rows are runs of consecutive
-# positions of one request inside one page (a new run where a request or a page
-# begins), each run's data rows contiguous in its page: thread 0 finds the runs
-# (a request search and a block-table lookup each) and brings each run's data
-# rows into shared memory with one bulk copy (cp.async.bulk) behind one
-# mbarrier; while they land, each thread loads its row's scale bytes; then all
-# threads store the chunk's rows, themselves contiguous (BENCHMARKS.md, log 33).
-RUN_TOKENS = 32  # rows a chunk; at most THREADS: a thread carries one row's scales
+# RUN_TOKENS consecutive output rows, a thread a row. Each thread finds its
+# row's request and page (the ring's search and block-table lookup, all rows
+# at once); a warp's rows split into runs where a request or a page begins,
+# and each run's first lane brings the run's data rows, contiguous in its page,
+# into shared memory with one bulk copy (cp.async.bulk) behind the CTA's
+# mbarrier, while every thread loads its row's scale bytes; then all threads
+# store the chunk's rows, themselves contiguous (BENCHMARKS.md, logs 33, 36).
+RUN_TOKENS = 32  # rows a chunk; at most THREADS: a thread a row
 ROW_BYTES = DATA_BYTES  # a token's data row, as the chunk stages it
 ROW_WORDS = ROW_BYTES // 4
 SCALE_OUT_BYTES = 4  # a row's scale bytes out (the scale row's pad is not copied)
@@ -159,6 +159,7 @@ def kernel(
     has_seq_starts: Int32,
 ):
     tid, _, _ = cute.arch.thread_idx()
+    lane = tid % 32
     _, worker, _ = cute.arch.block_idx()
     _, num_workers, _ = cute.arch.grid_dim()
 
@@ -172,10 +173,6 @@ def kernel(
 
     smem = cutlass.memory.SmemAllocator()
     s_rows = smem.allocate_tensor(Uint32, cute.make_layout(RUN_TOKENS * ROW_WORDS), byte_alignment=128)
-    # The chunk's runs, in row order: (run, 0) its first row in the chunk,
-    # (run, 1) its page, (run, 2) its first row in the page; and how many.
-    s_runs = smem.allocate_tensor(Int32, cute.make_layout((RUN_TOKENS, 3), stride=(3, 1)), byte_alignment=16)
-    s_num_runs = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
     s_barrier = smem.allocate_tensor(Int64, cute.make_layout(1), byte_alignment=8)
     # The requests' starts (and seq_starts), when at most STAGED_REQS: staged below.
     s_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
@@ -212,101 +209,74 @@ def kernel(
     num_chunks = (rows - row_begin + RUN_TOKENS - 1) // RUN_TOKENS
     if rows <= row_begin:  # no row to write: no chunk at all, not an empty one
         num_chunks = Int32(0)
+    # Thread 0 declares each chunk's bytes (its n data rows) before the barrier
+    # that the chunk's copies follow: the staging barrier above for the first,
+    # the end of the chunk before for the others.
+    if tid == 0 and worker < num_chunks:
+        cute.arch.mbarrier_arrive_and_expect_tx(
+            barrier, cutlass.min(RUN_TOKENS, rows - (worker * RUN_TOKENS + row_begin)) * ROW_BYTES)
+    cute.arch.barrier()
     regs = cute.make_rmem_tensor(4, Uint32)  # one 16-byte piece of a value row
     scale_regs = cute.make_rmem_tensor(SCALE_UNITS, Uint32)  # this thread's row's scales
     phase = Int32(0)
     for chunk in cutlass.range(worker, num_chunks, num_workers):
         chunk_row = chunk * RUN_TOKENS + row_begin
         n = cutlass.min(RUN_TOKENS, rows - chunk_row)
-        if tid == 0:
-            # The runs' bulk copies fill exactly the chunk's n data rows.
-            cute.arch.mbarrier_arrive_and_expect_tx(barrier, n * ROW_BYTES)
-            run_row = chunk_row  # the next run's first row
-            run_count = Int32(0)
-            while run_row < chunk_row + n:
-                # Row run_row belongs to the last request r with starts[r] <= it (every row
-                # here is >= starts[0]): binary lifting over the requests, a search per lane group,
-                # in shared memory when the CTA staged them.
-                packed_row = run_row
-                r = Int32(0)
-                r_start = first_start
-                seq_start = Int32(0)
-                step_r = top_step
-                if staged:
-                    while step_r > 0:
-                        cand = r + step_r
-                        if cand < num_reqs:
-                            cand_start = s_starts[cand]
-                            if cand_start <= packed_row:
-                                r = cand
-                                r_start = cand_start
-                        step_r = step_r >> 1
-                    if has_seq_starts != 0:
-                        seq_start = s_seq_starts[r]
-                else:
-                    while step_r > 0:
-                        cand = r + step_r
-                        if cand < num_reqs:
-                            cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
-                            if cand_start <= packed_row:
-                                r = cand
-                                r_start = cand_start
-                        step_r = step_r >> 1
-                    if has_seq_starts != 0:
-                        seq_start = cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
-                pos = packed_row - r_start + seq_start
-                page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]
-                row = pos % BLOCK_SIZE
-                # A run ends with the chunk, its page, or the next request's first row.
-                run_end = cutlass.min(chunk_row + n, run_row + (BLOCK_SIZE - row))
-                next_start = run_end
-                if r + 1 < num_reqs:
-                    if staged:
-                        next_start = s_starts[r + 1]
-                    else:
-                        next_start = cute.make_tensor(starts + (r + 1), cute.make_layout(1))[0]
-                # Starts that decrease (an unchecked call, docs/semantics.md) end no run: its rows
-                # stay with request r, whose start is at or below each of them.
-                if next_start > run_row:
-                    run_end = cutlass.min(run_end, next_start)
-                # 64-bit page addressing: caches beyond 4 GiB.
-                page_off = Int64(page) * page_stride
-                bulk_copy_g2s(s_rows.iterator.toint() + (run_row - chunk_row) * ROW_BYTES,
-                              (k_cache + (page_off + Int64(row * ROW_BYTES))).toint(), (run_end - run_row) * ROW_BYTES,
-                              barrier.toint())
-                s_runs[run_count, 0] = run_row - chunk_row
-                s_runs[run_count, 1] = page
-                s_runs[run_count, 2] = row
-                run_count = run_count + 1
-                run_row = run_end
-            s_num_runs[0] = run_count
-        # The chunk's runs are in shared memory.
-        cute.arch.barrier()
+        # This thread's row: its request r, and its page and row in the page.
+        r = Int32(-1)
+        page = Int32(0)
+        row = Int32(0)
         if tid < n:
-            # Thread t loads row t's scale bytes while the data rows land: its run is
-            # the last whose first row is at or before t (a binary search).
-            run = Int32(0)
-            num_runs = s_num_runs[0]
-            if run + 16 < num_runs:
-                if s_runs[run + 16, 0] <= tid:
-                    run = run + 16
-            if run + 8 < num_runs:
-                if s_runs[run + 8, 0] <= tid:
-                    run = run + 8
-            if run + 4 < num_runs:
-                if s_runs[run + 4, 0] <= tid:
-                    run = run + 4
-            if run + 2 < num_runs:
-                if s_runs[run + 2, 0] <= tid:
-                    run = run + 2
-            if run + 1 < num_runs:
-                if s_runs[run + 1, 0] <= tid:
-                    run = run + 1
-            page = s_runs[run, 1]
-            row = s_runs[run, 2] + (tid - s_runs[run, 0])
+            # Row chunk_row + tid belongs to the last request r with starts[r] <= it (every row
+            # here is >= starts[0]): binary lifting over the requests, a search per thread,
+            # in shared memory when the CTA staged them.
+            packed_row = chunk_row + tid
+            r = Int32(0)
+            r_start = first_start
+            seq_start = Int32(0)
+            step_r = top_step
+            if staged:
+                while step_r > 0:
+                    cand = r + step_r
+                    if cand < num_reqs:
+                        cand_start = s_starts[cand]
+                        if cand_start <= packed_row:
+                            r = cand
+                            r_start = cand_start
+                    step_r = step_r >> 1
+                if has_seq_starts != 0:
+                    seq_start = s_seq_starts[r]
+            else:
+                while step_r > 0:
+                    cand = r + step_r
+                    if cand < num_reqs:
+                        cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
+                        if cand_start <= packed_row:
+                            r = cand
+                            r_start = cand_start
+                    step_r = step_r >> 1
+                if has_seq_starts != 0:
+                    seq_start = cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
+            pos = packed_row - r_start + seq_start
+            page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]
+            row = pos % BLOCK_SIZE
+        # A run begins at a warp's first row, where the request changes, where a
+        # page begins, and past the chunk's rows (lanes beyond n only end runs).
+        prev_r = cute.arch.shuffle_sync_up(r, 1)  # the request of the row before (every lane shuffles)
+        head = lane == 0 or tid >= n or row == 0 or r != prev_r
+        heads = cute.arch.vote_ballot_sync(head)
+        if tid < n:
+            page_off = Int64(page) * page_stride  # 64-bit page addressing: caches beyond 4 GiB
+            if head:
+                # The run: this lane's row up to the next head (or the warp's end).
+                above = Uint32(heads) & cute.arch.lanemask_gt()
+                run_end = cute.arch.popc((above & (Uint32(0) - above)) - Uint32(1))
+                bulk_copy_g2s(s_rows.iterator.toint() + tid * ROW_BYTES,
+                              (k_cache + (page_off + Int64(row * ROW_BYTES))).toint(), (run_end - lane) * ROW_BYTES,
+                              barrier.toint())
+            # The row's scale bytes, loaded while the data rows land.
             scale_src = cute.make_tensor(
-                cute.recast_ptr(k_cache + cute.assume(Int64(page) * page_stride
-                                                      + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES),
+                cute.recast_ptr(k_cache + cute.assume(page_off + Int64(BLOCK_SIZE * DATA_BYTES + row * SCALE_BYTES),
                                                       divby=SCALE_UNIT), dtype=Uint32),
                 cute.make_layout(SCALE_UNITS),
             )
@@ -331,7 +301,12 @@ def kernel(
             out_piece = Int64(chunk_row + t) * out_stride_row + Int64(piece * 16)
             cute.copy(st_global, regs, cute.make_tensor(
                 cute.recast_ptr(out + cute.assume(out_piece, divby=16), dtype=Uint32), cute.make_layout(4)))
-        # Every thread has read the chunk's rows and runs before thread 0 refills them.
+        # The next chunk's bytes, declared before the barrier its copies follow;
+        # every thread has read this chunk's rows before they are refilled.
+        next_chunk = chunk + num_workers
+        if tid == 0 and next_chunk < num_chunks:
+            cute.arch.mbarrier_arrive_and_expect_tx(
+                barrier, cutlass.min(RUN_TOKENS, rows - (next_chunk * RUN_TOKENS + row_begin)) * ROW_BYTES)
         cute.arch.barrier()
 
 @cute.jit

@@ -131,7 +131,8 @@ def kernel(
             slots[u] = Int64(-1)
             if t < num_tokens:
                 slots[u] = Int64(cute.make_tensor(slot_mapping + t, cute.make_layout(1))[0])
-            if slots[u] >= 0:
+                # The row is loaded whatever its slot says, so its load does not wait on the slot's (a
+                # round trip less a token; BENCHMARKS.md, log 35); a skipped token's row is read, not stored.
                 k_src = cute.make_tensor(
                     cute.recast_ptr(k + cute.assume(Int64(t) * k_stride, divby=8), dtype=Uint32),
                     cute.make_layout((4, VALUE_CHUNKS)),

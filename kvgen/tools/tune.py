@@ -4,7 +4,7 @@ Every shipped row that could serve a benchmark shape (bench.FAMILIES, and
 bench_formats.TUNE_FAMILIES for the raw gather) is
 checked bit-exact and timed beside the others (bench's interleaved CUDA-graph
 replays). Shapes are grouped by what a dispatch rule can match -- format,
-indexing and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
+indexing, output and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
 rule only where it beats the untuned default on the geometric mean of its
 group's shapes by more than `margin` (run-to-run noise is about 2%). The table
 (generated/dispatch.json) keeps every group's measurements, ruled or not;
@@ -40,9 +40,10 @@ def family_shapes(family: str) -> tuple:
     return bench.FAMILIES.get(family) or bench_formats.TUNE_FAMILIES[family]
 
 
-def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
+def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
     """Time every row that could serve `shape` (built with the default's PDL
-    choice); returns {"shape", "match", "default", "us": {variant: us}, "prefer": {variant: fields}}."""
+    choice); returns {"shape", "match", "default", "us": {variant: us}, "prefer": {variant: fields}},
+    or None where no cubin row serves it on this device (nothing to choose among)."""
     from . import bench
     from ..runtime.loader import registry
 
@@ -52,6 +53,8 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
         return _measure_raw_shape(shape, l2_bytes)
     w = bench.workload(shape, l2_bytes)
     rows = split_by_image(candidate_rows(registry().entries, w.key))[0]  # cubins: what tune's rules choose among
+    if not rows:
+        return None
     default = choose_row(rows, DEFAULT_PREFERENCE)
     variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
     timed = bench._time_variants(shape.label, w.cases, w.expected,
@@ -66,13 +69,15 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
     }
 
 
-def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
+def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
     from . import bench
     from ..runtime.loader import registry
 
-    result = bench.bench_writer_shape(shape, copy_bw, l2_bytes, sweep=True)
     key = bench.writer_key(shape)
     rows = {variant_of(e.config): e for e in split_by_image(candidate_rows(registry().entries, key))[0]}
+    if not rows:
+        return None
+    result = bench.bench_writer_shape(shape, copy_bw, l2_bytes, sweep=True)
     return {
         "shape": shape.label,
         "match": {f: key.get(f) for f in MATCH_FIELDS},
@@ -82,7 +87,7 @@ def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict:
     }
 
 
-def _measure_raw_shape(shape, l2_bytes: int) -> dict:
+def _measure_raw_shape(shape, l2_bytes: int) -> dict | None:
     """A raw packed gather's shape (a bench_formats.Bench): its rows, timed directly."""
     import torch
 
@@ -94,6 +99,8 @@ def _measure_raw_shape(shape, l2_bytes: int) -> dict:
     key = CallKey(FAMILY, shape.format, bench_formats.BLOCK_SIZE, PACKED_FIELDS["raw"],
                   torch.cuda.get_device_capability(), shape_class(1, shape.tokens))
     rows = split_by_image(candidate_rows(registry().entries, key))[0]
+    if not rows:
+        return None
     default = choose_row(rows, DEFAULT_PREFERENCE)
     variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
     us = bench_formats.time_raw_rows(shape, variants, l2_bytes)
@@ -132,7 +139,7 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
 
 def kept_measurements(path: Path, device: str, remeasured: list[dict]) -> list[dict]:
     """The measurements of the table at `path` for groups this run did not
-    measure (a group: family, format, indexing, slot dtype -- every shape
+    measure (a group: family, format, indexing, output, slot dtype -- every shape
     class of it), where that table was measured on a device of this name in
     this table format: tuning one family keeps the others' rules. A table from
     another device, or one that cannot be read, is replaced whole, and said so."""
@@ -169,6 +176,9 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
     for family in families:
         for shape in family_shapes(family):
             m = measure_shape(shape, copy_bw, props.L2_cache_size)
+            if m is None:
+                print(f"{shape.label:<28} no cubin row serves it on this device: skipped", flush=True)
+                continue
             measured.append(m)
             times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))
             print(f"{shape.label:<28} {m['match']['shape_class']:<14} default {m['default']}  {times}", flush=True)

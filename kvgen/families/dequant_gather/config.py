@@ -27,16 +27,17 @@ from ...formats import Format
 #               memory (slot order), and its warps take the entries in turn through their
 #               rings: no step for a negative slot, and a chunk's records spread evenly over
 #               its warps (BENCHMARKS.md, log 32)
-#   page_run:   dense only: a request's y-th CTA of Y takes its runs y, y + Y, ... of run_tokens
+#   page_run:   dense: a request's y-th CTA of Y takes its runs y, y + Y, ... of run_tokens
 #               consecutive tokens of one page: one block-table lookup a run, two bulk
 #               copies (cp.async.bulk, sm_90+) move the run's contiguous data rows and
 #               scale rows into shared memory behind an mbarrier, then all warps decode
 #               and store the run's contiguous output rows; CTAs are numbered
 #               request-major, so those resident at once stream a few requests
 #               (BENCHMARKS.md, log 30). Raw packed gathers too: CTA y takes chunks
-#               y, y + Y, ... of run_tokens consecutive output rows, one bulk copy for
-#               each run of a request's positions inside one page, each thread its
-#               row's scale bytes; then all threads store the chunk (log 33)
+#               y, y + Y, ... of run_tokens consecutive output rows, a thread a row:
+#               each finds its row's page, a warp's rows split into runs of one
+#               request inside one page, one bulk copy a run, each thread its row's
+#               scale bytes; then all threads store the chunk (logs 33, 36)
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
@@ -157,9 +158,8 @@ class DequantGatherConfig(FamilyConfig):
     @property
     def smem_bytes(self) -> int:
         if self.schedule == "page_run" and self.indexing == "packed":
-            # the chunk's data rows, its runs (3 int32 each) and their count, one 8-byte mbarrier, the staged starts
-            return (self.run_tokens * self.format.data_bytes + _round_up(12 * self.run_tokens, 16) + 16 + 16
-                    + 8 * self.staged_reqs)
+            # the chunk's data rows, one 8-byte mbarrier (16 with the staged starts' alignment), the staged starts
+            return self.run_tokens * self.format.data_bytes + 16 + 8 * self.staged_reqs
         if self.schedule == "page_run":  # the run's data rows, its scale rows, one 8-byte mbarrier
             return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
@@ -254,7 +254,7 @@ def _check_page_run(c: DequantGatherConfig) -> None:
         # Runs start on any row of a page: each is one bulk copy of whole data rows (16-byte multiples).
         if r < 1 or r & (r - 1) or r > c.threads:
             raise ConfigError(f"run_tokens={r} must be a power of two of at most {c.threads} (num_warps * 32): a "
-                              f"thread loads one row's scales")
+                              f"thread locates one row")
         return
     if (f.placement, f.value_kind, f.scale_kind) != ("page_split", "e4m3", "ue8m0"):
         # The formats whose page_run rows were checked on a GPU (dsv4_584, v41_528).
