@@ -25,13 +25,12 @@ import torch
 from cuda_probe import launcher, load_kernels
 
 import kvgen
-from kvgen.testing import as_format
 from kvgen.tools import bench
 from kvgen.tools.bench import graph_times, same_bytes_copy, with_env
-from kvgen.tools.bench_formats import BLOCK_SIZE, READ_TOKENS, _cache
+from kvgen.tools.bench_formats import BLOCK_SIZE, READ_TOKENS, Bench, _case
 
 PROBES = tuple((run, 128, mode) for run in (64, 32) for mode in (0, 1, 2))  # (run rows, threads, mode)
-REQS = 8
+REQS = 8  # bench_formats' raw shape's requests: the probe's grid is (REQS, runs a request)
 
 
 def load_probes() -> dict:
@@ -41,17 +40,9 @@ def load_probes() -> dict:
 
 
 def raw_case(tokens: int, seed: int):
-    """bench_formats' raw shape: 8 requests of tokens / 8 rows, pages in random order."""
-    fmt = as_format("indexer_132")
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    cache = _cache(fmt, tokens, g)
-    per = tokens // REQS
-    perm = torch.randperm(cache.shape[0], generator=g, device="cuda").to(torch.int32)
-    block_table = perm[: REQS * (per // BLOCK_SIZE)].reshape(REQS, per // BLOCK_SIZE).contiguous()
-    cu_seq_lens = torch.arange(REQS + 1, dtype=torch.int32, device="cuda") * per
-    dst_k = torch.empty((tokens, fmt.value_bytes), dtype=torch.uint8, device="cuda")
-    dst_s = torch.empty((tokens, fmt.num_scales * fmt.scale_size), dtype=torch.uint8, device="cuda")
-    return cache, dst_k, dst_s, block_table, cu_seq_lens
+    """bench_formats' raw shape (8 requests of tokens / 8 rows, pages in random
+    order): the op's arguments (kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)."""
+    return _case(Bench(f"indexer_132 raw {tokens}", "indexer_132", "raw", tokens), seed).args
 
 
 def probe_call(kernel, run: int, threads: int, mode: int, case):

@@ -204,16 +204,16 @@ def kernel(
             if has_seq_starts != 0:
                 s_seq_starts[i] = cute.make_tensor(seq_starts + i, cute.make_layout(1))[0]
             i = i + THREADS
-    # Thread 0 declares each chunk's bytes (its n data rows) before a barrier that
-    # the chunk's copies follow: this one for the first chunk, the end of the
-    # chunk before for the others.
-    if tid == 0 and worker * RUN_TOKENS + row_begin < rows:
-        cute.arch.mbarrier_arrive_and_expect_tx(
-            barrier, cutlass.min(RUN_TOKENS, rows - (worker * RUN_TOKENS + row_begin)) * ROW_BYTES)
-    cute.arch.barrier()
     num_chunks = (rows - row_begin + RUN_TOKENS - 1) // RUN_TOKENS
     if rows <= row_begin:  # no row to write: no chunk at all, not an empty one
         num_chunks = Int32(0)
+    # Thread 0 declares each chunk's bytes (its n data rows) before a barrier that
+    # the chunk's copies follow: this one for the first chunk, the end of the
+    # chunk before for the others.
+    if tid == 0 and worker < num_chunks:
+        cute.arch.mbarrier_arrive_and_expect_tx(
+            barrier, cutlass.min(RUN_TOKENS, rows - (worker * RUN_TOKENS + row_begin)) * ROW_BYTES)
+    cute.arch.barrier()
     regs = cute.make_rmem_tensor(4, Uint32)  # one 16-byte piece of a value row
     scale_regs = cute.make_rmem_tensor(SCALE_UNITS, Uint32)  # this thread's row's scales
     phase = Int32(0)

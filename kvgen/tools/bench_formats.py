@@ -33,7 +33,7 @@ class Bench:
 
 
 # `python -m kvgen tune --family raw`: the raw gather has rows to choose among
-# (the ring, and page runs of three chunk sizes), short and long.
+# (the ring, and page runs of two chunk sizes), short and long.
 TUNE_FAMILIES = {"raw": tuple(Bench(f"indexer_132 raw {n}", "indexer_132", "raw", n) for n in (8192,) + READ_TOKENS)}
 
 SHAPES = tuple(

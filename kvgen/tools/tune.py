@@ -45,28 +45,20 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
     choice); returns {"shape", "match", "default", "us": {variant: us}, "prefer": {variant: fields}},
     or None where no cubin row serves it on this device (nothing to choose among)."""
     from . import bench
-    from ..runtime.loader import registry
 
     if isinstance(shape, bench.WriterShape):
         return _measure_writer_shape(shape, copy_bw, l2_bytes)
     if not isinstance(shape, (bench.Shape, bench.SparseShape)):
         return _measure_raw_shape(shape, l2_bytes)
     w = bench.workload(shape, l2_bytes)
-    rows = split_by_image(candidate_rows(registry().entries, w.key))[0]  # cubins: what tune's rules choose among
-    if not rows:
+    found = _candidates(w.key)
+    if found is None:
         return None
-    default = choose_row(rows, DEFAULT_PREFERENCE)
-    variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
+    default, variants = found
     timed = bench._time_variants(shape.label, w.cases, w.expected,
                                  bench.entry_variants(variants.values(), lambda e: variant_of(e.config)),
                                  w.working_set, w.working_set / copy_bw, w.reference)
-    return {
-        "shape": shape.label,
-        "match": {f: w.key.get(f) for f in MATCH_FIELDS},
-        "default": variant_of(default.config),
-        "us": {name: round(timed[name]["us"], 3) for name in variants},
-        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in variants.items()},
-    }
+    return _measurement(shape.label, w.key, default, variants, {name: timed[name]["us"] for name in variants})
 
 
 def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
@@ -78,13 +70,8 @@ def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
     if not rows:
         return None
     result = bench.bench_writer_shape(shape, copy_bw, l2_bytes, sweep=True)
-    return {
-        "shape": shape.label,
-        "match": {f: key.get(f) for f in MATCH_FIELDS},
-        "default": variant_of(choose_row(list(rows.values()), DEFAULT_PREFERENCE).config),
-        "us": {name: round(result["backends"][name]["us"], 3) for name in rows},
-        "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in rows.items()},
-    }
+    return _measurement(shape.label, key, choose_row(list(rows.values()), DEFAULT_PREFERENCE), rows,
+                        {name: result["backends"][name]["us"] for name in rows})
 
 
 def _measure_raw_shape(shape, l2_bytes: int) -> dict | None:
@@ -94,21 +81,36 @@ def _measure_raw_shape(shape, l2_bytes: int) -> dict | None:
     from . import bench_formats
     from ..families.dequant_gather.op import FAMILY, PACKED_FIELDS
     from ..runtime.dispatch import CallKey, shape_class
-    from ..runtime.loader import registry
 
     key = CallKey(FAMILY, shape.format, bench_formats.BLOCK_SIZE, PACKED_FIELDS["raw"],
                   torch.cuda.get_device_capability(), shape_class(1, shape.tokens))
+    found = _candidates(key)
+    if found is None:
+        return None
+    default, variants = found
+    return _measurement(shape.label, key, default, variants, bench_formats.time_raw_rows(shape, variants, l2_bytes))
+
+
+def _candidates(key) -> tuple | None:
+    """(the untuned default row, {variant: row} of the cubin rows built with its
+    PDL choice) for a call key: what a rule chooses among; None where no cubin
+    row serves the key on this device."""
+    from ..runtime.loader import registry
+
     rows = split_by_image(candidate_rows(registry().entries, key))[0]
     if not rows:
         return None
     default = choose_row(rows, DEFAULT_PREFERENCE)
-    variants = {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
-    us = bench_formats.time_raw_rows(shape, variants, l2_bytes)
+    return default, {variant_of(e.config): e for e in rows if e.pdl == default.pdl}
+
+
+def _measurement(label: str, key, default, variants: dict, us: dict) -> dict:
+    """One shape's record in the table: what a rule would match, the default, each variant's time and fields."""
     return {
-        "shape": shape.label,
+        "shape": label,
         "match": {f: key.get(f) for f in MATCH_FIELDS},
         "default": variant_of(default.config),
-        "us": {name: round(t, 3) for name, t in us.items()},
+        "us": {name: round(us[name], 3) for name in variants},
         "prefer": {name: {f: e.config[f] for f in TUNED_FIELDS if f in e.config} for name, e in variants.items()},
     }
 
