@@ -2,6 +2,7 @@
 gathers and the new writers, against a copy of the same bytes in the same rounds.
 
     python benchmarks/grid_sweep_formats.py [all|readers|writers|raw]
+    python benchmarks/grid_sweep_formats.py writers FORMAT ...             # only these formats' writers
     python benchmarks/grid_sweep_formats.py reader FORMAT OP TOKENS K1,K2,...   # one shape, K rows a warp
 
 Each variant is one manifest row launched directly with a chosen grid; every
@@ -146,7 +147,9 @@ def sweep_writer(b: Bench, ctas=(None, 132 * 16, 132 * 8, 132 * 4, 132 * 2)):
     for e in entries:
         for n in ctas:
             grid = None if n is None else (n, 1, 1)
-            name = f"t{e.config['tokens_per_warp']}w{e.config['num_warps']} {n or 'default'}"
+            c = e.config  # a row capped by occupancy_warps is named apart from the uncapped one
+            cap = f"o{c['occupancy_warps']}" if c.get("occupancy_warps") else ""
+            name = f"t{c['tokens_per_warp']}w{c['num_warps']}{cap} {n or 'default'}"
             variants[name] = [lambda e=e, grid=grid: insert.launch_entry(e, k, k_cache, slots, grid=grid,
                                                                          checked=checked, pdl=e.pdl, tail=tail)]
     for name, calls in variants.items():
@@ -182,6 +185,7 @@ if __name__ == "__main__":
             for n in (65536, 262144):
                 sweep_reader(Bench(f"indexer_132 {op} {n}", "indexer_132", op, n), per_warp=(2, 4, 8))
     if what in ("all", "writers"):
-        for fmt in ("v41_288", "v32_656", "indexer_132") + (("dsv4_584", "v41_528") if what == "writers" else ()):
+        formats = ("v41_288", "v32_656", "indexer_132") + (("dsv4_584", "v41_528") if what == "writers" else ())
+        for fmt in sys.argv[2:] or formats:  # writers [FORMAT ...]: only these formats
             for n in (65536, 262144):
                 sweep_writer(Bench(f"{fmt} write {n}", fmt, "write", n))

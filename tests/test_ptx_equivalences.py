@@ -3,6 +3,7 @@ for every input they can see (CPU, numpy): the cubins may compute a rule
 another way only where the two agree everywhere."""
 
 import numpy as np
+import pytest
 
 E2M1_THRESHOLDS = (("gt", 0.25), ("ge", 0.75), ("gt", 1.25), ("ge", 1.75), ("gt", 2.5), ("ge", 3.5), ("gt", 5.0))
 
@@ -61,10 +62,57 @@ def _e2m1_word_swar(words: np.ndarray, s: np.float32) -> np.ndarray:
     return (r >> u32(8)) & u32(0xFF)
 
 
-def test_e2m1_code_in_pairs_of_bf16_patterns():
-    """quantize_e2m1_bf16x8 counts thresholds on both halves of a word at once, in integers (see its
-    docstring): every bf16 value, in either half, beside every other, gives the contract's nibble (threshold
-    count of div.rn.f32(x, S), sign bit; NaN 0x0) under every e4m3 scale S."""
+def _e2m1_word_search(words: np.ndarray, s: np.float32) -> np.ndarray:
+    """The hopper flavour's quantize_e2m1_bf16x8 for one bf16x2 word per entry (uint32), replayed in numpy
+    step for step: `set.*.u32.bf16x2` as float comparisons of each half giving 0xFFFF masks, `lop3` 0xCA as
+    a bit select, `mad.hi.u32 y, r, 256, y` as y + (r >> 24)."""
+    u32 = np.uint32
+
+    def bf16_pair(t):  # t * S as the asm makes it (fma.rn.bf16x2, or an exponent step): exact
+        bits = int((np.float32(t) * s).view(np.uint32))
+        assert bits & 0xFFFF == 0 and float((np.float32(t) * s)) == t * float(s)
+        return u32((bits >> 16) * 0x10001)
+
+    def halves(v):  # each half of a bf16x2 word as float32
+        return ((v & u32(0xFFFF)) << u32(16)).view(np.float32), (v & u32(0xFFFF0000)).view(np.float32)
+
+    def mask(lo, hi):  # a 0xFFFF mask in each half where its comparison holds
+        return np.where(lo, u32(0xFFFF), u32(0)) | np.where(hi, u32(0xFFFF0000), u32(0))
+
+    def ge(a, b):
+        (a0, a1), (b0, b1) = halves(a), halves(b)
+        return mask(a0 >= b0, a1 >= b1)
+
+    def gt(a, b):
+        (a0, a1), (b0, b1) = halves(a), halves(b)
+        return mask(a0 > b0, a1 > b1)
+
+    def select(m, x, y):  # lop3 0xCA: m ? x : y, bit by bit
+        return (m & x) | (~m & y)
+
+    q1, q2, q3, q4, q5, q6, q7 = (bf16_pair(t) for t in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0))
+    with np.errstate(invalid="ignore"):
+        a = words & u32(0x7FFF7FFF)
+        m2 = ge(a, np.broadcast_to(q4, a.shape))
+        lo, hi, t = select(m2, q5, q1), select(m2, q7, q3), select(m2, q6, q2)
+        m1 = ge(a, t)
+        m0 = gt(a, select(m1, hi, lo))
+        w0, w1 = halves(words)
+        n = mask(~np.isnan(w0), ~np.isnan(w1))  # set.num
+    sign = words & n & u32(0x80008000)
+    r = select(u32(0x10001000), m0, m1)
+    r = select(u32(0x30003000), r, m2)
+    r = (r & u32(0x70007000)) | sign
+    y = (r >> u32(12)) + (r >> u32(24))
+    return y & u32(0xFF)
+
+
+@pytest.mark.parametrize("flavour, replay", [("integer", _e2m1_word_swar), ("hopper", _e2m1_word_search)])
+def test_e2m1_code_in_pairs_of_bf16_patterns(flavour, replay):
+    """quantize_e2m1_bf16x8 finds the code on both halves of a word at once (see its docstring; the integer
+    flavour counts the thresholds in integers, the hopper one searches with bf16x2 comparisons): every bf16
+    value, in either half, beside every other, gives the contract's nibble (threshold count of
+    div.rn.f32(x, S), sign bit; NaN 0x0) under every e4m3 scale S."""
     x16 = np.arange(65536, dtype=np.uint32)
     partner = (x16 * np.uint32(40503) + np.uint32(12345)) & np.uint32(0xFFFF)  # a permutation: every pairing
     scales = e4m3_scales()
@@ -81,10 +129,10 @@ def test_e2m1_code_in_pairs_of_bf16_patterns():
 
     for s in scales:
         for lo, hi in ((x16, partner), (partner, x16)):
-            got = _e2m1_word_swar(lo | (hi << np.uint32(16)), s)
+            got = replay(lo | (hi << np.uint32(16)), s)
             want = contract(lo, s) | (contract(hi, s) << np.uint32(4))
             bad = np.flatnonzero(got != want)
-            assert bad.size == 0, (float(s), hex(int(lo[bad[0]])), hex(int(hi[bad[0]])), hex(int(got[bad[0]])),
+            assert bad.size == 0, (flavour, float(s), hex(int(lo[bad[0]])), hex(int(hi[bad[0]])), hex(int(got[bad[0]])),
                                    hex(int(want[bad[0]])))
 
 

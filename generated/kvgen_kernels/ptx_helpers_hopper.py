@@ -471,74 +471,60 @@ def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     >= 3.5, > 5). |x| is compared with t * S instead: a bf16 |x| that is not
     exactly t * S lies at least 2^-9 of it away, where the rounding of x / S
     cannot cross t. Each t * S has at most 7 significant bits, so it is a bf16
-    itself, and positive bf16 values compare as their bit patterns do: the
-    comparisons run on both halves of a word at once, in integers. With bit 15
-    of each half set, (|x| | 0x8000) - T keeps bit 15 exactly where |x| >= T
-    (no borrow crosses the halves); "> t * S" is ">= its pattern + 1". The
-    seven flags rise in order (a thermometer code), so the code's bits are
-    their parity, (f2 & ~f4) | f6 and f4. A NaN (pattern > 0x7F80) gives 0x0;
-    the sign bit is the input's. tests/test_ptx_equivalences.py replays these
-    steps in numpy for every bf16 value against every scale.
+    itself, and the comparisons run on both halves of a word at once (bf16x2).
+    The seven flags rise in order (a thermometer code), so the code's three
+    bits are found by a binary search: b2 = |x| >= 1.75 S, then b1 against
+    3.5 S or 0.75 S as b2 chose, then b0 against the one of 0.25, 1.25, 2.5, 5
+    (times S) that b2 and b1 chose. `set.*.u32.bf16x2` gives a 0xFFFF mask a
+    half, so each choice is one `lop3` select; NaN fails every comparison
+    (code 0) and its sign bit is cleared; Inf passes them all (code 7). Four
+    compares and seven `lop3`s a word, where the integer flavour's count of all
+    seven flags takes some twenty instructions (BENCHMARKS.md, log 40).
+    tests/test_ptx_equivalences.py replays these steps in numpy for every bf16
+    value against every scale.
     """
     def word(i, w):
-        # Flags sit in bits 15 and 31; the nibbles of values 2i and 2i + 1 go to bits 8..11 and 24..27,
-        # then byte 1 of r{i} gathers them (value 2i in its low nibble).
+        # Masks m2, m1, m0 (0xFFFF a half where the bit is set); r gathers b0, b1, b2 and the sign into
+        # bits 12..15 of each half, then y{i}'s low byte holds the two nibbles (value 2i's low).
         return (
-            f"or.b32 a, {w}, 0x80008000;\n"
-            "sub.u32 d1, a, q1;\n"
-            "sub.u32 d2, a, q2;\n"
-            "sub.u32 d3, a, q3;\n"
-            "sub.u32 d4, a, q4;\n"
-            "sub.u32 d5, a, q5;\n"
-            "sub.u32 d6, a, q6;\n"
-            "sub.u32 d7, a, q7;\n"
-            "sub.u32 n, a, 0x7F817F81;\n"
-            "not.b32 n, n;\n"
-            "and.b32 n, n, 0x80008000;\n"
-            "xor.b32 b0, d1, d2;\n"
-            "xor.b32 b0, b0, d3;\n"
-            "xor.b32 b0, b0, d4;\n"
-            "xor.b32 b0, b0, d5;\n"
-            "xor.b32 b0, b0, d6;\n"
-            "xor.b32 b0, b0, d7;\n"
-            "not.b32 b1, d4;\n"
-            "and.b32 b1, b1, d2;\n"
-            "or.b32 b1, b1, d6;\n"
-            "and.b32 b0, b0, n;\n"
-            "and.b32 b1, b1, n;\n"
-            "and.b32 b2, d4, n;\n"
-            f"and.b32 g, {w}, n;\n"
-            "shr.u32 g, g, 4;\n"
-            "mad.hi.u32 g, b2, 0x08000000, g;\n"
-            "mad.hi.u32 g, b1, 0x04000000, g;\n"
-            "mad.hi.u32 g, b0, 0x02000000, g;\n"
-            "shr.u32 b0, g, 12;\n"
-            f"or.b32 r{i}, g, b0;\n"
+            f"and.b32 a, {w}, 0x7FFF7FFF;\n"
+            "set.ge.u32.bf16x2 m2, a, q4;\n"
+            "lop3.b32 lo, m2, q5, q1, 0xCA;\n"  # b2 ? 2.5 S : 0.25 S
+            "lop3.b32 hi, m2, q7, q3, 0xCA;\n"  # b2 ? 5 S : 1.25 S
+            "lop3.b32 t, m2, q6, q2, 0xCA;\n"  # b2 ? 3.5 S : 0.75 S
+            "set.ge.u32.bf16x2 m1, a, t;\n"
+            "lop3.b32 t, m1, hi, lo, 0xCA;\n"
+            "set.gt.u32.bf16x2 m0, a, t;\n"
+            f"set.num.u32.bf16x2 n, {w}, {w};\n"
+            f"lop3.b32 s, {w}, n, 0x80008000, 0x80;\n"  # the sign bit where not NaN
+            "lop3.b32 r, m0, m1, 0x10001000, 0xE4;\n"  # bit 12 from m0, the rest from m1
+            "lop3.b32 r, r, m2, 0x30003000, 0xE4;\n"  # bits 12, 13 from r, the rest from m2
+            "lop3.b32 r, r, s, 0x70007000, 0xEC;\n"  # (r & bits 12..14) | sign
+            "shr.u32 y, r, 12;\n"
+            f"mad.hi.u32 y{i}, r, 256, y;\n"  # + (r >> 24): value 2i + 1's nibble to bits 4..7
         )
 
     asm = (
         "{\n"
-        ".reg .b32 sp, c, z, q<8>, a, d<8>, n, b<3>, g, r<4>;\n"
-        # S in both halves as bf16 (an e4m3 value is one), and 0.75 S, 1.25 S, 1.75 S: exact bf16x2 products.
+        ".reg .b32 sp, c, z, q<8>, a, m<3>, lo, hi, t, n, s, r, y, y<4>;\n"
+        # S in both halves as bf16 (an e4m3 value is one), t * S for each threshold: exact bf16x2 values.
         "prmt.b32 sp, $5, $5, 0x3232;\n"
-        "mov.b32 z, 0x80008000;\n"
+        "sub.u32 q1, sp, 0x01000100;\n"  # 0.25 S (exponent - 2)
+        "mov.b32 z, 0x80008000;\n"  # -0: the products stay exact and keep their sign
         "mov.b32 c, 0x3F403F40;\n"
-        "fma.rn.bf16x2 q2, sp, c, z;\n"
+        "fma.rn.bf16x2 q2, sp, c, z;\n"  # 0.75 S
         "mov.b32 c, 0x3FA03FA0;\n"
-        "fma.rn.bf16x2 q3, sp, c, z;\n"
+        "fma.rn.bf16x2 q3, sp, c, z;\n"  # 1.25 S
         "mov.b32 c, 0x3FE03FE0;\n"
-        "fma.rn.bf16x2 q4, sp, c, z;\n"
-        # The others by their exponents (+-0x0080: x2 or /2 a half), "> t S" as ">= pattern + 1" (+0x0001).
-        "sub.u32 q1, sp, 0x00FF00FF;\n"  # 0.25 S (-0x0100) + 1
-        "add.u32 q5, q3, 0x00810081;\n"  # 2.5 S = 2 * 1.25 S, + 1
+        "fma.rn.bf16x2 q4, sp, c, z;\n"  # 1.75 S
+        "add.u32 q5, q3, 0x00800080;\n"  # 2.5 S = 2 * 1.25 S
         "add.u32 q6, q4, 0x00800080;\n"  # 3.5 S = 2 * 1.75 S
-        "add.u32 q7, q3, 0x01010101;\n"  # 5 S = 4 * 1.25 S, + 1
-        "add.u32 q3, q3, 0x00010001;\n"  # 1.25 S, + 1
+        "add.u32 q7, q3, 0x01000100;\n"  # 5 S = 4 * 1.25 S
         + "".join(word(i, w) for i, w in enumerate(("$1", "$2", "$3", "$4")))
-        # Byte 1 of r0..r3 -> bytes 0..3.
-        + "prmt.b32 r0, r0, r1, 0x0051;\n"
-        "prmt.b32 r2, r2, r3, 0x0051;\n"
-        "prmt.b32 $0, r0, r2, 0x5410;\n"
+        # Byte 0 of y0..y3 -> bytes 0..3.
+        + "prmt.b32 y0, y0, y1, 0x0040;\n"
+        "prmt.b32 y2, y2, y3, 0x0040;\n"
+        "prmt.b32 $0, y0, y2, 0x5410;\n"
         "}"
     )
     return _asm_u32(asm, "=r,r,r,r,r,r", (w0, w1, w2, w3, scale), 1, loc=loc, ip=ip)
