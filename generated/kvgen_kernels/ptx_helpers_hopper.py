@@ -477,9 +477,10 @@ def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     3.5 S or 0.75 S as b2 chose, then b0 against the one of 0.25, 1.25, 2.5, 5
     (times S) that b2 and b1 chose. `set.*.u32.bf16x2` gives a 0xFFFF mask a
     half, so each choice is one `lop3` select; NaN fails every comparison
-    (code 0) and its sign bit is cleared; Inf passes them all (code 7). Four
-    compares and seven `lop3`s a word, where the integer flavour's count of all
-    seven flags takes some twenty instructions (BENCHMARKS.md, log 40).
+    (code 0) and its sign bit is cleared; Inf passes them all (code 7).
+    Fifteen instructions a word (four compares, eight `lop3`s), where the
+    integer flavour's count of all seven flags takes some twenty-five
+    (BENCHMARKS.md, log 40).
     tests/test_ptx_equivalences.py replays these steps in numpy for every bf16
     value against every scale.
     """
