@@ -222,9 +222,9 @@ def test_tune_writes_a_rule_only_past_the_margin():
 
 
 def test_tuning_some_families_keeps_the_others_measurements(tmp_path, capsys):
-    """tune --family F replaces the groups F measured (every shape class of
-    them, renamed shapes included): the others' measurements (and so their
-    rules) stay, unless the old table came from another device or format."""
+    """tune --family F replaces the groups F measured on this device (every shape
+    class of them, renamed shapes included): the others' measurements (and so
+    their rules) stay; another device's measurements are not this device's."""
     import json
 
     def measured(shape, fmt, cls="long"):
@@ -232,21 +232,39 @@ def test_tuning_some_families_keeps_the_others_measurements(tmp_path, capsys):
         m["match"] = {**m["match"], "family": "dqgk", "format": fmt}
         return m
 
-    old = {"format": tune.FORMAT, "tuned_on": {"device": "GPU A"},
+    old = {"format": 1, "tuned_on": {"device": "GPU A"},
            "measured": [measured("a", "dsv4_584"), measured("a short", "dsv4_584", "short"),
                         measured("b", "v41_528")]}
     path = tmp_path / "dispatch.json"
     new = [measured("a renamed", "dsv4_584")]
-    assert tune.kept_measurements(path, "GPU A", new) == []  # no table yet
-    path.write_text(json.dumps(old))
-    assert [m["shape"] for m in tune.kept_measurements(path, "GPU A", new)] == ["b"]
-    assert tune.kept_measurements(path, "GPU B", new) == []
+    assert tune.old_entries(path) == []  # no table yet
+    path.write_text(json.dumps(old))  # a table of the first format: one device's
+    entries = tune.old_entries(path)
+    assert [m["shape"] for m in tune.kept_measurements(entries, "GPU A", new)] == ["b"]
+    assert tune.kept_measurements(entries, "GPU B", new) == []
+    path.write_text(json.dumps(tune.merged_table(entries, {"tuned_on": {"device": "GPU B"}, "measured": new})))
+    entries = tune.old_entries(path)
+    assert [e["tuned_on"]["device"] for e in entries] == ["GPU A", "GPU B"]
+    assert [m["shape"] for m in tune.kept_measurements(entries, "GPU A", new)] == ["b"]
+    assert tune.kept_measurements(entries, "GPU B", new) == []
+    path.write_text(json.dumps({**old, "format": 0}))
+    assert tune.old_entries(path) == []
     assert "replaced whole" in capsys.readouterr().out
-    path.write_text(json.dumps({**old, "format": tune.FORMAT + 1}))
-    assert tune.kept_measurements(path, "GPU A", new) == []
+    path.write_text(json.dumps({**old, "format": tune.FORMAT + 1}))  # a later kvgen's: kept, and said so
+    with pytest.raises(ValueError, match="written by a later kvgen"):
+        tune.old_entries(path)
     path.write_text("not json")
-    assert tune.kept_measurements(path, "GPU A", new) == []
+    assert tune.old_entries(path) == []
     assert "not read" in capsys.readouterr().out
+
+
+def test_tuning_on_a_device_keeps_the_other_devices_tables():
+    """merged_table: this device's entry replaces its old one; the others stay as they were, in name order."""
+    a, b, b_new, c = ({"tuned_on": {"device": d}, "rules": [n]} for d, n in
+                      (("GPU A", 1), ("GPU B", 2), ("GPU B", 3), ("GPU C", 4)))
+    table = tune.merged_table([c, b, a], b_new)
+    assert table == {"format": tune.FORMAT, "devices": [a, b_new, c]}
+    assert tune.merged_table([], a)["devices"] == [a]
 
 
 TUNED_ON = "NVIDIA H100 80GB HBM3"  # the device of the committed dispatch table
@@ -257,7 +275,7 @@ LONG_RULE = {"match": {"format": "dsv4_584", "indexing": "dense", "shape_class":
 def test_tuned_rules_choose_the_row_for_their_class(fake_gpu, monkeypatch):
     fake_gpu((9, 0))
     registry().entries  # load the trees, then give them one tuned rule
-    monkeypatch.setattr(registry(), "_tuned", [dispatch.TunedTable(TUNED_ON, (LONG_RULE,))])
+    monkeypatch.setattr(registry(), "_tuned", [dispatch.TunedTable({TUNED_ON: (LONG_RULE,)})])
     long_case = make_case(seq_lens=[20000], block_size=64)
     short_case = make_case(seq_lens=[70], block_size=64)
     chosen = ops.decide_dense(*long_case.args()).entry.config
@@ -268,10 +286,11 @@ def test_tuned_rules_choose_the_row_for_their_class(fake_gpu, monkeypatch):
     assert ops.decide_dense(*long_case.args()).entry.pdl is False
 
 
-def _tree_with_rule(tmp_path, device):
+def _tree_with_rule(tmp_path, device, table_format=tune.FORMAT):
     root = tmp_path / "generated"
     shutil.copytree(generated_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
-    table = {"format": tune.FORMAT, "tuned_on": {"device": device}, "rules": [LONG_RULE]}
+    entry = {"tuned_on": {"device": device}, "rules": [LONG_RULE]}
+    table = {"format": 1, **entry} if table_format == 1 else tune.merged_table([], entry)
     (root / dispatch.DISPATCH_TABLE).write_text(json.dumps(table))
     return root
 
@@ -293,6 +312,8 @@ def test_tuned_rules_come_from_the_loaded_tree_and_its_device(tmp_path, fake_gpu
         fake_gpu((9, 0), TUNED_ON)
         reset_registry(_tree_with_rule(tmp_path / "c", "NVIDIA H200"))
         assert warps() == 4
+        reset_registry(_tree_with_rule(tmp_path / "d", TUNED_ON, table_format=1))  # a table of the first format
+        assert warps() == 8
     finally:
         reset_registry()
     assert warps() == 4  # the shipped table has no dense rule
@@ -300,7 +321,7 @@ def test_tuned_rules_come_from_the_loaded_tree_and_its_device(tmp_path, fake_gpu
 
 def test_a_malformed_dispatch_table_is_one_clear_error(tmp_path, fake_gpu):
     root = _tree_with_rule(tmp_path, TUNED_ON)
-    (root / dispatch.DISPATCH_TABLE).write_text('{"rules": []}')  # no tuned_on
+    (root / dispatch.DISPATCH_TABLE).write_text('{"format": 2, "devices": [{"rules": []}]}')  # no tuned_on
     fake_gpu((9, 0))
     try:
         reset_registry(root)
@@ -314,13 +335,20 @@ def test_committed_dispatch_table_is_well_formed():
     path = generated_dir() / dispatch.DISPATCH_TABLE
     if not path.exists():
         pytest.skip("no tuned dispatch table committed")
+    table = json.loads(path.read_text())
+    assert table["format"] == tune.FORMAT
+    devices = [e["tuned_on"]["device"] for e in table["devices"]]
+    assert TUNED_ON in devices and devices == sorted(set(devices))  # one entry a device, in name order
+    for device_entry in table["devices"]:
+        _check_tuned_entry(device_entry)
+
+
+def _check_tuned_entry(table: dict) -> None:
+    """One device's entry: rules that match call fields, prefer shipped rows, and follow from its measurements."""
     import dataclasses
-    import json
 
     from kvgen.families import FAMILIES
 
-    table = json.loads(path.read_text())
-    assert table["format"] == tune.FORMAT
     key_fields = {f.name for f in dataclasses.fields(CallKey)} | set(tune.MATCH_FIELDS)
     classes = {c.name for c in dispatch.SHAPE_CLASSES}
     entries = registry().entries
@@ -341,11 +369,9 @@ def test_committed_dispatch_table_is_well_formed():
 def test_the_raw_gathers_rules_steer_only_raw_calls():
     """The shipped table's rules for the raw packed gather (page_run rows) match
     on output: the bf16 packed gather of the same format keeps its default."""
-    import json
-
     from kvgen.families.dequant_gather.op import PACKED_FIELDS
 
-    rules = json.loads((generated_dir() / dispatch.DISPATCH_TABLE).read_text())["rules"]
+    rules = dispatch.read_tuned_table(generated_dir()).rules_for(TUNED_ON)
     for size_class in ("short", "long"):
         raw = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["raw"], (9, 0), size_class)
         assert dispatch.preference_for(raw, rules)["schedule"] == "page_run"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -105,18 +105,27 @@ def candidate_rows(entries: Sequence[KernelEntry], key: CallKey) -> list[KernelE
 
 @dataclass(frozen=True)
 class TunedTable:
-    """The rules of a tree's dispatch.json (written by `kvgen tune`):
-    [{"match": {CallKey field: value}, "prefer": {config field: value}}, ...],
-    and the name of the device they were measured on. A rule steers calls on
-    a device of that exact name only (torch.cuda.get_device_name): two GPUs of
+    """The rules of a tree's dispatch.json (written by `kvgen tune`), for each
+    device they were measured on: {device name: ({"match": {CallKey field:
+    value}, "prefer": {config field: value}}, ...)}. A rule steers calls on a
+    device of that exact name only (torch.cuda.get_device_name): two GPUs of
     one compute capability (an H100 and an H200, say) can rank variants
     differently, so a rule measured on one must not silently steer the other."""
 
-    device: str | None = None
-    rules: tuple[dict, ...] = ()
+    devices: dict[str, tuple[dict, ...]] = field(default_factory=dict)
 
     def rules_for(self, device_name: str | None) -> tuple[dict, ...]:
-        return self.rules if device_name is not None and device_name == self.device else ()
+        return self.devices.get(device_name, ()) if device_name is not None else ()
+
+
+def tuned_entries(table: dict) -> list[dict]:
+    """A dispatch table's per-device entries ({"tuned_on": {"device": ...}, "rules", ...}):
+    format 2 lists them under "devices"; format 1, the first, was one device's entry itself."""
+    if table["format"] == 1:
+        return [{k: v for k, v in table.items() if k != "format"}]
+    if table["format"] == 2:
+        return list(table["devices"])
+    raise ValueError(f"table format {table['format']!r} is not one this kvgen reads (1 or 2)")
 
 
 def read_tuned_table(root: Path) -> TunedTable:
@@ -125,8 +134,8 @@ def read_tuned_table(root: Path) -> TunedTable:
     if not path.exists():
         return TunedTable()
     try:
-        table = json.loads(path.read_text())
-        return TunedTable(table["tuned_on"]["device"], tuple(table.get("rules", [])))
+        entries = tuned_entries(json.loads(path.read_text()))
+        return TunedTable({e["tuned_on"]["device"]: tuple(e.get("rules", [])) for e in entries})
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{path}: not a kvgen dispatch table ({type(err).__name__}: {err}); "
                          "rerun `python -m kvgen tune` or delete it") from None

@@ -8,9 +8,10 @@ indexing, output and shape class (dispatch.SHAPE_CLASSES) -- and a variant becom
 rule only where it beats the untuned default on the geometric mean of its
 group's shapes by more than `margin` (run-to-run noise is about 2%). The table
 (generated/dispatch.json) keeps every group's measurements, ruled or not;
-the runtime reads its rules with no device synchronisation. Tuning some
-families keeps the measurements of the others from the table it replaces
-(measured on a device of the same name), so their rules survive.
+the runtime reads its rules with no device synchronisation. The table holds an
+entry per device name, each with its own rules: tuning on one GPU keeps the
+other devices' entries, and tuning some families keeps this device's
+measurements of the others, so their rules survive.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
+from ..errors import UsageError
 from ..paths import generated_dir
-from ..runtime.dispatch import DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row, split_by_image
+from ..runtime.dispatch import (DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row, split_by_image,
+                                tuned_entries)
 from .variants import geomean, variant_of
 
-FORMAT = 1
+FORMAT = 2  # the table's layout: format 2 holds an entry per device (format 1, one device's, is still read)
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
 # Each family's rows have some of them.
@@ -139,25 +142,44 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
     return rules, summary
 
 
-def kept_measurements(path: Path, device: str, remeasured: list[dict]) -> list[dict]:
-    """The measurements of the table at `path` for groups this run did not
-    measure (a group: family, format, indexing, output, slot dtype -- every shape
-    class of it), where that table was measured on a device of this name in
-    this table format: tuning one family keeps the others' rules. A table from
-    another device, or one that cannot be read, is replaced whole, and said so."""
+def old_entries(path: Path) -> list[dict]:
+    """The per-device entries of the table at `path` (either table format); none
+    where there is no table, or one that cannot be read (replaced whole, and said so).
+    A table of a later format than this kvgen writes is an error, not replaced:
+    its other devices' entries would be lost."""
     if not path.exists():
         return []
     try:
-        old = json.loads(path.read_text())
-        old_device, old_format, measured = old["tuned_on"]["device"], old["format"], old["measured"]
+        table = json.loads(path.read_text())
+        if isinstance(table, dict) and isinstance(table.get("format"), int) and table["format"] > FORMAT:
+            raise UsageError(f"{path}: a dispatch table of format {table['format']}, written by a later kvgen "
+                             f"(this one writes {FORMAT}); tune with --out elsewhere, or delete it")
+        entries = tuned_entries(table)
+        if not all(isinstance(e["tuned_on"]["device"], str) and isinstance(e["measured"], list) for e in entries):
+            raise TypeError("an entry without a device name or measurements")
+    except UsageError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
         print(f"{path}: not read ({type(err).__name__}: {err}); replaced whole")
         return []
-    if old_device != device or old_format != FORMAT:
-        print(f"{path}: measured on {old_device!r} (format {old_format}), not this {device!r}; replaced whole")
-        return []
+    return entries
+
+
+def kept_measurements(entries: list[dict], device: str, remeasured: list[dict]) -> list[dict]:
+    """The measurements of `device`'s entry among a table's `entries` for groups
+    this run did not measure (a group: family, format, indexing, output, slot
+    dtype -- every shape class of it): tuning one family keeps the others' rules."""
     done = {_group(m) for m in remeasured}
-    return [m for m in measured if _group(m) not in done]
+    mine = [e for e in entries if e["tuned_on"]["device"] == device]
+    return [m for e in mine for m in e["measured"] if _group(m) not in done]
+
+
+def merged_table(entries: list[dict], entry: dict) -> dict:
+    """The table to write: `entry` (one device's) in place of that device's old
+    one, every other device's entry kept as it was, in the order of their names."""
+    device = entry["tuned_on"]["device"]
+    kept = [e for e in entries if e["tuned_on"]["device"] != device]
+    return {"format": FORMAT, "devices": sorted(kept + [entry], key=lambda e: e["tuned_on"]["device"])}
 
 
 def _group(measurement: dict) -> tuple:
@@ -171,6 +193,8 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
 
     from . import bench
 
+    out = out or generated_dir() / DISPATCH_TABLE
+    entries = old_entries(out)  # read first: a table this kvgen must not replace fails before any timing
     props = torch.cuda.get_device_properties(0)
     bench.copy_bandwidth()  # ramps the clocks up before anything is measured
     copy_bw = bench.copy_bandwidth()
@@ -184,11 +208,9 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
             measured.append(m)
             times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))
             print(f"{shape.label:<28} {m['match']['shape_class']:<14} default {m['default']}  {times}", flush=True)
-    out = out or generated_dir() / DISPATCH_TABLE
-    measured = kept_measurements(out, props.name, measured) + measured
+    measured = kept_measurements(entries, props.name, measured) + measured
     rules, groups = choose_rules(measured, margin)
-    table = {
-        "format": FORMAT,
+    entry = {
         "tuned_on": {"device": props.name, "date": date.today().isoformat(), "torch": torch.__version__,
                      "triton": triton.__version__, "python": platform.python_version()},
         "margin": margin,
@@ -196,10 +218,12 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
         "groups": groups,
         "measured": measured,
     }
+    table = merged_table(entries, entry)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     for g in groups:
         print(f"{g['match']}: {g['rule'] or 'default kept'} "
               f"(best relative time {min(g['relative_time'].values()):.3f})")
-    print(f"wrote {out}: {len(rules)} rule(s)")
+    others = [e["tuned_on"]["device"] for e in table["devices"] if e is not entry]
+    print(f"wrote {out}: {len(rules)} rule(s) for {props.name}" + (f"; kept {others}'s" if others else ""))
     return table
