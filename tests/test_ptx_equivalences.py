@@ -68,7 +68,7 @@ def _e2m1_word_search(words: np.ndarray, s: np.float32) -> np.ndarray:
     a bit select, `mad.hi.u32 y, r, 256, y` as y + (r >> 24)."""
     u32 = np.uint32
 
-    def bf16_pair(t):  # t * S as the asm makes it (fma.rn.bf16x2, or an exponent step): exact
+    def bf16_pair(t):  # t * S as a bf16 pattern in both halves (t * S is exact: at most 7 significant bits)
         bits = int((np.float32(t) * s).view(np.uint32))
         assert bits & 0xFFFF == 0 and float((np.float32(t) * s)) == t * float(s)
         return u32((bits >> 16) * 0x10001)
@@ -90,7 +90,13 @@ def _e2m1_word_search(words: np.ndarray, s: np.float32) -> np.ndarray:
     def select(m, x, y):  # lop3 0xCA: m ? x : y, bit by bit
         return (m & x) | (~m & y)
 
-    q1, q2, q3, q4, q5, q6, q7 = (bf16_pair(t) for t in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0))
+    # The thresholds as the asm makes them: three fma.rn.bf16x2 products, the rest by exponent steps in
+    # integers -- each checked against the exact t * S it stands for.
+    sp = u32((int(np.float32(s).view(np.uint32)) >> 16) * 0x10001)
+    q2, q3, q4 = bf16_pair(0.75), bf16_pair(1.25), bf16_pair(1.75)
+    q1, q5, q6, q7 = sp - u32(0x01000100), q3 + u32(0x00800080), q4 + u32(0x00800080), q3 + u32(0x01000100)
+    for q, t in ((q1, 0.25), (q5, 2.5), (q6, 3.5), (q7, 5.0)):
+        assert q == bf16_pair(t), (float(s), t)
     with np.errstate(invalid="ignore"):
         a = words & u32(0x7FFF7FFF)
         m2 = ge(a, np.broadcast_to(q4, a.shape))

@@ -221,7 +221,7 @@ def test_tune_writes_a_rule_only_past_the_margin():
     assert rules == [] and "s4w8c" not in groups[0]["relative_time"]
 
 
-def test_tuning_some_families_keeps_the_others_measurements(tmp_path, capsys):
+def test_tuning_some_families_keeps_the_others_measurements(tmp_path):
     """tune --family F replaces the groups F measured on this device (every shape
     class of them, renamed shapes included): the others' measurements (and so
     their rules) stay; another device's measurements are not this device's."""
@@ -247,15 +247,28 @@ def test_tuning_some_families_keeps_the_others_measurements(tmp_path, capsys):
     assert [e["tuned_on"]["device"] for e in entries] == ["GPU A", "GPU B"]
     assert [m["shape"] for m in tune.kept_measurements(entries, "GPU A", new)] == ["b"]
     assert tune.kept_measurements(entries, "GPU B", new) == []
-    path.write_text(json.dumps({**old, "format": 0}))
-    assert tune.old_entries(path) == []
-    assert "replaced whole" in capsys.readouterr().out
-    path.write_text(json.dumps({**old, "format": tune.FORMAT + 1}))  # a later kvgen's: kept, and said so
-    with pytest.raises(ValueError, match="written by a later kvgen"):
-        tune.old_entries(path)
-    path.write_text("not json")
-    assert tune.old_entries(path) == []
-    assert "not read" in capsys.readouterr().out
+    # A table tune cannot add to is refused before any timing, never overwritten: its entries would be lost.
+    for bad, why in (({**old, "format": tune.FORMAT + 1}, "written by a later kvgen"), ({**old, "format": 0}, "format 0"),
+                     ({"format": 2, "devices": [{"rules": []}]}, "KeyError"),
+                     ({"format": 2, "devices": [old, old]}, "once"), ("not json", "JSONDecodeError")):
+        path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(ValueError, match=why):
+            tune.old_entries(path)
+
+
+def test_tune_refuses_a_table_it_cannot_add_to_before_timing(tmp_path, monkeypatch, capsys):
+    """`kvgen tune --out FILE` over a table it cannot read: exit 2 and one line, before any device work; the
+    file is left as it was."""
+    from kvgen.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: pytest.fail("timed before reading"))
+    path = tmp_path / "dispatch.json"
+    path.write_text('{"format": 99, "devices": []}')
+    assert main(["tune", "--out", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "written by a later kvgen" in err and len(err.splitlines()) == 1
+    assert path.read_text() == '{"format": 99, "devices": []}'
 
 
 def test_tuning_on_a_device_keeps_the_other_devices_tables():
@@ -286,11 +299,15 @@ def test_tuned_rules_choose_the_row_for_their_class(fake_gpu, monkeypatch):
     assert ops.decide_dense(*long_case.args()).entry.pdl is False
 
 
-def _tree_with_rule(tmp_path, device, table_format=tune.FORMAT):
+def _tree_with_rule(tmp_path, device, table_format=tune.FORMAT, others=()):
+    """A copy of the shipped tree whose table gives `device` LONG_RULE (and each of `others` no rules)."""
     root = tmp_path / "generated"
     shutil.copytree(generated_dir(), root, ignore=shutil.ignore_patterns("__pycache__"))
     entry = {"tuned_on": {"device": device}, "rules": [LONG_RULE]}
-    table = {"format": 1, **entry} if table_format == 1 else tune.merged_table([], entry)
+    if table_format == 1:
+        table = {"format": 1, **entry}
+    else:
+        table = tune.merged_table([{"tuned_on": {"device": d}, "rules": []} for d in others], entry)
     (root / dispatch.DISPATCH_TABLE).write_text(json.dumps(table))
     return root
 
@@ -314,6 +331,15 @@ def test_tuned_rules_come_from_the_loaded_tree_and_its_device(tmp_path, fake_gpu
         assert warps() == 4
         reset_registry(_tree_with_rule(tmp_path / "d", TUNED_ON, table_format=1))  # a table of the first format
         assert warps() == 8
+        # One table, an entry a device: each device gets its own entry's rules, whichever comes first.
+        for device, other in ((TUNED_ON, "NVIDIA H200"), ("NVIDIA H200", TUNED_ON), ("NVIDIA H200", "ZZ GPU")):
+            reset_registry(_tree_with_rule(tmp_path / f"e {device} {other}", device, others=(other,)))
+            fake_gpu((9, 0), device)
+            assert warps() == 8, (device, other)
+            fake_gpu((9, 0), other)
+            backend.clear_dispatch_cache()
+            assert warps() == 4, (device, other)
+        fake_gpu((9, 0), TUNED_ON)
     finally:
         reset_registry()
     assert warps() == 4  # the shipped table has no dense rule
@@ -325,7 +351,7 @@ def test_a_malformed_dispatch_table_is_one_clear_error(tmp_path, fake_gpu):
     fake_gpu((9, 0))
     try:
         reset_registry(root)
-        with pytest.raises(ValueError, match="not a kvgen dispatch table"):
+        with pytest.raises(ValueError, match="not a dispatch table this kvgen reads"):
             kvgen.select_backend(*good_args())
     finally:
         reset_registry()

@@ -479,8 +479,8 @@ def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     half, so each choice is one `lop3` select; NaN fails every comparison
     (code 0) and its sign bit is cleared; Inf passes them all (code 7).
     Fifteen instructions a word (four compares, eight `lop3`s), where the
-    integer flavour's count of all seven flags takes some twenty-five
-    (BENCHMARKS.md, log 40).
+    integer flavour's count of all seven flags takes thirty (BENCHMARKS.md,
+    log 40).
     tests/test_ptx_equivalences.py replays these steps in numpy for every bf16
     value against every scale.
     """

@@ -122,10 +122,15 @@ def tuned_entries(table: dict) -> list[dict]:
     """A dispatch table's per-device entries ({"tuned_on": {"device": ...}, "rules", ...}):
     format 2 lists them under "devices"; format 1, the first, was one device's entry itself."""
     if table["format"] == 1:
-        return [{k: v for k, v in table.items() if k != "format"}]
-    if table["format"] == 2:
-        return list(table["devices"])
-    raise ValueError(f"table format {table['format']!r} is not one this kvgen reads (1 or 2)")
+        entries = [{k: v for k, v in table.items() if k != "format"}]
+    elif table["format"] == 2:
+        entries = list(table["devices"])
+    else:
+        raise ValueError(f"table format {table['format']!r} is not one this kvgen reads (1 or 2)")
+    names = [e["tuned_on"]["device"] for e in entries]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"each entry must name its device, once: {names}")
+    return entries
 
 
 def read_tuned_table(root: Path) -> TunedTable:
@@ -137,8 +142,8 @@ def read_tuned_table(root: Path) -> TunedTable:
         entries = tuned_entries(json.loads(path.read_text()))
         return TunedTable({e["tuned_on"]["device"]: tuple(e.get("rules", [])) for e in entries})
     except (ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path}: not a kvgen dispatch table ({type(err).__name__}: {err}); "
-                         "rerun `python -m kvgen tune` or delete it") from None
+        raise UsageError(f"{path}: not a dispatch table this kvgen reads ({type(err).__name__}: {err}); "
+                         "delete it and rerun `python -m kvgen tune`, or use the kvgen that wrote it") from None
 
 
 def preference_for(key: CallKey, rules: Sequence[dict] = ()) -> dict | None:

@@ -144,25 +144,19 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
 
 def old_entries(path: Path) -> list[dict]:
     """The per-device entries of the table at `path` (either table format); none
-    where there is no table, or one that cannot be read (replaced whole, and said so).
-    A table of a later format than this kvgen writes is an error, not replaced:
-    its other devices' entries would be lost."""
+    where there is no table. A table that cannot be read, or is of a later
+    format than this kvgen writes, is an error, not replaced: its devices'
+    entries would be lost."""
     if not path.exists():
         return []
     try:
         table = json.loads(path.read_text())
         if isinstance(table, dict) and isinstance(table.get("format"), int) and table["format"] > FORMAT:
-            raise UsageError(f"{path}: a dispatch table of format {table['format']}, written by a later kvgen "
-                             f"(this one writes {FORMAT}); tune with --out elsewhere, or delete it")
-        entries = tuned_entries(table)
-        if not all(isinstance(e["tuned_on"]["device"], str) and isinstance(e["measured"], list) for e in entries):
-            raise TypeError("an entry without a device name or measurements")
-    except UsageError:
-        raise
+            raise ValueError(f"format {table['format']}, written by a later kvgen (this one writes {FORMAT})")
+        return tuned_entries(table)
     except (ValueError, KeyError, TypeError) as err:
-        print(f"{path}: not read ({type(err).__name__}: {err}); replaced whole")
-        return []
-    return entries
+        raise UsageError(f"{path}: not a dispatch table this kvgen can add to ({type(err).__name__}: {err}); "
+                         "tune with --out elsewhere, or delete it") from None
 
 
 def kept_measurements(entries: list[dict], device: str, remeasured: list[dict]) -> list[dict]:
@@ -171,7 +165,7 @@ def kept_measurements(entries: list[dict], device: str, remeasured: list[dict]) 
     dtype -- every shape class of it): tuning one family keeps the others' rules."""
     done = {_group(m) for m in remeasured}
     mine = [e for e in entries if e["tuned_on"]["device"] == device]
-    return [m for e in mine for m in e["measured"] if _group(m) not in done]
+    return [m for e in mine for m in e.get("measured", []) if _group(m) not in done]
 
 
 def merged_table(entries: list[dict], entry: dict) -> dict:
@@ -225,5 +219,6 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
         print(f"{g['match']}: {g['rule'] or 'default kept'} "
               f"(best relative time {min(g['relative_time'].values()):.3f})")
     others = [e["tuned_on"]["device"] for e in table["devices"] if e is not entry]
-    print(f"wrote {out}: {len(rules)} rule(s) for {props.name}" + (f"; kept {others}'s" if others else ""))
+    print(f"wrote {out}: {len(rules)} rule(s) for {props.name}"
+          + (f"; the entries of {', '.join(others)} kept as they were" if others else ""))
     return table
