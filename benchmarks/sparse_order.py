@@ -26,7 +26,8 @@ import torch
 
 import kvgen
 from kvgen.families.dequant_gather import reference as rd
-from kvgen.testing import as_format, random_slots
+from kvgen.runtime.dispatch import pdl_requested
+from kvgen.testing import as_format, mismatches, random_slots
 from kvgen.tools.bench import COPY, graph_times, same_bytes_copy
 from kvgen.tools.bench_formats import BLOCK_SIZE, _cache
 
@@ -43,21 +44,14 @@ def _checked_call(fmt, cache, slots):
 
     call()
     torch.cuda.synchronize()
-    same = (out.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(out) & torch.isnan(want))
-    assert bool(same.all()), (fmt.name, slots.shape[0])
+    assert mismatches(out, want) == 0, (fmt.name, slots.shape[0])
     return call
 
 
 def _report(label: str, variants: dict, moved: dict, sets: int) -> None:
     t = graph_times({**variants, **{f"{COPY} {k}": same_bytes_copy(b, sets) for k, b in moved.items()}})
     cells = [f"{k} {t[k] * 1e6:.2f} us ({t[f'{COPY} {k}'] / t[k]:.3f})" for k in variants]
-    print(f"{label} (PDL {'off' if kvgen_pdl_off() else 'on'}): " + "; ".join(cells), flush=True)
-
-
-def kvgen_pdl_off() -> bool:
-    from kvgen.runtime.dispatch import pdl_requested
-
-    return not pdl_requested()
+    print(f"{label} (PDL {'on' if pdl_requested() else 'off'}): " + "; ".join(cells), flush=True)
 
 
 def order(fmt_name: str, n: int, sets: int = 6) -> None:

@@ -115,7 +115,7 @@ class TunedTable:
     devices: dict[str, tuple[dict, ...]] = field(default_factory=dict)
 
     def rules_for(self, device_name: str | None) -> tuple[dict, ...]:
-        return self.devices.get(device_name, ()) if device_name is not None else ()
+        return self.devices.get(device_name, ())  # None (not a CUDA device) names no entry
 
 
 def tuned_entries(table: dict) -> list[dict]:
@@ -126,20 +126,26 @@ def tuned_entries(table: dict) -> list[dict]:
     elif table["format"] == 2:
         entries = list(table["devices"])
     else:
-        raise ValueError(f"table format {table['format']!r} is not one this kvgen reads (1 or 2)")
+        later = isinstance(table["format"], int) and table["format"] > 2
+        raise ValueError(f"format {table['format']!r}: " + ("written by a later kvgen" if later else "not a format")
+                         + " (this kvgen reads 1 and 2)")
     names = [e["tuned_on"]["device"] for e in entries]
     if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         raise ValueError(f"each entry must name its device, once: {names}")
     return entries
 
 
+def table_entries(path: Path) -> list[dict]:
+    """The per-device entries of the dispatch table at `path` (none where there is no
+    file); ValueError, KeyError or TypeError where it is not one this kvgen reads."""
+    return tuned_entries(json.loads(path.read_text())) if path.exists() else []
+
+
 def read_tuned_table(root: Path) -> TunedTable:
     """The table of the tree at `root`; an empty one where it has none."""
     path = root / DISPATCH_TABLE
-    if not path.exists():
-        return TunedTable()
     try:
-        entries = tuned_entries(json.loads(path.read_text()))
+        entries = table_entries(path)
         return TunedTable({e["tuned_on"]["device"]: tuple(e.get("rules", [])) for e in entries})
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{path}: not a dispatch table this kvgen reads ({type(err).__name__}: {err}); "

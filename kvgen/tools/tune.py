@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..paths import generated_dir
 from ..runtime.dispatch import (DEFAULT_PREFERENCE, DISPATCH_TABLE, candidate_rows, choose_row, split_by_image,
-                                tuned_entries)
+                                table_entries)
 from .variants import geomean, variant_of
 
 FORMAT = 2  # the table's layout: format 2 holds an entry per device (format 1, one device's, is still read)
@@ -147,13 +147,8 @@ def old_entries(path: Path) -> list[dict]:
     where there is no table. A table that cannot be read, or is of a later
     format than this kvgen writes, is an error, not replaced: its devices'
     entries would be lost."""
-    if not path.exists():
-        return []
     try:
-        table = json.loads(path.read_text())
-        if isinstance(table, dict) and isinstance(table.get("format"), int) and table["format"] > FORMAT:
-            raise ValueError(f"format {table['format']}, written by a later kvgen (this one writes {FORMAT})")
-        return tuned_entries(table)
+        return table_entries(path)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{path}: not a dispatch table this kvgen can add to ({type(err).__name__}: {err}); "
                          "tune with --out elsewhere, or delete it") from None
