@@ -460,6 +460,20 @@ def nvfp4_scale(amax, *, loc=None, ip=None):
     return _asm_u32(asm, "=r,=r,r", (amax,), 2, loc=loc, ip=ip)
 
 
+# 0.75 S, 1.25 S and 1.75 S in q2, q3, q4 from S in both halves of sp: fma.rn.bf16x2 products, exact (at
+# most 7 significant bits) and signed right by the -0 addend; both flavours derive the other thresholds
+# from them.
+_THRESHOLD_PRODUCTS = (
+    "mov.b32 z, 0x80008000;\n"
+    "mov.b32 c, 0x3F403F40;\n"
+    "fma.rn.bf16x2 q2, sp, c, z;\n"
+    "mov.b32 c, 0x3FA03FA0;\n"
+    "fma.rn.bf16x2 q3, sp, c, z;\n"
+    "mov.b32 c, 0x3FE03FE0;\n"
+    "fma.rn.bf16x2 q4, sp, c, z;\n"
+)
+
+
 @dsl_user_op
 def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     """Eight bf16 values (four bf16x2 words) over `scale` S (float32 bits, an
@@ -508,17 +522,12 @@ def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     asm = (
         "{\n"
         ".reg .b32 sp, c, z, q<8>, a, m<3>, lo, hi, t, n, s, r, y, y<4>;\n"
-        # S in both halves as bf16 (an e4m3 value is one), t * S for each threshold: exact bf16x2 values.
+        # S in both halves as bf16 (an e4m3 value is one), t * S for each threshold: exact bf16x2 values
+        # (0.25 S, 2.5 S, 3.5 S and 5 S by exponent steps).
         "prmt.b32 sp, $5, $5, 0x3232;\n"
         "sub.u32 q1, sp, 0x01000100;\n"  # 0.25 S (exponent - 2)
-        "mov.b32 z, 0x80008000;\n"  # -0: the products stay exact and keep their sign
-        "mov.b32 c, 0x3F403F40;\n"
-        "fma.rn.bf16x2 q2, sp, c, z;\n"  # 0.75 S
-        "mov.b32 c, 0x3FA03FA0;\n"
-        "fma.rn.bf16x2 q3, sp, c, z;\n"  # 1.25 S
-        "mov.b32 c, 0x3FE03FE0;\n"
-        "fma.rn.bf16x2 q4, sp, c, z;\n"  # 1.75 S
-        "add.u32 q5, q3, 0x00800080;\n"  # 2.5 S = 2 * 1.25 S
+        + _THRESHOLD_PRODUCTS
+        + "add.u32 q5, q3, 0x00800080;\n"  # 2.5 S = 2 * 1.25 S
         "add.u32 q6, q4, 0x00800080;\n"  # 3.5 S = 2 * 1.75 S
         "add.u32 q7, q3, 0x01000100;\n"  # 5 S = 4 * 1.25 S
         + "".join(word(i, w) for i, w in enumerate(("$1", "$2", "$3", "$4")))

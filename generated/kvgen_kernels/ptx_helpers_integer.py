@@ -506,6 +506,20 @@ def nvfp4_scale(amax, *, loc=None, ip=None):
     return _asm_u32(asm, "=r,=r,r", (amax,), 2, loc=loc, ip=ip)
 
 
+# 0.75 S, 1.25 S and 1.75 S in q2, q3, q4 from S in both halves of sp: fma.rn.bf16x2 products, exact (at
+# most 7 significant bits) and signed right by the -0 addend; both flavours derive the other thresholds
+# from them.
+_THRESHOLD_PRODUCTS = (
+    "mov.b32 z, 0x80008000;\n"
+    "mov.b32 c, 0x3F403F40;\n"
+    "fma.rn.bf16x2 q2, sp, c, z;\n"
+    "mov.b32 c, 0x3FA03FA0;\n"
+    "fma.rn.bf16x2 q3, sp, c, z;\n"
+    "mov.b32 c, 0x3FE03FE0;\n"
+    "fma.rn.bf16x2 q4, sp, c, z;\n"
+)
+
+
 @dsl_user_op
 def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     """Eight bf16 values (four bf16x2 words) over `scale` S (float32 bits, an
@@ -565,17 +579,11 @@ def quantize_e2m1_bf16x8(w0, w1, w2, w3, scale, *, loc=None, ip=None):
     asm = (
         "{\n"
         ".reg .b32 sp, c, z, q<8>, a, d<8>, n, b<3>, g, r<4>;\n"
-        # S in both halves as bf16 (an e4m3 value is one), and 0.75 S, 1.25 S, 1.75 S: exact bf16x2 products.
+        # S in both halves as bf16 (an e4m3 value is one), and 0.75 S, 1.25 S, 1.75 S.
         "prmt.b32 sp, $5, $5, 0x3232;\n"
-        "mov.b32 z, 0x80008000;\n"
-        "mov.b32 c, 0x3F403F40;\n"
-        "fma.rn.bf16x2 q2, sp, c, z;\n"
-        "mov.b32 c, 0x3FA03FA0;\n"
-        "fma.rn.bf16x2 q3, sp, c, z;\n"
-        "mov.b32 c, 0x3FE03FE0;\n"
-        "fma.rn.bf16x2 q4, sp, c, z;\n"
+        + _THRESHOLD_PRODUCTS
         # The others by their exponents (+-0x0080: x2 or /2 a half), "> t S" as ">= pattern + 1" (+0x0001).
-        "sub.u32 q1, sp, 0x00FF00FF;\n"  # 0.25 S (-0x0100) + 1
+        + "sub.u32 q1, sp, 0x00FF00FF;\n"  # 0.25 S (-0x0100) + 1
         "add.u32 q5, q3, 0x00810081;\n"  # 2.5 S = 2 * 1.25 S, + 1
         "add.u32 q6, q4, 0x00800080;\n"  # 3.5 S = 2 * 1.75 S
         "add.u32 q7, q3, 0x01010101;\n"  # 5 S = 4 * 1.25 S, + 1
