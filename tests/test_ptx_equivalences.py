@@ -33,20 +33,26 @@ def test_e2m1_code_by_comparing_x_with_threshold_times_scale():
                 assert np.array_equal(verdict, rewrite), (float(s), op, t)
 
 
+def _bf16_pair(t: float, s: np.float32) -> np.uint32:
+    """t * S as a bf16 pattern in both halves of a word; asserts the product is exact (a bf16 value)."""
+    bits = int((np.float32(t) * s).view(np.uint32))
+    assert bits & 0xFFFF == 0 and float((np.float32(t) * s)) == t * float(s)
+    return np.uint32((bits >> 16) * 0x10001)
+
+
+def _threshold_products(s: np.float32) -> tuple:
+    """The helpers' shared asm piece (_THRESHOLD_PRODUCTS) for scale S: sp (S in both halves, S a bf16
+    value) and the fma.rn.bf16x2 products 0.75 S, 1.25 S, 1.75 S in q2, q3, q4 -- exact, so bf16 patterns."""
+    assert int(np.float32(s).view(np.uint32)) & 0xFFFF == 0  # S is a bf16 value
+    sp = np.uint32((int(np.float32(s).view(np.uint32)) >> 16) * 0x10001)
+    return (sp,) + tuple(_bf16_pair(t, s) for t in (0.75, 1.25, 1.75))
+
+
 def _e2m1_word_swar(words: np.ndarray, s: np.float32) -> np.ndarray:
     """quantize_e2m1_bf16x8's integer steps for one bf16x2 word per entry (uint32), replayed in numpy:
     the two values' nibbles, value 2i's in the low four bits of the result."""
     u32 = np.uint32
-    s16 = int(np.float32(s).view(np.uint32)) >> 16
-    assert int(np.float32(s).view(np.uint32)) & 0xFFFF == 0  # S is a bf16 value
-    sp = u32(s16 * 0x10001)
-
-    def bf16_pair(t):  # t * S as the asm's fma.rn.bf16x2 gives it: exact, so a bf16 pattern
-        bits = int((np.float32(t) * s).view(np.uint32))
-        assert bits & 0xFFFF == 0 and float((np.float32(t) * s)) == t * float(s)
-        return u32((bits >> 16) * 0x10001)
-
-    q2, q3, q4 = bf16_pair(0.75), bf16_pair(1.25), bf16_pair(1.75)
+    sp, q2, q3, q4 = _threshold_products(s)
     with np.errstate(over="ignore"):
         q = [sp - u32(0x00FF00FF), q2, q3 + u32(0x00010001), q4, q3 + u32(0x00810081), q4 + u32(0x00800080),
              q3 + u32(0x01010101)]
@@ -68,11 +74,6 @@ def _e2m1_word_search(words: np.ndarray, s: np.float32) -> np.ndarray:
     a bit select, `mad.hi.u32 y, r, 256, y` as y + (r >> 24)."""
     u32 = np.uint32
 
-    def bf16_pair(t):  # t * S as a bf16 pattern in both halves (t * S is exact: at most 7 significant bits)
-        bits = int((np.float32(t) * s).view(np.uint32))
-        assert bits & 0xFFFF == 0 and float((np.float32(t) * s)) == t * float(s)
-        return u32((bits >> 16) * 0x10001)
-
     def halves(v):  # each half of a bf16x2 word as float32
         return ((v & u32(0xFFFF)) << u32(16)).view(np.float32), (v & u32(0xFFFF0000)).view(np.float32)
 
@@ -92,11 +93,10 @@ def _e2m1_word_search(words: np.ndarray, s: np.float32) -> np.ndarray:
 
     # The thresholds as the asm makes them: three fma.rn.bf16x2 products, the rest by exponent steps in
     # integers -- each checked against the exact t * S it stands for.
-    sp = u32((int(np.float32(s).view(np.uint32)) >> 16) * 0x10001)
-    q2, q3, q4 = bf16_pair(0.75), bf16_pair(1.25), bf16_pair(1.75)
+    sp, q2, q3, q4 = _threshold_products(s)
     q1, q5, q6, q7 = sp - u32(0x01000100), q3 + u32(0x00800080), q4 + u32(0x00800080), q3 + u32(0x01000100)
     for q, t in ((q1, 0.25), (q5, 2.5), (q6, 3.5), (q7, 5.0)):
-        assert q == bf16_pair(t), (float(s), t)
+        assert q == _bf16_pair(t, s), (float(s), t)
     with np.errstate(invalid="ignore"):
         a = words & u32(0x7FFF7FFF)
         m2 = ge(a, np.broadcast_to(q4, a.shape))
