@@ -530,6 +530,7 @@ def _on_gpu(t):
 def test_every_shipped_writer_row_bit_exact():
     """Each writer cubin in the manifest, launched directly, against the torch reference: the whole cache storage."""
     from kvgen.families.quantize_insert import op as insert
+    from kvgen.families.quantize_insert.config import tokens_per_step
     from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
     from kvgen.runtime.loader import registry
 
@@ -544,14 +545,20 @@ def test_every_shipped_writer_row_bit_exact():
             k, k_cache, slots, bs, fmt = writer_case(c["format"], c["block_size"], i, dtype, specials)
             expected = clone_strided(k_cache)
             quantize_and_insert_torch(k, expected, slots, bs, fmt, pow2_scale=pow2)
-            k_gpu, cache_gpu, slots_gpu = _on_gpu(k), _on_gpu(k_cache), _on_gpu(slots)
-            insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl)
-            torch.cuda.synchronize()
-            assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, specials)
-            cache_gpu = _on_gpu(k_cache)  # again on one CTA: each warp loops over many tokens
-            insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl, grid=(1, 1, 1))
-            torch.cuda.synchronize()
-            assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, "one CTA")
+            k_gpu, slots_gpu = _on_gpu(k), _on_gpu(slots)
+            # The dispatch grid; one CTA (each warp grid-strides over many tokens); full CTAs then light ones (the
+            # template's light tail: a grid a little wider than one CTA for every `full` tokens); light CTAs
+            # only, with idle ones past them.
+            light = c["num_warps"] * tokens_per_step(entry.format)
+            full = light * c["tokens_per_warp"]
+            n = slots.shape[0]
+            for grid in (None, 1, -(-n // full) + 2, -(-n // light) + 3):
+                cache_gpu = _on_gpu(k_cache)
+                insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl,
+                                    grid=grid and (grid, 1, 1))
+                torch.cuda.synchronize()
+                assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, specials,
+                                                                                              grid)
             if fmt.tail:  # the tail from a tensor of its own (concat_and_cache_ds_mla's k_pe)
                 values, tail = k[:, : fmt.values], k[:, fmt.values:].contiguous()
                 cache_gpu = _on_gpu(k_cache)

@@ -148,3 +148,19 @@ def test_custom_op_is_registered_with_a_fake():
     assert torch.equal(args[1], expected)
     torch.library.opcheck(torch.ops.kvgen.quantize_and_insert_k_cache.default, tuple(good_args()),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_launch_grid_ends_in_light_ctas():
+    """A row loading several tokens a warp: full CTAs for all but LIGHT_CTAS light CTAs' tokens, then those;
+    a short write is light CTAs only; a row loading one token at a time keeps its ONE_TOKEN_CTAS cap."""
+    from kvgen.runtime.loader import registry
+
+    rows = {e.name: e for e in registry().entries}
+    t4 = rows["qik_v41_288_f512_b64_t4_w4_int64_p1_sm_90a"]  # 16 tokens a full CTA, 4 a light one
+    assert insert.launch_grid(t4, 65536) == ((65536 - insert.LIGHT_CTAS * 4) // 16 + insert.LIGHT_CTAS, 1, 1)
+    assert insert.launch_grid(t4, 100) == (25, 1, 1)
+    assert insert.launch_grid(t4, 1) == (1, 1, 1)
+    assert insert.launch_grid(t4, 1 << 30) == (insert.MAX_WORKERS, 1, 1)
+    t1 = rows["qik_dsv4_584_f448_b64_t1_w4_int64_p1_sm_90a"]
+    assert insert.launch_grid(t1, 65536) == (insert.ONE_TOKEN_CTAS, 1, 1)
+    assert insert.launch_grid(t1, 100) == (25, 1, 1)

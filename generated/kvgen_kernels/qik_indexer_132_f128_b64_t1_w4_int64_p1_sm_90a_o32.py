@@ -80,6 +80,8 @@ TOKENS_PER_WARP = 1  # tokens a lane group loads before it writes the first
 TOKENS_PER_STEP = 2  # lane groups of a warp (tokens_per_step: derived from the format)
 GROUP_LANES = 16
 NUM_WARPS = 4
+CTA_TOKENS = NUM_WARPS * TOKENS_PER_WARP * TOKENS_PER_STEP  # a CTA's tokens a step
+LIGHT_CTA_TOKENS = NUM_WARPS * TOKENS_PER_STEP  # a light CTA's (one step of each lane group)
 THREADS = 128
 SMEM_BYTES = 0  # registers only
 

@@ -80,6 +80,8 @@ TOKENS_PER_WARP = 2  # tokens a lane group loads before it writes the first
 TOKENS_PER_STEP = 2  # lane groups of a warp (tokens_per_step: derived from the format)
 GROUP_LANES = 16
 NUM_WARPS = 8
+CTA_TOKENS = NUM_WARPS * TOKENS_PER_WARP * TOKENS_PER_STEP  # a CTA's tokens a step
+LIGHT_CTA_TOKENS = NUM_WARPS * TOKENS_PER_STEP  # a light CTA's (one step of each lane group)
 THREADS = 256
 SMEM_BYTES = 0  # registers only
 
@@ -125,12 +127,26 @@ def kernel(
     per_warp = TOKENS_PER_WARP * TOKENS_PER_STEP
     step = num_workers * NUM_WARPS * per_warp
     start = (worker * NUM_WARPS + warp) * per_warp
+    span = Int32(per_warp)  # tokens from `first` this warp loads a step
+    # A grid wider than one CTA for every CTA_TOKENS ends in light CTAs, which load one step of a lane group
+    # each (LIGHT_CTA_TOKENS): the last wave's CTAs then finish soon after their loads, where full ones
+    # would leave the memory idle while they encode (BENCHMARKS.md, log 44). The first `heavy` CTAs take
+    # CTA_TOKENS each, the rest LIGHT_CTA_TOKENS; heavy is the fewest that, with the light ones, cover
+    # every token. A grid of ceil(num_tokens / CTA_TOKENS) CTAs or fewer has no light CTAs (heavy >= the
+    # grid): its warps grid-stride as before.
+    heavy = cutlass.max((num_tokens - LIGHT_CTA_TOKENS * num_workers + (CTA_TOKENS - LIGHT_CTA_TOKENS - 1))
+                        // (CTA_TOKENS - LIGHT_CTA_TOKENS), 0)
+    if worker >= heavy:
+        start = heavy * CTA_TOKENS + ((worker - heavy) * NUM_WARPS + warp) * TOKENS_PER_STEP
+        span = Int32(TOKENS_PER_STEP)
+        step = num_tokens  # one step
     for first in cutlass.range(start, num_tokens, step):
+        end = cutlass.min(num_tokens, first + span)
         # Load every token's slot and row first: TOKENS_PER_WARP rows in flight per lane group.
         for u in cutlass.range_constexpr(TOKENS_PER_WARP):
             t = first + u * TOKENS_PER_STEP + group
             slots[u] = Int64(-1)
-            if t < num_tokens:
+            if t < end:
                 slots[u] = Int64(cute.make_tensor(slot_mapping + t, cute.make_layout(1))[0])
                 # The row is loaded whatever its slot says, so its load does not wait on the slot's (a
                 # round trip less a token; BENCHMARKS.md, log 35); a skipped token's row is read, not stored.

@@ -145,13 +145,22 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def _event_times(fn: Callable[[], None], reps: int, warmup: int = 3) -> list[float]:
+# A timed group of replays lasts at least this long (graph_times).
+GROUP_S = 2e-3
+
+
+def _event_times(fn: Callable[[], None], reps: int, warmup: int = 3,
+                 before: Callable[[], None] | None = None) -> list[float]:
+    """Seconds of each of `reps` calls of fn, by CUDA events; `before`, if
+    given, is queued ahead of each start event (untimed)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if before is not None:
+            before()
         start.record()
         fn()
         stop.record()
@@ -160,9 +169,10 @@ def _event_times(fn: Callable[[], None], reps: int, warmup: int = 3) -> list[flo
     return times
 
 
-def _capture(calls: list[Callable[[], None]]) -> torch.cuda.CUDAGraph:
+def _capture(calls: list[Callable[[], None]], keep_graph: bool = False) -> torch.cuda.CUDAGraph:
     """One CUDA graph holding `calls`, each run once eagerly first (outside the
-    capture: modules load, Triton compiles)."""
+    capture: modules load, Triton compiles); `keep_graph`: its nodes stay
+    readable (raw_cuda_graph), instantiated here."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -170,20 +180,28 @@ def _capture(calls: list[Callable[[], None]]) -> torch.cuda.CUDAGraph:
             call()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=keep_graph)
     # Captured on this side stream, of the current device: torch.cuda.graph's own default stream is made
     # once, on whichever device was current then, so a later capture for another GPU would record nothing.
     with torch.cuda.graph(graph, stream=stream):
         for call in calls:
             call()
+    if keep_graph:
+        graph.instantiate()
     return graph
 
 
-def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30) -> dict[str, float]:
+def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30,
+                group_s: float = GROUP_S) -> dict[str, float]:
     """Median seconds per call of each variant, a variant being one call per
     input set, captured as one CUDA graph. The graphs are replayed in turn,
     round after round, so clock and thermal drift fall on every variant alike
-    (timed one after another, the same kernel read up to 3% apart in one run)."""
+    (timed one after another, the same kernel read up to 3% apart in one run).
+    Each timed sample is a group of back-to-back replays of one graph lasting
+    at least `group_s` (0: one replay), so a variant pays the write-back of
+    its own dirty L2 lines, not those the variant before it left: timed one
+    replay at a time, the same writer row read 2 us (6%) slower right after the
+    copy than after another kvgen row (BENCHMARKS.md, log 43)."""
     graphs = {name: (_capture(calls), len(calls)) for name, calls in variants.items()}
     # Warm up for >= 50 ms: seen here, a variant timed right after a cold
     # stretch read 13% slower than the same kernel timed later.
@@ -192,11 +210,14 @@ def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30)
         for graph, _ in graphs.values():
             graph.replay()
         torch.cuda.synchronize()
+    group = {name: max(1, math.ceil(group_s / min(_event_times(graph.replay, reps=3, warmup=0))))
+             for name, (graph, _) in graphs.items()}
     samples: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(rounds):
         for name, (graph, _) in graphs.items():
-            samples[name] += _event_times(graph.replay, reps=1, warmup=0)
-    return {name: statistics.median(samples[name]) / n for name, (_, n) in graphs.items()}
+            samples[name] += _event_times(lambda g=graph, r=group[name]: [g.replay() for _ in range(r)], reps=1,
+                                          warmup=0)
+    return {name: statistics.median(samples[name]) / (n * group[name]) for name, (graph, n) in graphs.items()}
 
 
 def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:

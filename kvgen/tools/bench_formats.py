@@ -56,6 +56,17 @@ def _cache(fmt, tokens: int, g: torch.Generator) -> torch.Tensor:
     return cache
 
 
+def write_inputs(fmt, tokens: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A write's k (random bf16 rows), its cache of exactly `tokens` slots, and
+    slots filling the pages in random page order."""
+    num_blocks = -(-tokens // BLOCK_SIZE)
+    k = torch.randn((tokens, fmt.head_dim), generator=g, device="cuda").to(torch.bfloat16)
+    cache = torch.empty((num_blocks, BLOCK_SIZE, fmt.record_bytes), dtype=torch.uint8, device="cuda")
+    pages = torch.randperm(num_blocks, generator=g, device="cuda")
+    t = torch.arange(tokens, device="cuda")
+    return k, cache, pages[t // BLOCK_SIZE] * BLOCK_SIZE + t % BLOCK_SIZE
+
+
 class Case(NamedTuple):
     call: Callable[[], None]  # the public op on this input set
     outs: list  # the outputs to poison and compare
@@ -73,12 +84,7 @@ def _case(b: Bench, seed: int) -> Case:
     g = torch.Generator(device="cuda").manual_seed(seed)
     n = b.tokens
     if b.op == "write":
-        num_blocks = -(-n // BLOCK_SIZE)
-        k = torch.randn((n, fmt.head_dim), generator=g, device="cuda").to(torch.bfloat16)
-        cache = torch.empty((num_blocks, BLOCK_SIZE, fmt.record_bytes), dtype=torch.uint8, device="cuda")
-        pages = torch.randperm(num_blocks, generator=g, device="cuda")
-        t = torch.arange(n, device="cuda")
-        slots = pages[t // BLOCK_SIZE] * BLOCK_SIZE + t % BLOCK_SIZE
+        k, cache, slots = write_inputs(fmt, n, g)
         if fmt.name == "v32_656":
             kv_c, k_pe = k[:, : fmt.values].contiguous(), k[:, fmt.values:].contiguous()
             call = lambda: kvgen.concat_and_cache_ds_mla(kv_c, k_pe, cache, slots)  # noqa: E731

@@ -38,6 +38,11 @@ MAX_WORKERS = 65535  # CTAs; warps grid-stride over the tokens past them
 # than one CTA for every four tokens for every writer format on the H100, where rows loading 2 or 4 tokens
 # gain nothing from it (BENCHMARKS.md, log 21).
 ONE_TOKEN_CTAS = 2112
+# A row loading 2 or more tokens a warp ends its grid in this many light CTAs (8 an H100 SM), each loading one
+# step of its lane groups (the template's light tail), so the last wave finishes soon after its loads. Measured
+# on the H100 (BENCHMARKS.md, log 44), 65536 tokens: 0.3-0.6 us off the 34-43 us of every writer format;
+# 264-1584 light CTAs all gained, 1056 within 0.2 us of the best for each.
+LIGHT_CTAS = 1056
 
 
 class Checked(NamedTuple):
@@ -153,10 +158,14 @@ def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
 @memoised_grid
 def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
     """Enough CTAs for every token at once, held under MAX_WORKERS (ONE_TOKEN_CTAS for a row that loads one
-    token at a time; warps grid-stride past it)."""
-    per_cta = entry.config["num_warps"] * entry.config["tokens_per_warp"] * tokens_per_step(entry.format)
-    most = ONE_TOKEN_CTAS if entry.config["tokens_per_warp"] == 1 else MAX_WORKERS
-    return (max(1, min(-(-num_tokens // per_cta), most)), 1, 1)
+    token at a time; warps grid-stride past it). A row loading more ends in up to LIGHT_CTAS light CTAs after
+    the full ones that cover the rest (the kernel derives the split from the grid: see the template)."""
+    step = entry.config["num_warps"] * tokens_per_step(entry.format)  # a light CTA's tokens
+    if entry.config["tokens_per_warp"] == 1:
+        return (max(1, min(-(-num_tokens // step), ONE_TOKEN_CTAS)), 1, 1)
+    light = min(LIGHT_CTAS, -(-num_tokens // step))
+    full = -(-(num_tokens - light * step) // (step * entry.config["tokens_per_warp"]))
+    return (max(1, min(full + light, MAX_WORKERS)), 1, 1)
 
 
 def launch_entry(entry: KernelEntry, k, k_cache, slot_mapping, grid: tuple[int, int, int] | None = None,
