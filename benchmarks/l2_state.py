@@ -11,9 +11,9 @@ the copy) is timed three ways in one process:
   clean:      the same, after a read of 3x L2 of scratch before each sample (every
               dirty line written back, no variant's data left in L2; the read also
               keeps the GPU busy while the graph is queued, so no launch gap);
-  groups:     a sample is back-to-back replays of one graph for >= 2 ms
-              (graph_times' default since log 43): each variant pays for its own
-              dirty lines.
+  groups:     a sample is back-to-back replays of one graph for >= 2 ms after
+              an untimed replay of it (graph_times' default since log 43): each
+              variant pays for its own dirty lines.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ def _read_scratch() -> None:
     _scratch[0].amax()
 
 
+def _clean_event_times(fn, reps, warmup=3, before=None):
+    return _original_event_times(fn, reps, warmup, before=_read_scratch)
+
+
 def set_mode(mode: str) -> None:
-    bench._event_times = (functools.partial(_original_event_times, before=_read_scratch) if mode == "clean"
-                          else _original_event_times)
+    bench._event_times = _clean_event_times if mode == "clean" else _original_event_times
     times = _original_graph_times if mode == "groups" else functools.partial(_original_graph_times, group_s=0)
     bench.graph_times = times
     bench_formats.graph_times = times

@@ -15,10 +15,11 @@ staircase in the residuals, with steps where the grid crosses a whole wave of
 resident CTAs, is a tail; equal rates with a larger fixed term is a start or
 drain cost.
 
-`light`: one row (its variant name, e.g. t4w4) on grids that end in L light
-CTAs each (the template's light tail: a CTA past the `heavy` ones loads one
-step of each lane group), L = 0 being the dispatch grid; checked, then timed
-beside a copy.
+`light`: one row (its variant name, e.g. t4w4) on launch_grid's grids with
+about L light CTAs (the template's light tail: a CTA past the `heavy` ones
+loads one step of each lane group); L0 is one full CTA for every CTA_TOKENS
+tokens, the grid before log 44, timed twice (first in the round, right after
+the copy, and again mid-round); checked, then timed beside a copy.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def row_name(entry) -> str:
 
 
 def writer_rows(fmt_name: str) -> list:
+    """The sm_90a block-64 int64-slot writer rows of a format, float32 scales as they are (not pow2_scale)."""
     return [e for e in registry().entries if e.family == "qik" and e.config["format"] == fmt_name
-            and e.arch == "sm_90a" and e.config["block_size"] == BLOCK_SIZE and e.config["slot_dtype"] == "int64"]
+            and e.arch == "sm_90a" and e.config["block_size"] == BLOCK_SIZE and e.config["slot_dtype"] == "int64"
+            and not e.config.get("pow2_scale")]
 
 
 def resident_ctas(entry) -> str:
@@ -106,13 +109,6 @@ def probe(fmt_name: str, counts: list[int], wanted: list[str]) -> None:
         print(f"{name:>10}: fixed {fixed:6.2f} us, {rate * 65536:6.2f} us per 65536 tokens; residuals {residuals}")
 
 
-def light_grid(entry, n: int, light: int) -> int:
-    """The grid that ends in `light` light CTAs after the heavy ones that cover the rest."""
-    step = entry.config["num_warps"] * tokens_per_step(entry.format)
-    heavy = step * entry.config["tokens_per_warp"]
-    return -(-max(n - light * step, 0) // heavy) + light
-
-
 def light_sweep(fmt_name: str, counts: list[int], row: str, lights: list[int]) -> None:
     fmt = as_format(fmt_name)
     entry = next(e for e in writer_rows(fmt_name) if row_name(e) == row)
@@ -120,11 +116,13 @@ def light_sweep(fmt_name: str, counts: list[int], row: str, lights: list[int]) -
     for n in counts:
         sets, moved, check = checked_sets(fmt, n)
         variants = {}
+        cta = entry.config["num_warps"] * entry.config["tokens_per_warp"] * tokens_per_step(entry.format)
         for i, light in enumerate(lights):
-            grid = (light_grid(entry, n, light), 1, 1) if light else None
+            # L0: one full CTA for every CTA_TOKENS tokens (the grid before log 44), no light ones
+            grid = insert.launch_grid(entry, n, light) if light else (-(-n // cta), 1, 1)
             variants[f"L{light}"] = [lambda s=s, g=grid: insert.launch_entry(entry, *s, grid=g, pdl=entry.pdl)
                                      for s in sets]
-            if i == len(lights) // 2:  # the dispatch grid again, after a kvgen row rather than after the copy
+            if i == len(lights) // 2:  # L0 again, timed after a kvgen row rather than after the copy
                 variants["L0 again"] = variants["L0"]
         for name, calls in variants.items():
             check(name, calls[0])

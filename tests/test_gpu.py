@@ -546,13 +546,13 @@ def test_every_shipped_writer_row_bit_exact():
             expected = clone_strided(k_cache)
             quantize_and_insert_torch(k, expected, slots, bs, fmt, pow2_scale=pow2)
             k_gpu, slots_gpu = _on_gpu(k), _on_gpu(slots)
-            # The dispatch grid; one CTA (each warp grid-strides over many tokens); full CTAs then light ones (the
+            # The dispatch grid; one and two CTAs (warps grid-stride over many tokens); full CTAs then light ones (the
             # template's light tail: a grid a little wider than one CTA for every `full` tokens); light CTAs
             # only, with idle ones past them.
             light = c["num_warps"] * tokens_per_step(entry.format)
             full = light * c["tokens_per_warp"]
             n = slots.shape[0]
-            for grid in (None, 1, -(-n // full) + 2, -(-n // light) + 3):
+            for grid in (None, 1, 2, -(-n // full) + 2, -(-n // light) + 3):
                 cache_gpu = _on_gpu(k_cache)
                 insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl,
                                     grid=grid and (grid, 1, 1))
@@ -567,6 +567,38 @@ def test_every_shipped_writer_row_bit_exact():
                                                                    slots_gpu)[0])
                 torch.cuda.synchronize()
                 assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, "tail")
+
+
+def test_writer_rows_full_then_light_ctas_bit_exact():
+    """A write long enough for the dispatch grid's full CTAs and its light tail together (the rows of block
+    size 64 that load several tokens a warp, every format): the whole cache storage against the torch path."""
+    from kvgen.families.quantize_insert import op as insert
+    from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
+    from kvgen.runtime.loader import registry
+    from kvgen.testing import as_format
+
+    here = torch.cuda.get_device_capability()
+    rows = [e for e in registry().entries if e.family == "qik" and ARCHS[e.arch].serves(here)
+            and e.config["block_size"] == 64 and e.config["tokens_per_warp"] > 1]
+    assert len(rows) >= 10
+    g = torch.Generator().manual_seed(7)
+    tokens, blocks = 6000, 100
+    for entry in rows:
+        fmt = as_format(entry.config["format"])
+        k = (torch.randn((tokens, fmt.head_dim), generator=g) * 4).to(torch.bfloat16)
+        storage = torch.randint(0, 256, (blocks * 64 * fmt.record_bytes,), generator=g, dtype=torch.uint8)
+        k_cache = storage.view(blocks, 64, fmt.record_bytes)
+        slots = torch.randperm(blocks * 64, generator=g)[:tokens]
+        slots[torch.rand(tokens, generator=g) < 0.1] = -1
+        slots = slots.to(torch.int64 if entry.config["slot_dtype"] == "int64" else torch.int32)
+        expected = k_cache.clone()
+        quantize_and_insert_torch(k, expected, slots, 64, fmt, pow2_scale=entry.config.get("pow2_scale", False))
+        for light_ctas in (insert.LIGHT_CTAS, 37):  # the dispatch grid's light CTAs, or a few after more full ones
+            cache_gpu = _on_gpu(k_cache)
+            insert.launch_entry(entry, _on_gpu(k), cache_gpu, _on_gpu(slots), pdl=entry.pdl,
+                                grid=insert.launch_grid(entry, tokens, light_ctas))
+            torch.cuda.synchronize()
+            assert torch.equal(cache_gpu.cpu(), expected), (entry.name, light_ctas)
 
 
 @pytest.mark.parametrize("backend", ["cubin", "triton"])

@@ -151,8 +151,9 @@ def test_custom_op_is_registered_with_a_fake():
 
 
 def test_launch_grid_ends_in_light_ctas():
-    """A row loading several tokens a warp: full CTAs for all but LIGHT_CTAS light CTAs' tokens, then those;
-    a short write is light CTAs only; a row loading one token at a time keeps its ONE_TOKEN_CTAS cap."""
+    """A row loading several tokens a warp: full CTAs for all but about LIGHT_CTAS light CTAs' tokens, then
+    those; a short write is light CTAs only; a row loading one token at a time keeps its ONE_TOKEN_CTAS cap."""
+    from kvgen.families.quantize_insert.config import tokens_per_step
     from kvgen.runtime.loader import registry
 
     rows = {e.name: e for e in registry().entries}
@@ -164,3 +165,16 @@ def test_launch_grid_ends_in_light_ctas():
     t1 = rows["qik_dsv4_584_f448_b64_t1_w4_int64_p1_sm_90a"]
     assert insert.launch_grid(t1, 65536) == (insert.ONE_TOKEN_CTAS, 1, 1)
     assert insert.launch_grid(t1, 100) == (25, 1, 1)
+    # The template's split of the grid it is given (its `heavy`, transcribed) gives exactly the full CTAs the
+    # host planned, and they and the light ones cover every token: for each row shape, many token counts.
+    for name in ("qik_v41_288_f512_b64_t4_w4_int64_p1_sm_90a", "qik_dsv4_584_f448_b64_t2_w4_int64_p1_sm_90a",
+                 "qik_indexer_132_f128_b64_t4_w4_int64_p1_sm_90a_o32"):
+        entry = rows[name]
+        light = entry.config["num_warps"] * tokens_per_step(entry.format)
+        full = light * entry.config["tokens_per_warp"]
+        for n in [*range(1, 20000, 97), 65536, 65540, 262147]:
+            for light_ctas in (0, 5, insert.LIGHT_CTAS):
+                grid = insert.launch_grid(entry, n, light_ctas)[0]
+                heavy = max((n - light * grid + full - light - 1) // (full - light), 0)
+                assert heavy == max(n - light_ctas * light, 0) // full, (name, n, light_ctas)
+                assert heavy * full + (grid - heavy) * light >= n > heavy * full + (grid - heavy - 1) * light

@@ -198,10 +198,13 @@ def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30,
     round after round, so clock and thermal drift fall on every variant alike
     (timed one after another, the same kernel read up to 3% apart in one run).
     Each timed sample is a group of back-to-back replays of one graph lasting
-    at least `group_s` (0: one replay), so a variant pays the write-back of
-    its own dirty L2 lines, not those the variant before it left: timed one
-    replay at a time, the same writer row read 2 us (6%) slower right after the
-    copy than after another kvgen row (BENCHMARKS.md, log 43)."""
+    at least `group_s`, after one untimed replay of the same graph: that replay
+    pays the write-back of the lines the variant before it left dirty in L2 and
+    keeps the GPU busy while the group is queued, so each variant is timed in
+    its own steady state, paying for its own write-backs, with no launch gap.
+    Timed one replay at a time on an idle GPU (group_s=0, as before log 43),
+    the same writer row read 2 us (6%) slower right after the copy than after
+    another kvgen row (BENCHMARKS.md, log 43)."""
     graphs = {name: (_capture(calls), len(calls)) for name, calls in variants.items()}
     # Warm up for >= 50 ms: seen here, a variant timed right after a cold
     # stretch read 13% slower than the same kernel timed later.
@@ -210,13 +213,17 @@ def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30,
         for graph, _ in graphs.values():
             graph.replay()
         torch.cuda.synchronize()
-    group = {name: max(1, math.ceil(group_s / min(_event_times(graph.replay, reps=3, warmup=0))))
-             for name, (graph, _) in graphs.items()}
+    if group_s:
+        group = {name: max(1, math.ceil(group_s / min(_event_times(graph.replay, reps=3, warmup=0,
+                                                                   before=graph.replay))))
+                 for name, (graph, _) in graphs.items()}
+    else:
+        group = dict.fromkeys(graphs, 1)
     samples: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(rounds):
         for name, (graph, _) in graphs.items():
             samples[name] += _event_times(lambda g=graph, r=group[name]: [g.replay() for _ in range(r)], reps=1,
-                                          warmup=0)
+                                          warmup=0, before=graph.replay if group_s else None)
     return {name: statistics.median(samples[name]) / (n * group[name]) for name, (graph, n) in graphs.items()}
 
 

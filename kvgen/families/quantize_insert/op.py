@@ -38,11 +38,13 @@ MAX_WORKERS = 65535  # CTAs; warps grid-stride over the tokens past them
 # than one CTA for every four tokens for every writer format on the H100, where rows loading 2 or 4 tokens
 # gain nothing from it (BENCHMARKS.md, log 21).
 ONE_TOKEN_CTAS = 2112
-# A row loading 2 or more tokens a warp ends its grid in this many light CTAs (8 an H100 SM), each loading one
-# step of its lane groups (the template's light tail), so the last wave finishes soon after its loads. Measured
-# on the H100 (BENCHMARKS.md, log 44), 65536 tokens: 0.3-0.6 us off the 34-43 us of every writer format;
-# 264-1584 light CTAs all gained, 1056 within 0.2 us of the best for each.
-LIGHT_CTAS = 1056
+# A row loading 2 or more tokens a warp ends its grid in about this many light CTAs (4 an H100 SM), each
+# loading one step of its lane groups (the template's light tail), so the last CTAs finish soon after their
+# loads. Measured on the H100 (BENCHMARKS.md, log 44), 264-1584 light CTAs against none: at 528 each writer
+# format measured gained at 2048, 65536 and 262144 tokens (0.2-1.0% at 65536; NVFP4 lost 0.35% at 16384),
+# and a short write is spread over more CTAs (NVFP4, 256 tokens: 2.64 -> 1.82 us); 1056 lost 1.4% on the
+# indexer's 65536.
+LIGHT_CTAS = 528
 
 
 class Checked(NamedTuple):
@@ -156,15 +158,17 @@ def decide_insert(k, k_cache, slot_mapping, block_size, record_bytes=None, *,
 
 
 @memoised_grid
-def launch_grid(entry: KernelEntry, num_tokens: int) -> tuple[int, int, int]:
+def launch_grid(entry: KernelEntry, num_tokens: int, light_ctas: int = LIGHT_CTAS) -> tuple[int, int, int]:
     """Enough CTAs for every token at once, held under MAX_WORKERS (ONE_TOKEN_CTAS for a row that loads one
-    token at a time; warps grid-stride past it). A row loading more ends in up to LIGHT_CTAS light CTAs after
-    the full ones that cover the rest (the kernel derives the split from the grid: see the template)."""
+    token at a time; warps grid-stride past it). A row loading more ends in about `light_ctas` light CTAs
+    after the full ones (the template derives the split from the grid; this grid is one whose split gives
+    exactly `full` full CTAs)."""
     step = entry.config["num_warps"] * tokens_per_step(entry.format)  # a light CTA's tokens
     if entry.config["tokens_per_warp"] == 1:
         return (max(1, min(-(-num_tokens // step), ONE_TOKEN_CTAS)), 1, 1)
-    light = min(LIGHT_CTAS, -(-num_tokens // step))
-    full = -(-(num_tokens - light * step) // (step * entry.config["tokens_per_warp"]))
+    cta = step * entry.config["tokens_per_warp"]  # a full CTA's
+    full = max(num_tokens - light_ctas * step, 0) // cta
+    light = -(-(num_tokens - full * cta) // step)
     return (max(1, min(full + light, MAX_WORKERS)), 1, 1)
 
 
