@@ -125,8 +125,8 @@ def kernel(
     # each (LIGHT_CTA_TOKENS): the last wave's CTAs then finish soon after their loads, where full ones
     # would leave the memory idle while they encode (BENCHMARKS.md, log 44). The first `heavy` CTAs take
     # CTA_TOKENS each, the rest LIGHT_CTA_TOKENS; heavy is the fewest that, with the light ones, cover
-    # every token. A grid of ceil(num_tokens / CTA_TOKENS) CTAs or fewer has no light CTAs (heavy >= the
-    # grid): its warps grid-stride as before.
+    # every token. A grid of ceil(num_tokens / CTA_TOKENS) CTAs is full ones (the last light where the
+    # tokens left fit one); a smaller grid is all full CTAs (heavy >= the grid), whose warps grid-stride.
     heavy = cutlass.max((num_tokens - LIGHT_CTA_TOKENS * num_workers + (CTA_TOKENS - LIGHT_CTA_TOKENS - 1))
                         // (CTA_TOKENS - LIGHT_CTA_TOKENS), 0)
     if worker >= heavy:
