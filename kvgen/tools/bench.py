@@ -4,8 +4,9 @@ Method (docs: BENCHMARKS.md): caches written by the UE8M0 quantizer from
 random data, pages randomly permuted; every result checked bit-exact against
 the torch path before it is timed; kernels timed as CUDA-graph replays of one
 call per input set, the sets rotated so that the working set exceeds L2
-(cold cache), median of >= 20 replays; the copy roofline is a large
-device-to-device copy (bytes read + written).
+(cold cache, up to 16 sets), each sample a >= 2 ms group of back-to-back
+replays after an untimed one (graph_times), median of 30 rounds; the copy
+roofline is a large device-to-device copy (bytes read + written).
 """
 
 from __future__ import annotations
