@@ -221,6 +221,26 @@ def test_tune_writes_a_rule_only_past_the_margin():
     assert rules == [] and "s4w8c" not in groups[0]["relative_time"]
 
 
+def test_tune_keeps_a_held_rule_while_it_still_wins():
+    """Hysteresis: a rule the device's entry holds stays while its variant is still the best and beats the
+    default at all; inside the margin a variant that is not held, or a held one no longer best or no longer
+    faster, gives no rule."""
+    measured = [_measured("a", "long", {"s4w4s": 100.0, "s4w8c": 99.0, "s2w4s": 99.5}),
+                _measured("b", "long", {"s4w4s": 50.0, "s4w8c": 49.5, "s2w4s": 49.9})]
+    key = (None, "dsv4_584", "dense", None, None, "long")  # tune.MATCH_FIELDS' values (these shapes name no family)
+    assert tune.choose_rules(measured)[0] == []
+    assert [g["rule"] for g in tune.choose_rules(measured, held={key: "s4w8c"})[1]] == ["s4w8c"]
+    assert tune.choose_rules(measured, held={key: "s2w4s"})[0] == []  # held, but no longer the best
+    measured[0]["us"]["s4w8c"] = measured[1]["us"]["s4w8c"] = 1000.0
+    measured[0]["us"]["s2w4s"], measured[1]["us"]["s2w4s"] = 100.5, 50.1
+    assert tune.choose_rules(measured, held={key: "s2w4s"})[0] == []  # the best, but slower than the default
+    entries = [{"tuned_on": {"device": "X"}, "groups": [{"match": {"family": "dqgk", "format": "dsv4_584",
+                                                                   "indexing": "dense", "shape_class": "long"},
+                                                         "rule": "s4w8c"}, {"match": {}, "rule": None}]},
+               {"tuned_on": {"device": "Y"}, "groups": [{"match": {}, "rule": "s2w4s"}]}]
+    assert tune.held_rules(entries, "X") == {("dqgk", "dsv4_584", "dense", None, None, "long"): "s4w8c"}
+
+
 def test_tuning_some_families_keeps_the_others_measurements(tmp_path):
     """tune --family F replaces the groups F measured on this device (every shape
     class of them, renamed shapes included): the others' measurements (and so
@@ -388,7 +408,8 @@ def _check_tuned_entry(table: dict) -> None:
         assert any(e.family == rule["match"]["family"]
                    and all(e.config[k] == v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields)
                    for e in entries), rule
-    assert tune.choose_rules(table["measured"], table["margin"])[0] == table["rules"]
+    assert tune.choose_rules(table["measured"], table["margin"], tune.held_rules([table], table["tuned_on"]["device"]))[0] \
+        == table["rules"]
 
 
 

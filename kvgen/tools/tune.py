@@ -6,7 +6,11 @@ checked bit-exact and timed beside the others (bench's interleaved CUDA-graph
 replays). Shapes are grouped by what a dispatch rule can match -- format,
 indexing, output and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
 rule only where it beats the untuned default on the geometric mean of its
-group's shapes by more than `margin` (run-to-run noise is about 2%). The table
+group's shapes by more than `margin` (run-to-run noise is about 2%). A rule
+this device's entry already holds stays while its variant is still the
+group's best and beats the default at all: a rule is added past the margin
+and dropped only when it stops winning, so a retune does not drop a rule
+that still gains (BENCHMARKS.md, log 45). The table
 (generated/dispatch.json) keeps every group's measurements, ruled or not;
 the runtime reads its rules with no device synchronisation. The table holds an
 entry per device name, each with its own rules: tuning on one GPU keeps the
@@ -118,10 +122,13 @@ def _measurement(label: str, key, default, variants: dict, us: dict) -> dict:
     }
 
 
-def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dict], list[dict]]:
+def choose_rules(measured: list[dict], margin: float = MARGIN,
+                 held: dict[tuple, str] | None = None) -> tuple[list[dict], list[dict]]:
     """Group shapes by their match fields; in each group, the variant timed on
     every shape with the lowest geometric-mean time relative to the default
-    becomes a rule if it is faster by more than `margin`. Returns (rules, groups)."""
+    becomes a rule if it is faster by more than `margin`, or faster at all
+    where `held` ({group's match values: variant}, the device's rules so far)
+    names it for the group. Returns (rules, groups)."""
     groups: dict[tuple, list[dict]] = {}
     for m in measured:
         groups.setdefault(tuple(m["match"].get(f) for f in MATCH_FIELDS), []).append(m)
@@ -133,7 +140,8 @@ def choose_rules(measured: list[dict], margin: float = MARGIN) -> tuple[list[dic
             raise ValueError(f"{match}: the default variant was not timed on every shape")
         relative = {v: geomean(m["us"][v] / m["us"][m["default"]] for m in shapes) for v in sorted(common)}
         best = min(relative, key=lambda v: (relative[v], v))
-        chosen = best if relative[best] < 1 - margin else None
+        still_held = (held or {}).get(match_values) == best and relative[best] < 1
+        chosen = best if relative[best] < 1 - margin or still_held else None
         summary.append({"match": match, "shapes": [m["shape"] for m in shapes],
                         "default": sorted({m["default"] for m in shapes}),
                         "relative_time": {v: round(r, 4) for v, r in relative.items()}, "rule": chosen})
@@ -171,6 +179,12 @@ def merged_table(entries: list[dict], entry: dict) -> dict:
     return {"format": FORMAT, "devices": sorted(kept + [entry], key=lambda e: e["tuned_on"]["device"])}
 
 
+def held_rules(entries: list[dict], device: str) -> dict[tuple, str]:
+    """The variant each group of `device`'s entry among `entries` ruled for: {group's match values: variant}."""
+    return {tuple(g["match"].get(f) for f in MATCH_FIELDS): g["rule"]
+            for e in entries if e["tuned_on"]["device"] == device for g in e.get("groups", []) if g.get("rule")}
+
+
 def _group(measurement: dict) -> tuple:
     """What a measurement's shapes are re-measured together by: its match fields but the shape class."""
     return tuple(measurement["match"].get(f) for f in MATCH_FIELDS if f != "shape_class")
@@ -198,7 +212,7 @@ def tune(families: Iterable[str], out: Path | None = None, margin: float = MARGI
             times = "  ".join(f"{v} {us / m['us'][m['default']]:.3f}" for v, us in sorted(m["us"].items()))
             print(f"{shape.label:<28} {m['match']['shape_class']:<14} default {m['default']}  {times}", flush=True)
     measured = kept_measurements(entries, props.name, measured) + measured
-    rules, groups = choose_rules(measured, margin)
+    rules, groups = choose_rules(measured, margin, held_rules(entries, props.name))
     entry = {
         "tuned_on": {"device": props.name, "date": date.today().isoformat(), "torch": torch.__version__,
                      "triton": triton.__version__, "python": platform.python_version()},
