@@ -22,11 +22,18 @@ from kvgen.families.quantize_insert import op as insert
 from kvgen.runtime.loader import registry
 from kvgen.tools.bench import COPY, graph_times, same_bytes_copy
 from kvgen.tools.bench_formats import BLOCK_SIZE, Bench, _case
+from kvgen.tools.variants import variant_of
 
 
 def rows(family, fmt, **fields):
     return [e for e in registry().entries if e.family == family and e.config["format"] == fmt and e.arch == "sm_90a"
             and e.config["block_size"] == BLOCK_SIZE and all(e.config.get(k) == v for k, v in fields.items())]
+
+
+def row_name(entry) -> str:
+    """A writer row's variant name, a row capped by occupancy_warps named apart from the uncapped one (o32)."""
+    c = entry.config
+    return variant_of(c) + (f"o{c['occupancy_warps']}" if c.get("occupancy_warps") else "")
 
 
 def sweep_reader(b: Bench, per_warp=(1, 2, 4, 8, 16, 32)):
@@ -147,9 +154,7 @@ def sweep_writer(b: Bench, ctas=(None, 132 * 16, 132 * 8, 132 * 4, 132 * 2)):
     for e in entries:
         for n in ctas:
             grid = None if n is None else (n, 1, 1)
-            c = e.config  # a row capped by occupancy_warps is named apart from the uncapped one
-            cap = f"o{c['occupancy_warps']}" if c.get("occupancy_warps") else ""
-            name = f"t{c['tokens_per_warp']}w{c['num_warps']}{cap} {n or 'default'}"
+            name = f"{row_name(e)} {n or 'default'}"
             variants[name] = [lambda e=e, grid=grid: insert.launch_entry(e, k, k_cache, slots, grid=grid,
                                                                          checked=checked, pdl=e.pdl, tail=tail)]
     for name, calls in variants.items():

@@ -32,11 +32,11 @@ import kvgen
 from kvgen.families.quantize_insert import op as insert
 from kvgen.families.quantize_insert.config import tokens_per_step
 from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
-from kvgen.runtime.loader import registry
 from kvgen.testing import as_format
 from kvgen.tools.bench import COPY, GROUP_S, graph_times, same_bytes_copy
 from kvgen.tools.bench_formats import BLOCK_SIZE, write_inputs
-from kvgen.tools.variants import variant_of
+
+from grid_sweep_formats import row_name, rows  # a sibling script: benchmarks/ is on sys.path when run
 
 
 def checked_sets(fmt, n: int):
@@ -61,16 +61,9 @@ def checked_sets(fmt, n: int):
     return sets, moved, check
 
 
-def row_name(entry) -> str:
-    c = entry.config  # a row capped by occupancy_warps is named apart from the uncapped one
-    return variant_of(c) + (f"o{c['occupancy_warps']}" if c.get("occupancy_warps") else "")
-
-
 def writer_rows(fmt_name: str) -> list:
     """The sm_90a block-64 int64-slot writer rows of a format, float32 scales as they are (not pow2_scale)."""
-    return [e for e in registry().entries if e.family == "qik" and e.config["format"] == fmt_name
-            and e.arch == "sm_90a" and e.config["block_size"] == BLOCK_SIZE and e.config["slot_dtype"] == "int64"
-            and not e.config.get("pow2_scale")]
+    return rows("qik", fmt_name, slot_dtype="int64", pow2_scale=False)
 
 
 def resident_ctas(entry) -> str:

@@ -500,14 +500,15 @@ def test_pdl_kernel_waits_for_the_kernel_before_it(graph, monkeypatch):
 
 
 # ------------------------------------------------------------------ writers
-def writer_case(fmt_name, bs, seed, slot_dtype=torch.int64, specials=False):
+def writer_case(fmt_name, bs, seed, slot_dtype=torch.int64, specials=False, tokens=None):
     """k with random (or special) values, a poisoned cache with padded pages, slots
-    in random page order with some -1, strided k rows."""
+    in random page order with some -1, strided k rows: 3 * bs + 3 tokens in 4 pages,
+    or `tokens` - 2 in pages enough for `tokens`."""
     from kvgen.testing import as_format
 
     fmt = as_format(fmt_name)
     g = torch.Generator().manual_seed(seed)
-    tokens, num_blocks = 3 * bs + 5, 4
+    tokens, num_blocks = (3 * bs + 5, 4) if tokens is None else (tokens, -(-tokens // bs) + 1)
     rows = torch.randn((tokens, fmt.head_dim + 8), generator=g) * 4
     if specials:  # NaN, ±Inf, zeros, subnormals, ties and huge values among the values
         bits = torch.randint(0, 1 << 16, (tokens, fmt.head_dim + 8), generator=g, dtype=torch.int32)
@@ -575,30 +576,23 @@ def test_writer_rows_full_then_light_ctas_bit_exact():
     from kvgen.families.quantize_insert import op as insert
     from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
     from kvgen.runtime.loader import registry
-    from kvgen.testing import as_format
 
     here = torch.cuda.get_device_capability()
     rows = [e for e in registry().entries if e.family == "qik" and ARCHS[e.arch].serves(here)
             and e.config["block_size"] == 64 and e.config["tokens_per_warp"] > 1]
     assert len(rows) >= 10
-    g = torch.Generator().manual_seed(7)
-    tokens, blocks = 6000, 100
-    for entry in rows:
-        fmt = as_format(entry.config["format"])
-        k = (torch.randn((tokens, fmt.head_dim), generator=g) * 4).to(torch.bfloat16)
-        storage = torch.randint(0, 256, (blocks * 64 * fmt.record_bytes,), generator=g, dtype=torch.uint8)
-        k_cache = storage.view(blocks, 64, fmt.record_bytes)
-        slots = torch.randperm(blocks * 64, generator=g)[:tokens]
-        slots[torch.rand(tokens, generator=g) < 0.1] = -1
-        slots = slots.to(torch.int64 if entry.config["slot_dtype"] == "int64" else torch.int32)
-        expected = k_cache.clone()
-        quantize_and_insert_torch(k, expected, slots, 64, fmt, pow2_scale=entry.config.get("pow2_scale", False))
+    for i, entry in enumerate(rows):
+        dtype = torch.int64 if entry.config["slot_dtype"] == "int64" else torch.int32
+        k, k_cache, slots, bs, fmt = writer_case(entry.config["format"], 64, i, dtype, tokens=6002)
+        expected = clone_strided(k_cache)
+        quantize_and_insert_torch(k, expected, slots, bs, fmt, pow2_scale=entry.config.get("pow2_scale", False))
+        k_gpu, slots_gpu = _on_gpu(k), _on_gpu(slots)
         for light_ctas in (insert.LIGHT_CTAS, 37):  # the dispatch grid's light CTAs, or a few after more full ones
             cache_gpu = _on_gpu(k_cache)
-            insert.launch_entry(entry, _on_gpu(k), cache_gpu, _on_gpu(slots), pdl=entry.pdl,
-                                grid=insert.launch_grid(entry, tokens, light_ctas))
+            insert.launch_entry(entry, k_gpu, cache_gpu, slots_gpu, pdl=entry.pdl,
+                                grid=insert.launch_grid(entry, slots.shape[0], light_ctas))
             torch.cuda.synchronize()
-            assert torch.equal(cache_gpu.cpu(), expected), (entry.name, light_ctas)
+            assert torch.equal(whole_storage(cache_gpu).cpu(), whole_storage(expected)), (entry.name, light_ctas)
 
 
 @pytest.mark.parametrize("backend", ["cubin", "triton"])

@@ -225,7 +225,7 @@ def graph_times(variants: dict[str, list[Callable[[], None]]], rounds: int = 30,
         for name, (graph, _) in graphs.items():
             samples[name] += _event_times(lambda g=graph, r=group[name]: [g.replay() for _ in range(r)], reps=1,
                                           warmup=0, before=graph.replay if group_s else None)
-    return {name: statistics.median(samples[name]) / (n * group[name]) for name, (graph, n) in graphs.items()}
+    return {name: statistics.median(samples[name]) / (n * group[name]) for name, (_, n) in graphs.items()}
 
 
 def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:

@@ -131,16 +131,16 @@ def choose_rules(measured: list[dict], margin: float = MARGIN,
     names it for the group. Returns (rules, groups)."""
     groups: dict[tuple, list[dict]] = {}
     for m in measured:
-        groups.setdefault(tuple(m["match"].get(f) for f in MATCH_FIELDS), []).append(m)
+        groups.setdefault(match_values(m["match"]), []).append(m)
     rules, summary = [], []
-    for match_values, shapes in groups.items():
-        match = {f: v for f, v in zip(MATCH_FIELDS, match_values) if v is not None}  # a field the call has
+    for values, shapes in groups.items():
+        match = {f: v for f, v in zip(MATCH_FIELDS, values) if v is not None}  # a field the call has
         common = set.intersection(*(set(m["us"]) for m in shapes))
         if not all(m["default"] in common for m in shapes):
             raise ValueError(f"{match}: the default variant was not timed on every shape")
         relative = {v: geomean(m["us"][v] / m["us"][m["default"]] for m in shapes) for v in sorted(common)}
         best = min(relative, key=lambda v: (relative[v], v))
-        still_held = (held or {}).get(match_values) == best and relative[best] < 1
+        still_held = (held or {}).get(values) == best and relative[best] < 1
         chosen = best if relative[best] < 1 - margin or still_held else None
         summary.append({"match": match, "shapes": [m["shape"] for m in shapes],
                         "default": sorted({m["default"] for m in shapes}),
@@ -181,8 +181,14 @@ def merged_table(entries: list[dict], entry: dict) -> dict:
 
 def held_rules(entries: list[dict], device: str) -> dict[tuple, str]:
     """The variant each group of `device`'s entry among `entries` ruled for: {group's match values: variant}."""
-    return {tuple(g["match"].get(f) for f in MATCH_FIELDS): g["rule"]
+    return {match_values(g["match"]): g["rule"]
             for e in entries if e["tuned_on"]["device"] == device for g in e.get("groups", []) if g.get("rule")}
+
+
+def match_values(match: dict) -> tuple:
+    """A group's key: its match's value of each of MATCH_FIELDS (None where the call has no such field), the
+    same for a measurement's match and a group's, so a held rule finds its group."""
+    return tuple(match.get(f) for f in MATCH_FIELDS)
 
 
 def _group(measurement: dict) -> tuple:
