@@ -144,6 +144,20 @@ def test_launch_grid_is_bounded_by_host_quantities():
     assert ops.grid_for(packed["v41_288"], 1, 65536) == (1, 8192, 1)  # the family's grid asks for them
 
 
+def test_a_direct_row_gives_each_warp_a_block_of_its_lane_groups_records():
+    """Under the direct schedule a warp's block is num_stages records a lane group:
+    the indexer's 128 bf16 out (16 chunks) are 16 lanes' work, two records a
+    warp a pass; NVFP4's 512 (64 chunks) the whole warp's, two chunks a lane."""
+    from kvgen.families.dequant_gather import op as ops
+
+    rows = {(e.format.name, e.config["num_stages"], e.config["num_warps"]): e for e in registry().entries
+            if e.config.get("schedule") == "direct" and e.config["block_size"] == 64}
+    assert ops.grid_for(rows[("indexer_132", 4, 4)], 1, 262144) == (1, 262144 // (4 * 2 * 4), 1)
+    assert ops.grid_for(rows[("indexer_132", 2, 8)], 1, 65537) == (1, -(-65537 // (8 * 2 * 2)), 1)
+    assert ops.grid_for(rows[("v41_288", 4, 4)], 1, 262144) == (1, 262144 // (4 * 1 * 4), 1)
+    assert ops.grid_for(rows[("v41_288", 2, 8)], 1, 1 << 22) == (1, ops.TARGET_CTAS, 1)  # held: blocks grid-stride
+
+
 def test_a_page_run_row_gives_each_cta_one_run_at_a_time():
     """A CTA per run of run_tokens positions (one more where a window may start
     inside a run), the grid held near TARGET_CTAS; its CTAs grid-stride over the rest."""
@@ -430,6 +444,26 @@ def test_tune_times_the_raw_gather_in_both_classes():
     shapes = tune.family_shapes("raw")
     assert {dispatch.shape_class(1, s.tokens) for s in shapes} == {"short", "long"}
     assert all(s.op == "raw" for s in shapes)
+
+
+def test_tune_times_the_small_records_gathers_in_every_class():
+    """dense_formats and sparse_formats: both tail-less formats, every shape class
+    a call of theirs can have, sparse ones at low and full valid fractions; the
+    shipped table sends their long sparse calls to the direct schedule."""
+    from kvgen.tools.bench import Shape, SparseShape
+
+    dense, sparse = tune.family_shapes("dense_formats"), tune.family_shapes("sparse_formats")
+    assert all(isinstance(s, Shape) for s in dense) and all(isinstance(s, SparseShape) for s in sparse)
+    for shapes in (dense, sparse):
+        assert {s.format for s in shapes} == {"indexer_132", "v41_288"}
+    assert {dispatch.shape_class(len(s.seq_lens), max(s.seq_lens)) for s in dense} == {"short", "long",
+                                                                                       "many_requests"}
+    assert {dispatch.shape_class(1, s.num_slots) for s in sparse} == {"short", "long"}
+    assert {s.valid for s in sparse} == {0.03, 0.25, 1.0}
+    rules = dispatch.read_tuned_table(generated_dir()).rules_for(TUNED_ON)
+    for fmt in ("indexer_132", "v41_288"):
+        key = CallKey("dqgk", fmt, 64, (("indexing", "sparse"), ("gather_lens", False)), (9, 0), "long")
+        assert dispatch.preference_for(key, rules)["schedule"] == "direct"
 
 
 def test_tune_skips_a_shape_no_cubin_row_serves(monkeypatch):

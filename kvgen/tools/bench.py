@@ -112,7 +112,7 @@ def gpu_case(shape: Shape, seed: int, device="cuda"):
     if shape.window:
         gather_lens = torch.clamp(seq_lens, max=shape.window)
     rows = shape.window or max(shape.seq_lens)
-    out = poisoned_out(len(pages), rows, device=device)
+    out = poisoned_out(len(pages), rows, device=device, head_dim=layout.head_dim)
     return [out, k_cache, seq_lens, gather_lens, block_table, bs, 0]
 
 
@@ -134,7 +134,7 @@ def gpu_sparse_case(shape: SparseShape, seed: int, device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
     k_cache = make_cache(num_blocks, bs, layout, g)
     slots = random_slots(shape.num_slots, num_blocks * bs, shape.valid, g)
-    out = poisoned_out(1, shape.num_slots, device=device)[0]
+    out = poisoned_out(1, shape.num_slots, device=device, head_dim=layout.head_dim)[0]
     return [out, k_cache, slots, bs]
 
 
@@ -349,17 +349,18 @@ class Workload:
 def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
     from ..families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 
-    record = as_format(shape.format).record_bytes
+    layout = as_format(shape.format)
+    per_token = layout.record_bytes + 2 * layout.head_dim  # a record read, a bf16 row written
     if isinstance(shape, SparseShape):
         probe = gpu_sparse_case(shape, 0)
         tokens = int((probe[2] >= 0).sum())
-        working_set = max(1, tokens) * (record + WRITE_BYTES)
+        working_set = max(1, tokens) * per_token
         cases = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, _set_count(working_set, l2_bytes))]
         reference = dequantize_and_gather_sparse_torch
         indexing, has_gather_lens, num_reqs, max_rows = "sparse", False, 1, shape.num_slots
     else:
         tokens = shape.tokens
-        working_set = tokens * (record + WRITE_BYTES)
+        working_set = tokens * per_token
         cases = [gpu_case(shape, seed) for seed in range(_set_count(working_set, l2_bytes))]
         reference = dequantize_and_gather_torch
         indexing, has_gather_lens = "dense", shape.window is not None

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from ..testing import as_format
-from .bench import COPY, graph_times, same_bytes_copy, with_env
+from .bench import COPY, Shape, SparseShape, graph_times, same_bytes_copy, with_env
 
 READ_TOKENS = (65536, 262144)
 WRITE_TOKENS = (65536, 262144)
@@ -33,8 +33,21 @@ class Bench:
 
 
 # `python -m kvgen tune --family raw`: the raw gather has rows to choose among
-# (the ring, and page runs of two chunk sizes), short and long.
-TUNE_FAMILIES = {"raw": tuple(Bench(f"indexer_132 raw {n}", "indexer_132", "raw", n) for n in (8192,) + READ_TOKENS)}
+# (the ring, and page runs of two chunk sizes), short and long. `--family
+# dense_formats` and `sparse_formats`: the bf16 gathers of the small tail-less
+# records (the ring, and the direct schedule's rows), dense ones short, long
+# and of many requests (pages in random order), sparse ones short and long at
+# 3%, 25% and 100% valid slots (random slots over the cache, as the sparse
+# family's).
+TUNE_FAMILIES = {
+    "raw": tuple(Bench(f"indexer_132 raw {n}", "indexer_132", "raw", n) for n in (8192,) + READ_TOKENS),
+    "dense_formats": tuple(Shape(f"{len(lens)}x{lens[0]} {fmt}", lens, format=fmt)
+                           for fmt in ("indexer_132", "v41_288")
+                           for lens in ((1024,) * 8, (8192,) * 8, (32768,) * 8, (2048,) * 64)),
+    "sparse_formats": tuple(SparseShape(f"sparse {n} {round(v * 100)}% {fmt}", n, v, fmt)
+                            for fmt in ("indexer_132", "v41_288") for n in (8192,) + READ_TOKENS
+                            for v in (0.03, 0.25, 1.0)),
+}
 
 SHAPES = tuple(
     [Bench(f"{fmt} {op} {n}", fmt, op, n) for fmt in ("v41_288", "v32_656", "indexer_132")

@@ -38,7 +38,15 @@ from ...formats import Format
 #               each finds its row's page, a warp's rows split into runs of one
 #               request inside one page, one bulk copy a run, each thread its row's
 #               scale bytes; then all threads store the chunk (logs 33, 36)
-SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run")
+#   direct:     dense and sparse bf16 gathers of formats without a bf16 tail: no shared
+#               memory. A record is direct_lanes(format) lanes' work, a lane an output
+#               chunk of 8 values (16 bytes) a pass; a lane group locates its num_stages
+#               records (slot or block-table loads), then loads their value words and
+#               scales straight into registers, then decodes and stores them all, so
+#               num_stages records a lane group are in flight; a request's warps (dense)
+#               or the grid's (sparse) stride over blocks of num_stages records a group
+#               (BENCHMARKS.md, log 46)
+SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run", "direct")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
 
@@ -78,6 +86,14 @@ def copy_pieces(fmt: Format) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)  # asked at every launch
+def direct_lanes(fmt: Format) -> int:
+    """The direct schedule's lanes a record: one a 16-byte output chunk (8
+    values), at most the warp's 32 (then each lane takes several chunks); a
+    power of two, so a warp moves 32 // direct_lanes records a pass."""
+    return 32 // lane_groups(fmt.head_dim // 8)
+
+
+@functools.lru_cache(maxsize=None)  # asked at every launch
 def tokens_per_step(fmt: Format, output: str = "bf16") -> int:
     """Records a warp moves per ring step: 32 lanes split into groups of the
     fewest lanes (a power of two) that move a record with at most
@@ -100,7 +116,8 @@ class DequantGatherConfig(FamilyConfig):
 
     format: Format = param("", "the cache record format (a kvgen.formats.Format row): values, tail, scales")
     block_size: int = param("b", f"tokens per cache page: a power of two, 1..{MAX_BLOCK_SIZE}")
-    num_stages: int = param("s", f"cp.async ring depth per warp (tokens in flight), 1..{MAX_STAGES}")
+    num_stages: int = param("s", f"cp.async ring depth per warp (tokens in flight); direct: records a lane group "
+                                 f"holds in registers at once; 1..{MAX_STAGES}")
     num_warps: int = param("w", "warps per CTA, 1..32; one token per warp per stage", default=4)
     indexing: str = param("", "dense (block table), sparse (slot indices) or packed (requests one after another); "
                               "see INDEXING")
@@ -143,6 +160,10 @@ class DequantGatherConfig(FamilyConfig):
         return tokens_per_step(self.format, self.output)
 
     @property
+    def direct_lanes(self) -> int:
+        return direct_lanes(self.format)
+
+    @property
     def copy_pieces(self) -> tuple[int, int]:
         return copy_pieces(self.format)
 
@@ -162,6 +183,8 @@ class DequantGatherConfig(FamilyConfig):
             return self.run_tokens * self.format.data_bytes + 16 + 8 * self.staged_reqs
         if self.schedule == "page_run":  # the run's data rows, its scale rows, one 8-byte mbarrier
             return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
+        if self.schedule == "direct":  # registers only
+            return 0
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
         staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
         return ring + staged_rows + self.compact_bytes + 8 * self.staged_reqs
@@ -233,6 +256,9 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"num_warps={c.num_warps} must be in 1..32")
     if c.schedule == "page_run":
         _check_page_run(c)
+    if c.schedule == "direct" and (c.indexing == "packed" or c.output != "bf16" or f.tail):
+        raise ConfigError(f"schedule='direct' is built for dense and sparse bf16 gathers of formats without a bf16 "
+                          f"tail, not {c.indexing} indexing with output={c.output!r} of format {f.name} (tail {f.tail})")
     if c.smem_bytes > c.arch_row.max_smem_per_block:
         what = (f"run_tokens={c.run_tokens} needs" if c.schedule == "page_run"
                 else f"{c.num_stages} stages x {c.num_warps} warps need")

@@ -29,7 +29,7 @@ from ...runtime.manifest import KernelEntry
 from ...runtime.plans import launch_planned, remember, signature
 from ...runtime.registration import register_op
 from ...runtime.validate import check_cache, check_one_device, meta
-from .config import CHUNKED_SCHEDULES, KERNEL_PARAMS, DequantGatherConfig, tokens_per_step
+from .config import CHUNKED_SCHEDULES, KERNEL_PARAMS, DequantGatherConfig, direct_lanes, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
 # The family fields a row must have, per indexing mode (made once: a tuple per call is a key per call).
@@ -170,16 +170,21 @@ def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
              target_ctas: int = TARGET_CTAS) -> tuple[int, int, int]:
     """A row's grid, held near `target_ctas`: its warps move tokens_per_step
     records a step, packed ones at least PACKED_MIN_STEPS steps; under the
-    ballot and compact schedules each warp takes one chunk of slots; under page_run each
+    ballot and compact schedules each warp takes one chunk of slots, under direct
+    one block of num_stages records a lane group; under page_run each
     CTA one run of tokens at a time. (The bench's grid sweep asks with other targets.)"""
     config = entry.config
     if config["schedule"] == "page_run":
         return run_grid(num_reqs, max_rows, config["run_tokens"], windowed=config["gather_lens"],
                         target_ctas=target_ctas)
+    rows_per_warp = None  # the ring's share: launch_grid's
+    if config["schedule"] in CHUNKED_SCHEDULES:
+        rows_per_warp = config["ballot_chunk"]
+    elif config["schedule"] == "direct":  # a block: num_stages records a lane group
+        rows_per_warp = 32 // direct_lanes(entry.format) * config["num_stages"]
     return launch_grid(entry, num_reqs, max_rows, target_ctas,
                        tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
-                       rows_per_warp=config["ballot_chunk"] if config["schedule"] in CHUNKED_SCHEDULES else None,
-                       min_steps=PACKED_MIN_STEPS if config["indexing"] == "packed" else 1)
+                       rows_per_warp=rows_per_warp, min_steps=PACKED_MIN_STEPS if config["indexing"] == "packed" else 1)
 
 
 @memoised_grid
