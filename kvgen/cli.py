@@ -257,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p = add("tune", cmd_tune, "Time every shipped variant on the benchmark shapes (GPU) and write the winners "
                               "per shape class as dispatch rules (generated/dispatch.json).")
     p.add_argument("--family", nargs="+",
-                   default=["dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats"],
-                   choices=["dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats"])
+                   default=["dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats",
+                            "packed_formats"],
+                   choices=["dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats",
+                            "packed_formats"])
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"a variant must beat the default by more than this fraction (default {MARGIN})")
     p.add_argument("--out", help="write the table here instead of generated/dispatch.json")

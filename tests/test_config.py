@@ -94,7 +94,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 410
+    assert len(configs) == 450
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -146,7 +146,7 @@ def test_shipped_names_are_unique_and_cover_every_family():
      "built for dense bf16 gathers and raw packed ones, not packed indexing with output='bf16'"),
     (dict(schedule="page_run", num_stages=1, run_tokens=32, arch="sm_80"), "needs cp.async.bulk"),
     (dict(schedule="page_run", num_stages=1, block_size=1024, run_tokens=512), "run_tokens=512 needs"),
-    (dict(schedule="direct"), "schedule='direct' is built for dense and sparse bf16 gathers of formats without"),
+    (dict(schedule="direct"), "schedule='direct' is built for bf16 gathers of formats without a bf16 tail"),
     (dict(schedule="direct", indexing="sparse", gather_lens=False), "format dsv4_584 \\(tail 64\\)"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
@@ -312,7 +312,8 @@ def test_the_compact_schedule_keeps_a_list_of_its_chunk():
 
 def test_the_direct_schedule_holds_its_records_in_registers():
     """No shared memory; a record is one lane a 16-byte output chunk, at most the
-    warp's 32 lanes; only dense and sparse bf16 gathers of formats without a bf16 tail."""
+    warp's 32 lanes (a packed call's request starts staged as the ring's are);
+    only bf16 gathers of formats without a bf16 tail."""
     from kvgen.testing import as_format
 
     indexer = dataclasses.replace(SEED, format=as_format("indexer_132"), indexing="sparse", gather_lens=False,
@@ -322,8 +323,11 @@ def test_the_direct_schedule_holds_its_records_in_registers():
     assert dataclasses.replace(indexer, format=as_format("v41_288")).direct_lanes == 32
     assert dataclasses.replace(indexer, arch="sm_80").direct_lanes == 16  # plain loads: any arch
     assert dataclasses.replace(indexer, indexing="dense", gather_lens=True).smem_bytes == 0
-    for bad in (dict(indexing="packed"), dict(indexing="packed", output="raw"), dict(format=as_format("v32_656"))):
-        with pytest.raises(ConfigError, match="schedule='direct' is built for dense and sparse bf16 gathers"):
+    from kvgen.families.dequant_gather.config import STAGED_REQS
+
+    assert dataclasses.replace(indexer, indexing="packed").smem_bytes == 8 * STAGED_REQS  # the staged starts
+    for bad in (dict(indexing="packed", output="raw"), dict(format=as_format("v32_656"))):
+        with pytest.raises(ConfigError, match="schedule='direct' is built for bf16 gathers of formats without"):
             dataclasses.replace(indexer, **bad)
 
 

@@ -135,7 +135,8 @@ def test_launch_grid_is_bounded_by_host_quantities():
     assert launch_grid(entry, 1, 65537, rows_per_warp=32) == (1, 513, 1)
     # A packed gather's warps take two rows each (PACKED_MIN_STEPS), the indexer's lane groups four steps.
     packed = {e.format.name: e for e in registry().entries if e.config.get("indexing") == "packed"
-              and e.config["block_size"] == 64 and e.arch == "sm_90a" and e.config.get("output", "bf16") == "bf16"}
+              and e.config["block_size"] == 64 and e.arch == "sm_90a" and e.config.get("output", "bf16") == "bf16"
+              and e.config["schedule"] == "strided"}
     from kvgen.families.dequant_gather import op as ops
 
     steps = ops.PACKED_MIN_STEPS
@@ -429,15 +430,16 @@ def _check_tuned_entry(table: dict) -> None:
 
 def test_the_raw_gathers_rules_steer_only_raw_calls():
     """The shipped table's rules for the raw packed gather (page_run rows) match
-    on output: the bf16 packed gather of the same format keeps its default."""
+    on output: the bf16 packed gather of the same format keeps its own (its
+    short calls the direct schedule, its long ones the default)."""
     from kvgen.families.dequant_gather.op import PACKED_FIELDS
 
     rules = dispatch.read_tuned_table(generated_dir()).rules_for(TUNED_ON)
-    for size_class in ("short", "long"):
+    for size_class, bf16_schedule in (("short", "direct"), ("long", None)):
         raw = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["raw"], (9, 0), size_class)
         assert dispatch.preference_for(raw, rules)["schedule"] == "page_run"
         bf16 = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["bf16"], (9, 0), size_class)
-        assert dispatch.preference_for(bf16, rules) is None
+        assert (dispatch.preference_for(bf16, rules) or {}).get("schedule") == bf16_schedule
 
 
 def test_tune_times_the_raw_gather_in_both_classes():
@@ -447,7 +449,7 @@ def test_tune_times_the_raw_gather_in_both_classes():
 
 
 def test_tune_times_the_small_records_gathers_in_every_class():
-    """dense_formats and sparse_formats: both tail-less formats, every shape class
+    """dense_formats, sparse_formats and packed_formats: both tail-less formats, every shape class
     a call of theirs can have, sparse ones at low and full valid fractions; the
     shipped table sends their long sparse calls to the direct schedule."""
     from kvgen.tools.bench import Shape, SparseShape
@@ -460,6 +462,9 @@ def test_tune_times_the_small_records_gathers_in_every_class():
                                                                                        "many_requests"}
     assert {dispatch.shape_class(1, s.num_slots) for s in sparse} == {"short", "long"}
     assert {s.valid for s in sparse} == {0.03, 0.25, 1.0}
+    packed = tune.family_shapes("packed_formats")
+    assert {s.format for s in packed} == {"indexer_132", "v41_288"} and {s.op for s in packed} == {"packed"}
+    assert {dispatch.shape_class(1, s.tokens) for s in packed} == {"short", "long"}
     rules = dispatch.read_tuned_table(generated_dir()).rules_for(TUNED_ON)
     for fmt in ("indexer_132", "v41_288"):
         key = CallKey("dqgk", fmt, 64, (("indexing", "sparse"), ("gather_lens", False)), (9, 0), "long")
@@ -470,7 +475,7 @@ def test_tune_skips_a_shape_no_cubin_row_serves(monkeypatch):
     """On an A100 the raw gather has PTX rows only: tune skips its shapes (nothing
     to choose among) instead of failing after timing every other family."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    assert tune._measure_raw_shape(tune.family_shapes("raw")[0], 50 << 20) is None
+    assert tune._measure_packed_shape(tune.family_shapes("raw")[0], 50 << 20) is None
 
 @pytest.fixture
 def fake_gpu(monkeypatch):

@@ -19,7 +19,7 @@ Config (every generator parameter):
     run_tokens   = 0
 
 A lane group of 16 lanes gathers a record straight into registers, each group holding 4 records
-in flight; no shared memory; request = blockIdx.x, worker = blockIdx.y (direct schedule).
+in flight; no shared memory but packed calls' staged starts; request = blockIdx.x, worker = blockIdx.y (direct schedule).
 The ABI is flat -- raw pointers and integers only (PARAMS) -- so the cubin is
 launched directly from the CUDA driver API, with no CuteDSL at run time.
 """
@@ -120,11 +120,12 @@ LANES_PER_TOKEN = 8
 
 
 
-# The direct schedule: no shared memory (BENCHMARKS.md, log 46). A record is
+# The direct schedule: no shared memory but a packed call's staged request
+# starts (BENCHMARKS.md, log 46). A record is
 # DIRECT_LANES lanes' work, lane l of its group taking output chunks l,
 # l + DIRECT_LANES, ... (8 values, 16 bytes each); a warp moves DIRECT_GROUPS
 # records a pass. A warp's block is NUM_STAGES passes: its lane groups locate
-# their NUM_STAGES records (slot or block-table loads), then load all their
+# their NUM_STAGES records (slot, block-table or request-search loads), then load all their
 # value words and scales into registers, then decode and store them, so
 # NUM_STAGES records a group are in flight behind one round trip of lookups.
 DIRECT_LANES = 16
@@ -183,11 +184,12 @@ def kernel(
     # Never write past out's rows, whatever gather_len says.
     rows = cutlass.min(gather_len, max_rows)
     block_table_row = block_table + Int64(req) * block_table_stride
-    num_blocks = (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+    row_begin = Int32(0)
+    num_blocks = (rows - row_begin + BLOCK_ROWS - 1) // BLOCK_ROWS
     for block in cutlass.range(worker * NUM_WARPS + warp, num_blocks, num_workers * NUM_WARPS):
         # The group's records located, all of them first.
         for s in cutlass.range_constexpr(NUM_STAGES):
-            t = block * BLOCK_ROWS + s * DIRECT_GROUPS + grp
+            t = row_begin + block * BLOCK_ROWS + s * DIRECT_GROUPS + grp
             pages[s] = Int32(-1)
             if t < rows:
                 pos = start + t
@@ -213,7 +215,7 @@ def kernel(
         # Decode and store each record's chunks.
         for s in cutlass.range_constexpr(NUM_STAGES):
             if pages[s] >= 0:
-                t = block * BLOCK_ROWS + s * DIRECT_GROUPS + grp
+                t = row_begin + block * BLOCK_ROWS + s * DIRECT_GROUPS + grp
                 out_offset = Int64(req) * out_stride_req + Int64(offset + t) * out_stride_row
                 out_row = cute.make_tensor(
                     cute.recast_ptr(out + cute.assume(out_offset, divby=8), dtype=Uint32),

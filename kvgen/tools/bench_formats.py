@@ -34,16 +34,18 @@ class Bench:
 
 # `python -m kvgen tune --family raw`: the raw gather has rows to choose among
 # (the ring, and page runs of two chunk sizes), short and long. `--family
-# dense_formats` and `sparse_formats`: the bf16 gathers of the small tail-less
-# records (the ring, and the direct schedule's rows), dense ones short, long
-# and of many requests (pages in random order), sparse ones short and long at
-# 3%, 25% and 100% valid slots (random slots over the cache, as the sparse
-# family's).
+# dense_formats`, `sparse_formats` and `packed_formats`: the bf16 gathers of
+# the small tail-less records (the ring, and the direct schedule's rows),
+# dense ones short, long and of many requests (pages in random order), sparse
+# ones short and long at 3%, 25% and 100% valid slots (random slots over the
+# cache, as the sparse family's), packed ones short and long (8 requests).
 TUNE_FAMILIES = {
     "raw": tuple(Bench(f"indexer_132 raw {n}", "indexer_132", "raw", n) for n in (8192,) + READ_TOKENS),
     "dense_formats": tuple(Shape(f"{len(lens)}x{lens[0]} {fmt}", lens, format=fmt)
                            for fmt in ("indexer_132", "v41_288")
                            for lens in ((1024,) * 8, (8192,) * 8, (32768,) * 8, (2048,) * 64)),
+    "packed_formats": tuple(Bench(f"{fmt} packed {n}", fmt, "packed", n)
+                            for fmt in ("indexer_132", "v41_288") for n in (8192,) + READ_TOKENS),
     "sparse_formats": tuple(SparseShape(f"sparse {n} {round(v * 100)}% {fmt}", n, v, fmt)
                             for fmt in ("indexer_132", "v41_288") for n in (8192,) + READ_TOKENS
                             for v in (0.03, 0.25, 1.0)),
@@ -85,7 +87,7 @@ class Case(NamedTuple):
     outs: list  # the outputs to poison and compare
     torch_path: Callable[[], None]  # the torch path, writing into outs
     moved: int  # bytes moved
-    args: tuple[Any, ...] = ()  # the raw gather's arguments (a manifest row is launched on them)
+    args: tuple[Any, ...] = ()  # a packed gather's arguments (a manifest row is launched on them)
 
 
 def _case(b: Bench, seed: int) -> Case:
@@ -138,7 +140,7 @@ def _case(b: Bench, seed: int) -> Case:
             call = lambda: kvgen.cp_gather_and_upconvert_fp8_kv_cache(*args)  # noqa: E731
             torch_path = lambda: rd.dequantize_and_gather_packed_torch(out, cache, block_table, starts[:reqs], reqs,
                                                                       None, BLOCK_SIZE)
-            outs = [out]
+            return Case(call, [out], torch_path, n * (fmt.record_bytes + 2 * fmt.head_dim), args)
         else:
             dst_k = torch.empty((n, fmt.value_bytes), dtype=torch.uint8, device="cuda")
             dst_s = torch.empty((n, fmt.num_scales * fmt.scale_size), dtype=torch.uint8, device="cuda")
@@ -200,14 +202,16 @@ def bench_one(b: Bench, l2_bytes: int) -> dict:
             "us": {name: t * 1e6 for name, t in seconds.items()}}
 
 
-def time_raw_rows(b: Bench, rows: dict, l2_bytes: int) -> dict[str, float]:
-    """`python -m kvgen tune --family raw`: each of `rows` ({name: manifest row}
-    of the raw gather) launched directly on its dispatch grid, PDL as the row
-    was built, checked against the torch path, then timed: {name: us}."""
+def time_packed_rows(b: Bench, rows: dict, l2_bytes: int) -> dict[str, float]:
+    """`python -m kvgen tune --family raw` (`packed_formats`): each of `rows`
+    ({name: manifest row} of the raw, or bf16, packed gather) launched directly
+    on its dispatch grid, PDL as the row was built, checked against the torch
+    path, then timed: {name: us}."""
     from ..families.dequant_gather import op as ops
 
+    launch = ops.launch_raw if b.op == "raw" else ops.launch_packed
     cases, expected = _cases(b, l2_bytes)
-    variants = {name: [lambda c=c, e=e: ops.launch_raw(e, *c.args, pdl=e.pdl) for c in cases]
+    variants = {name: [lambda c=c, e=e: launch(e, *c.args, pdl=e.pdl) for c in cases]
                 for name, e in rows.items()}
     seconds = _checked_times(b, cases, expected, variants)
     return {name: seconds[name] * 1e6 for name in rows}

@@ -1,7 +1,7 @@
 """`python -m kvgen tune` (GPU): which shipped variant should serve each shape class.
 
 Every shipped row that could serve a benchmark shape (bench.FAMILIES, and
-bench_formats.TUNE_FAMILIES for the raw gather) is
+bench_formats.TUNE_FAMILIES for the formats' gathers) is
 checked bit-exact and timed beside the others (bench's interleaved CUDA-graph
 replays). Shapes are grouped by what a dispatch rule can match -- format,
 indexing, output and shape class (dispatch.SHAPE_CLASSES) -- and a variant becomes a
@@ -56,7 +56,7 @@ def measure_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
     if isinstance(shape, bench.WriterShape):
         return _measure_writer_shape(shape, copy_bw, l2_bytes)
     if not isinstance(shape, (bench.Shape, bench.SparseShape)):
-        return _measure_raw_shape(shape, l2_bytes)
+        return _measure_packed_shape(shape, l2_bytes)
     w = bench.workload(shape, l2_bytes)
     found = _candidates(w.key)
     if found is None:
@@ -81,21 +81,22 @@ def _measure_writer_shape(shape, copy_bw: float, l2_bytes: int) -> dict | None:
                         {name: result["backends"][name]["us"] for name in rows})
 
 
-def _measure_raw_shape(shape, l2_bytes: int) -> dict | None:
-    """A raw packed gather's shape (a bench_formats.Bench): its rows, timed directly."""
+def _measure_packed_shape(shape, l2_bytes: int) -> dict | None:
+    """A packed gather's shape, raw or bf16 (a bench_formats.Bench): its rows, timed directly."""
     import torch
 
     from . import bench_formats
     from ..families.dequant_gather.op import FAMILY, PACKED_FIELDS
     from ..runtime.dispatch import CallKey, shape_class
 
-    key = CallKey(FAMILY, shape.format, bench_formats.BLOCK_SIZE, PACKED_FIELDS["raw"],
+    key = CallKey(FAMILY, shape.format, bench_formats.BLOCK_SIZE, PACKED_FIELDS["raw" if shape.op == "raw" else "bf16"],
                   torch.cuda.get_device_capability(), shape_class(1, shape.tokens))
     found = _candidates(key)
     if found is None:
         return None
     default, variants = found
-    return _measurement(shape.label, key, default, variants, bench_formats.time_raw_rows(shape, variants, l2_bytes))
+    return _measurement(shape.label, key, default, variants,
+                        bench_formats.time_packed_rows(shape, variants, l2_bytes))
 
 
 def _candidates(key) -> tuple | None:

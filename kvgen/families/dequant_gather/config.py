@@ -38,14 +38,14 @@ from ...formats import Format
 #               each finds its row's page, a warp's rows split into runs of one
 #               request inside one page, one bulk copy a run, each thread its row's
 #               scale bytes; then all threads store the chunk (logs 33, 36)
-#   direct:     dense and sparse bf16 gathers of formats without a bf16 tail: no shared
-#               memory. A record is direct_lanes(format) lanes' work, a lane an output
-#               chunk of 8 values (16 bytes) a pass; a lane group locates its num_stages
-#               records (slot or block-table loads), then loads their value words and
-#               scales straight into registers, then decodes and stores them all, so
-#               num_stages records a lane group are in flight; a request's warps (dense)
-#               or the grid's (sparse) stride over blocks of num_stages records a group
-#               (BENCHMARKS.md, log 46)
+#   direct:     bf16 gathers of formats without a bf16 tail, no shared memory (but a
+#               packed call's staged starts). A record is direct_lanes(format) lanes'
+#               work, a lane an output chunk of 8 values (16 bytes) a pass; a lane group
+#               locates its num_stages records (slot, block-table or request-search
+#               loads), then loads their value words and scales straight into registers,
+#               then decodes and stores them all, so num_stages records a lane group are
+#               in flight; a request's warps (dense) or the grid's stride over blocks of
+#               num_stages records a group (BENCHMARKS.md, log 46)
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run", "direct")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
@@ -183,8 +183,8 @@ class DequantGatherConfig(FamilyConfig):
             return self.run_tokens * self.format.data_bytes + 16 + 8 * self.staged_reqs
         if self.schedule == "page_run":  # the run's data rows, its scale rows, one 8-byte mbarrier
             return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
-        if self.schedule == "direct":  # registers only
-            return 0
+        if self.schedule == "direct":  # registers only, but a packed call's staged starts
+            return 8 * self.staged_reqs
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
         staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
         return ring + staged_rows + self.compact_bytes + 8 * self.staged_reqs
@@ -256,9 +256,9 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"num_warps={c.num_warps} must be in 1..32")
     if c.schedule == "page_run":
         _check_page_run(c)
-    if c.schedule == "direct" and (c.indexing == "packed" or c.output != "bf16" or f.tail):
-        raise ConfigError(f"schedule='direct' is built for dense and sparse bf16 gathers of formats without a bf16 "
-                          f"tail, not {c.indexing} indexing with output={c.output!r} of format {f.name} (tail {f.tail})")
+    if c.schedule == "direct" and (c.output != "bf16" or f.tail):
+        raise ConfigError(f"schedule='direct' is built for bf16 gathers of formats without a bf16 tail, not "
+                          f"output={c.output!r} of format {f.name} (tail {f.tail})")
     if c.smem_bytes > c.arch_row.max_smem_per_block:
         what = (f"run_tokens={c.run_tokens} needs" if c.schedule == "page_run"
                 else f"{c.num_stages} stages x {c.num_warps} warps need")
