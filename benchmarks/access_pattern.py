@@ -12,12 +12,12 @@ rotated past L2), for the bytes of each dense shape:
                    and 804 : 804 (the same bytes, a copy's 1 : 1 mix)
   stream_584_1024_paged  the same kernel reading its rows by pages of 64 rows
                    in random page order (as the bench's block tables lay a
-                   request's pages; log 46): the least any gather of these
-                   pages moving kvgen's mix does
+                   request's pages; log 47): this kernel's bound on such a
+                   gather, not every design's
 and copies of one odd byte count rounded up to several granularities (the
 bench saw 0.74-0.78 of the roofline for 133179 DSv4 tokens' bytes).
 Each cell: µs, fraction of the 1 GiB roofline, (memcpy µs / its µs).
-Results: BENCHMARKS.md, logs 11 and 46.
+Results: BENCHMARKS.md, logs 11 and 47.
 """
 
 import torch

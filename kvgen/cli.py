@@ -11,6 +11,9 @@ from .config import ARCHS, ConfigError
 from .errors import UsageError
 
 BUILD_EXTRAS = "pip install 'kvgen[build]'"
+# `kvgen tune --family`: bench.FAMILIES' and bench_formats.TUNE_FAMILIES' names (not
+# imported here: they load torch), all tuned when none is named.
+TUNE_FAMILIES = ("dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats", "packed_formats")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,11 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="write a PNG plot here")
     p = add("tune", cmd_tune, "Time every shipped variant on the benchmark shapes (GPU) and write the winners "
                               "per shape class as dispatch rules (generated/dispatch.json).")
-    p.add_argument("--family", nargs="+",
-                   default=["dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats",
-                            "packed_formats"],
-                   choices=["dsv4", "v41", "sparse", "writer", "raw", "dense_formats", "sparse_formats",
-                            "packed_formats"])
+    p.add_argument("--family", nargs="+", default=list(TUNE_FAMILIES), choices=TUNE_FAMILIES)
     p.add_argument("--margin", type=float, default=MARGIN,
                    help=f"a variant must beat the default by more than this fraction (default {MARGIN})")
     p.add_argument("--out", help="write the table here instead of generated/dispatch.json")

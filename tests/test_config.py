@@ -321,7 +321,7 @@ def test_the_direct_schedule_holds_its_records_in_registers():
     assert indexer.smem_bytes == 0 and indexer.direct_lanes == 16
     assert "_sparse_g0_direct_" in indexer.name
     assert dataclasses.replace(indexer, format=as_format("v41_288")).direct_lanes == 32
-    assert dataclasses.replace(indexer, arch="sm_80").direct_lanes == 16  # plain loads: any arch
+    dataclasses.replace(indexer, arch="sm_80")  # plain loads and stores: built for any arch, not refused
     assert dataclasses.replace(indexer, indexing="dense", gather_lens=True).smem_bytes == 0
     from kvgen.families.dequant_gather.config import STAGED_REQS
 
@@ -329,6 +329,29 @@ def test_the_direct_schedule_holds_its_records_in_registers():
     for bad in (dict(indexing="packed", output="raw"), dict(format=as_format("v32_656"))):
         with pytest.raises(ConfigError, match="schedule='direct' is built for bf16 gathers of formats without"):
             dataclasses.replace(indexer, **bad)
+
+
+@pytest.mark.parametrize("fmt", [
+    Format("u48", values=48, scale_group=16),  # 6 chunks: lanes past them idle
+    Format("u96", values=96, scale_group=32, scale_kind="f32"),
+    Format("u320", values=320, scale_group=64),  # 40 chunks: two passes, the second partial
+    Format("e96", values=96, scale_group=16, value_kind="e2m1", scale_kind="e4m3", placement="inline"),
+    Format("u768", values=768, scale_group=128),  # three passes
+    Format("u16", values=16, scale_group=8),
+])
+@pytest.mark.parametrize("indexing", ["dense", "sparse", "packed"])
+def test_the_direct_schedule_renders_for_any_tail_less_format(fmt, indexing):
+    """What the config accepts, the template writes as valid Python: chunk
+    counts that are not a multiple of a record's lanes guard the lanes past them."""
+    import ast
+
+    from kvgen.build.render import render_kernel
+
+    config = dataclasses.replace(SEED, format=fmt, indexing=indexing, gather_lens=indexing == "dense",
+                                 schedule="direct")
+    source = render_kernel(config)
+    ast.parse(source)
+    assert ("if chunk < OUT_CHUNKS:" in source) == bool(fmt.head_dim // 8 % config.direct_lanes)
 
 
 def test_a_page_run_stages_one_run_of_rows_and_scale_rows():

@@ -152,11 +152,15 @@ def test_a_direct_row_gives_each_warp_a_block_of_its_lane_groups_records():
     from kvgen.families.dequant_gather import op as ops
 
     rows = {(e.format.name, e.config["num_stages"], e.config["num_warps"]): e for e in registry().entries
-            if e.config.get("schedule") == "direct" and e.config["block_size"] == 64}
+            if e.config.get("schedule") == "direct" and e.config["block_size"] == 64
+            and e.config["indexing"] == "sparse"}
     assert ops.grid_for(rows[("indexer_132", 4, 4)], 1, 262144) == (1, 262144 // (4 * 2 * 4), 1)
     assert ops.grid_for(rows[("indexer_132", 2, 8)], 1, 65537) == (1, -(-65537 // (8 * 2 * 2)), 1)
     assert ops.grid_for(rows[("v41_288", 4, 4)], 1, 262144) == (1, 262144 // (4 * 1 * 4), 1)
     assert ops.grid_for(rows[("v41_288", 2, 8)], 1, 1 << 22) == (1, ops.TARGET_CTAS, 1)  # held: blocks grid-stride
+    # The kernel's block is the grid's rows a warp: the same number, stated once.
+    source = (generated_dir() / "kvgen_kernels" / f"{rows[('indexer_132', 4, 4)].name}.py").read_text()
+    assert "BLOCK_ROWS = 8  #" in source
 
 
 def test_a_page_run_row_gives_each_cta_one_run_at_a_time():
@@ -469,6 +473,13 @@ def test_tune_times_the_small_records_gathers_in_every_class():
     for fmt in ("indexer_132", "v41_288"):
         key = CallKey("dqgk", fmt, 64, (("indexing", "sparse"), ("gather_lens", False)), (9, 0), "long")
         assert dispatch.preference_for(key, rules)["schedule"] == "direct"
+
+
+def test_the_clis_tune_families_are_the_benchmarks():
+    from kvgen import cli
+    from kvgen.tools import bench, bench_formats
+
+    assert set(cli.TUNE_FAMILIES) == set(bench.FAMILIES) | set(bench_formats.TUNE_FAMILIES)
 
 
 def test_tune_skips_a_shape_no_cubin_row_serves(monkeypatch):

@@ -124,14 +124,14 @@ LANES_PER_TOKEN = 8
 # starts (BENCHMARKS.md, log 46). A record is
 # DIRECT_LANES lanes' work, lane l of its group taking output chunks l,
 # l + DIRECT_LANES, ... (8 values, 16 bytes each); a warp moves DIRECT_GROUPS
-# records a pass. A warp's block is NUM_STAGES passes: its lane groups locate
+# records a pass. A warp's block is NUM_STAGES rounds: its lane groups locate
 # their NUM_STAGES records (slot, block-table or request-search loads), then load all their
 # value words and scales into registers, then decode and store them, so
 # NUM_STAGES records a group are in flight behind one round trip of lookups.
 DIRECT_LANES = 16
 DIRECT_GROUPS = 2
 DIRECT_PASSES = 1  # output chunks a lane, per record
-BLOCK_ROWS = NUM_STAGES * DIRECT_GROUPS  # a warp's block of output rows
+BLOCK_ROWS = 8  # a warp's block of output rows: NUM_STAGES rounds of DIRECT_GROUPS
 VALUE_WORDS = 2  # a chunk's 8 values, in 4-byte words
 # Row r of a page: its values at page + VALUE_BASE + r * VALUE_ROW, its scales
 # at page + SCALE_BASE + r * SCALE_ROW (kvgen.formats.Format.regions).

@@ -44,8 +44,9 @@ from ...formats import Format
 #               locates its num_stages records (slot, block-table or request-search
 #               loads), then loads their value words and scales straight into registers,
 #               then decodes and stores them all, so num_stages records a lane group are
-#               in flight; a request's warps (dense) or the grid's stride over blocks of
-#               num_stages records a group (BENCHMARKS.md, log 46)
+#               in flight. Warps stride over blocks of num_stages records a group: a
+#               request's warps (dense), or the whole grid's (sparse, packed)
+#               (BENCHMARKS.md, log 46)
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run", "direct")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
@@ -93,6 +94,12 @@ def direct_lanes(fmt: Format) -> int:
     return 32 // lane_groups(fmt.head_dim // 8)
 
 
+def direct_block_rows(fmt: Format, num_stages: int) -> int:
+    """The direct schedule's block: a warp's num_stages rounds of its lane
+    groups' records (the template's BLOCK_ROWS, the launch grid's rows a warp)."""
+    return 32 // direct_lanes(fmt) * num_stages
+
+
 @functools.lru_cache(maxsize=None)  # asked at every launch
 def tokens_per_step(fmt: Format, output: str = "bf16") -> int:
     """Records a warp moves per ring step: 32 lanes split into groups of the
@@ -118,7 +125,7 @@ class DequantGatherConfig(FamilyConfig):
     block_size: int = param("b", f"tokens per cache page: a power of two, 1..{MAX_BLOCK_SIZE}")
     num_stages: int = param("s", f"cp.async ring depth per warp (tokens in flight); direct: records a lane group "
                                  f"holds in registers at once; 1..{MAX_STAGES}")
-    num_warps: int = param("w", "warps per CTA, 1..32; one token per warp per stage", default=4)
+    num_warps: int = param("w", "warps per CTA, 1..32", default=4)
     indexing: str = param("", "dense (block table), sparse (slot indices) or packed (requests one after another); "
                               "see INDEXING")
     gather_lens: bool = param("g", "dense: the kernel reads gather_lens (else gathers whole sequences); "
@@ -162,6 +169,10 @@ class DequantGatherConfig(FamilyConfig):
     @property
     def direct_lanes(self) -> int:
         return direct_lanes(self.format)
+
+    @property
+    def direct_block_rows(self) -> int:
+        return direct_block_rows(self.format, self.num_stages)
 
     @property
     def copy_pieces(self) -> tuple[int, int]:

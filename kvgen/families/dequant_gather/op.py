@@ -29,7 +29,7 @@ from ...runtime.manifest import KernelEntry
 from ...runtime.plans import launch_planned, remember, signature
 from ...runtime.registration import register_op
 from ...runtime.validate import check_cache, check_one_device, meta
-from .config import CHUNKED_SCHEDULES, KERNEL_PARAMS, DequantGatherConfig, direct_lanes, tokens_per_step
+from .config import CHUNKED_SCHEDULES, KERNEL_PARAMS, DequantGatherConfig, direct_block_rows, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
 # The family fields a row must have, per indexing mode (made once: a tuple per call is a key per call).
@@ -180,8 +180,8 @@ def grid_for(entry: KernelEntry, num_reqs: int, max_rows: int,
     rows_per_warp = None  # the ring's share: launch_grid's
     if config["schedule"] in CHUNKED_SCHEDULES:
         rows_per_warp = config["ballot_chunk"]
-    elif config["schedule"] == "direct":  # a block: num_stages records a lane group
-        rows_per_warp = 32 // direct_lanes(entry.format) * config["num_stages"]
+    elif config["schedule"] == "direct":
+        rows_per_warp = direct_block_rows(entry.format, config["num_stages"])
     return launch_grid(entry, num_reqs, max_rows, target_ctas,
                        tokens_per_step=tokens_per_step(entry.format, config.get("output", "bf16")),
                        rows_per_warp=rows_per_warp, min_steps=PACKED_MIN_STEPS if config["indexing"] == "packed" else 1)
