@@ -99,7 +99,7 @@ def main(out_path: str | None) -> None:
     for fmt_name, family in FORMATS.items():
         fmt = as_format(fmt_name)
         for n in (65536, 262144):
-            moved = n * (fmt.record_bytes + 2 * fmt.head_dim)
+            moved = n * bench.token_bytes(fmt)
             sets = bench._set_count(moved, l2)
             variants: dict[str, list] = {}
             for seed in range(sets):

@@ -36,7 +36,7 @@ def main() -> None:
                            if e.name == f"dqgk_{fmt}_f{layout.values}_b64_s4_w4_sparse_g0_strided_p0_sm_90a")
             probe = gpu_sparse_case(shape, 0)
             tokens = int((probe[2] >= 0).sum())
-            working_set = tokens * (as_format(fmt).record_bytes + bench.WRITE_BYTES)
+            working_set = tokens * bench.token_bytes(as_format(fmt))
             sets = bench._set_count(working_set, l2)
             full = [probe] + [gpu_sparse_case(shape, seed) for seed in range(1, sets)]
             compacted = []

@@ -28,7 +28,7 @@ import kvgen
 from kvgen.families.dequant_gather import reference as rd
 from kvgen.runtime.dispatch import pdl_requested
 from kvgen.testing import as_format, mismatches, random_slots
-from kvgen.tools.bench import COPY, graph_times, same_bytes_copy
+from kvgen.tools.bench import COPY, graph_times, same_bytes_copy, token_bytes
 from kvgen.tools.bench_formats import BLOCK_SIZE, _cache
 
 
@@ -63,7 +63,7 @@ def order(fmt_name: str, n: int, sets: int = 6) -> None:
         variants["random"].append(_checked_call(fmt, cache, torch.randperm(n, generator=g, device="cuda")
                                                 .to(torch.int32)))
         variants["sorted"].append(_checked_call(fmt, cache, torch.arange(n, dtype=torch.int32, device="cuda")))
-    moved = n * (fmt.record_bytes + 2 * fmt.head_dim)
+    moved = n * token_bytes(fmt)
     _report(f"{fmt_name} sparse {n}", variants, {k: moved for k in variants}, sets)
 
 
@@ -79,7 +79,7 @@ def valid(fmt_name: str, n: int = 65536, sets: int = 6) -> None:
             slots = random_slots(n, cache.shape[0] * BLOCK_SIZE, fraction, g)
             count = max(count, int((slots >= 0).sum()))
             variants[name].append(_checked_call(fmt, cache, slots))
-        moved[name] = count * (fmt.record_bytes + 2 * fmt.head_dim)
+        moved[name] = count * token_bytes(fmt)
     _report(f"{fmt_name} sparse {n} slots", variants, moved, sets)
 
 

@@ -33,7 +33,7 @@ from kvgen.families.quantize_insert import op as insert
 from kvgen.families.quantize_insert.config import tokens_per_step
 from kvgen.families.quantize_insert.reference import quantize_and_insert_torch
 from kvgen.testing import as_format
-from kvgen.tools.bench import COPY, GROUP_S, graph_times, same_bytes_copy
+from kvgen.tools.bench import COPY, GROUP_S, graph_times, same_bytes_copy, token_bytes
 from kvgen.tools.bench_formats import BLOCK_SIZE, write_inputs
 
 from grid_sweep_formats import row_name, rows  # a sibling script: benchmarks/ is on sys.path when run
@@ -44,7 +44,7 @@ def checked_sets(fmt, n: int):
     bytes a write moves, and a check that a launch on the first set writes
     the cache the torch path writes."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    moved = n * (2 * fmt.head_dim + fmt.record_bytes)
+    moved = n * token_bytes(fmt)
     sets = [write_inputs(fmt, n, torch.Generator(device="cuda").manual_seed(s))
             for s in range(max(2, -(-3 * l2 // moved)))]
     k, cache, slots = sets[0]

@@ -174,7 +174,7 @@ def kernel(
     smem = cutlass.memory.SmemAllocator()
     s_rows = smem.allocate_tensor(Uint32, cute.make_layout(RUN_TOKENS * ROW_WORDS), byte_alignment=128)
     s_barrier = smem.allocate_tensor(Int64, cute.make_layout(1), byte_alignment=8)
-    # The requests' starts (and seq_starts), when at most STAGED_REQS: staged below.
+    # The requests' starts and seq_starts, when at most STAGED_REQS: staged below.
     s_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
     s_seq_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
     barrier = s_barrier.iterator

@@ -176,8 +176,8 @@ def kernel(
     values = cute.make_rmem_tensor((VALUE_WORDS, DIRECT_PASSES, NUM_STAGES), Uint32)
     scales = cute.make_rmem_tensor((DIRECT_PASSES, NUM_STAGES), Uint32)
     regs = cute.make_rmem_tensor(4, Uint32)
-    # The requests' starts and seq_starts, when at most STAGED_REQS: staged below.
     smem = cutlass.memory.SmemAllocator()
+    # The requests' starts and seq_starts, when at most STAGED_REQS: staged below.
     s_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
     s_seq_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
     # One 1-D range of rows; grid = (1, workers). Rows before starts[0] belong

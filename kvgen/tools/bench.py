@@ -31,7 +31,9 @@ from .variants import geomean, variant_of
 # The seed design, as one row of the shipped tree (the seed has no PDL).
 SEED_NAME = "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a"
 
-WRITE_BYTES = 1024  # per token: 512 bf16; each token also reads one record (layout.record_bytes)
+# A DSv4 or V4.1 token's bf16 row (512 values), as the older probes count it;
+# token_bytes counts a token's bytes for any format.
+WRITE_BYTES = 1024
 SEED_GRID_Y = 1024  # the seed's launch: grid (num_reqs, 1024)
 NO_PDL = "kvgen_no_pdl"  # the public op with KVGEN_PDL=0
 COPY = "copy"  # a device-to-device copy of the same bytes (same_bytes_copy)
@@ -233,6 +235,13 @@ def graph_time(calls: list[Callable[[], None]], reps: int = 30) -> float:
     return graph_times({"": calls}, rounds=reps)[""]
 
 
+def token_bytes(fmt) -> int:
+    """The bytes one token moves between a cache record and its bf16 row, either
+    way: the record, and the row's 2 bytes a value (a gather reads the one and
+    writes the other, a write the reverse)."""
+    return fmt.record_bytes + 2 * fmt.head_dim
+
+
 def same_bytes_copy(working_set: int, sets: int) -> list[Callable[[], None]]:
     """Device-to-device copies moving `working_set` bytes (half read, half
     written), one buffer pair per input set: what a kernel moving those bytes
@@ -349,8 +358,7 @@ class Workload:
 def workload(shape: Shape | SparseShape, l2_bytes: int) -> Workload:
     from ..families.dequant_gather.reference import dequantize_and_gather_sparse_torch, dequantize_and_gather_torch
 
-    layout = as_format(shape.format)
-    per_token = layout.record_bytes + 2 * layout.head_dim  # a record read, a bf16 row written
+    per_token = token_bytes(as_format(shape.format))
     if isinstance(shape, SparseShape):
         probe = gpu_sparse_case(shape, 0)
         tokens = int((probe[2] >= 0).sum())
@@ -569,7 +577,7 @@ def bench_writer_shape(shape: WriterShape, copy_bw: float, l2_bytes: int, sweep:
     from ..runtime.loader import registry
 
     fmt = as_format(shape.format)
-    working_set = shape.tokens * (2 * fmt.head_dim + fmt.record_bytes)
+    working_set = shape.tokens * token_bytes(fmt)
     cases = [gpu_writer_case(shape, seed) for seed in range(_set_count(working_set, l2_bytes))]
     expected = []
     for k, k_cache, slots, bs in cases:

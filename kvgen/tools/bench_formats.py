@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from ..testing import as_format
-from .bench import COPY, Shape, SparseShape, graph_times, same_bytes_copy, with_env
+from .bench import COPY, Shape, SparseShape, graph_times, same_bytes_copy, token_bytes, with_env
 
 READ_TOKENS = (65536, 262144)
 WRITE_TOKENS = (65536, 262144)
@@ -98,6 +98,7 @@ def _case(b: Bench, seed: int) -> Case:
     fmt = as_format(b.format)
     g = torch.Generator(device="cuda").manual_seed(seed)
     n = b.tokens
+    moved = n * token_bytes(fmt)  # every op but the raw gather, which moves its value and scale bytes
     if b.op == "write":
         k, cache, slots = write_inputs(fmt, n, g)
         if fmt.name == "v32_656":
@@ -109,7 +110,7 @@ def _case(b: Bench, seed: int) -> Case:
             call = lambda: kvgen.quantize_and_insert_k_cache(k, cache, slots, BLOCK_SIZE)  # noqa: E731
         pow2 = fmt.name == "indexer_132"
         torch_path = lambda: quantize_and_insert_torch(k, cache, slots, BLOCK_SIZE, fmt, pow2_scale=pow2)  # noqa
-        return Case(call, [cache], torch_path, n * (2 * fmt.head_dim + fmt.record_bytes))
+        return Case(call, [cache], torch_path, moved)
     cache = _cache(fmt, n, g)
     num_blocks = cache.shape[0]
     perm = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32)
@@ -140,7 +141,7 @@ def _case(b: Bench, seed: int) -> Case:
             call = lambda: kvgen.cp_gather_and_upconvert_fp8_kv_cache(*args)  # noqa: E731
             torch_path = lambda: rd.dequantize_and_gather_packed_torch(out, cache, block_table, starts[:reqs], reqs,
                                                                       None, BLOCK_SIZE)
-            return Case(call, [out], torch_path, n * (fmt.record_bytes + 2 * fmt.head_dim), args)
+            return Case(call, [out], torch_path, moved, args)
         else:
             dst_k = torch.empty((n, fmt.value_bytes), dtype=torch.uint8, device="cuda")
             dst_s = torch.empty((n, fmt.num_scales * fmt.scale_size), dtype=torch.uint8, device="cuda")
@@ -150,7 +151,7 @@ def _case(b: Bench, seed: int) -> Case:
             # the value and scale bytes, read from the record and written out
             moved = n * 2 * (fmt.value_bytes + fmt.num_scales * fmt.scale_size)
             return Case(call, [dst_k, dst_s], torch_path, moved, args)
-    return Case(call, outs, torch_path, n * (fmt.record_bytes + 2 * fmt.head_dim))
+    return Case(call, outs, torch_path, moved)
 
 
 def _forced(backend: str, call: Callable[[], None]) -> Callable[[], None]:

@@ -86,7 +86,7 @@ def copy_pieces(fmt: Format) -> tuple[int, int]:
     return src, (0 if inline or fmt.scale_bytes < 16 else fmt.scale_bytes // 16)
 
 
-@functools.lru_cache(maxsize=None)  # asked at every launch
+@functools.lru_cache(maxsize=None)  # asked by each launch grid of a direct row
 def direct_lanes(fmt: Format) -> int:
     """The direct schedule's lanes a record: one a 16-byte output chunk (8
     values), at most the warp's 32 (then each lane takes several chunks); a
