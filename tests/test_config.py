@@ -323,9 +323,8 @@ def test_the_direct_schedule_holds_its_records_in_registers():
     assert dataclasses.replace(indexer, format=as_format("v41_288")).direct_lanes == 32
     dataclasses.replace(indexer, arch="sm_80")  # plain loads and stores: built for any arch, not refused
     assert dataclasses.replace(indexer, indexing="dense", gather_lens=True).smem_bytes == 0
-    from kvgen.families.dequant_gather.config import STAGED_REQS
-
-    assert dataclasses.replace(indexer, indexing="packed").smem_bytes == 8 * STAGED_REQS  # the staged starts
+    packed = dataclasses.replace(indexer, indexing="packed")
+    assert packed.smem_bytes == 0 == packed.staged_reqs  # a search a block, in global memory: nothing staged
     for bad in (dict(indexing="packed", output="raw"), dict(format=as_format("v32_656"))):
         with pytest.raises(ConfigError, match="schedule='direct' is built for bf16 gathers of formats without"):
             dataclasses.replace(indexer, **bad)

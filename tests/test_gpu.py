@@ -340,6 +340,74 @@ def test_raw_page_run_rows_with_decreasing_starts():
                        for r, (k, s) in candidates.items() if int(cu[r]) <= t), (entry.name, t)
 
 
+def _direct_packed_rows():
+    from kvgen.runtime.loader import registry
+
+    here = torch.cuda.get_device_capability()
+    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "direct"
+            and e.config["indexing"] == "packed" and ARCHS[e.arch].serves(here)]
+    assert rows
+    return rows
+
+
+def test_direct_packed_rows_find_each_blocks_request():
+    """The direct schedule's packed rows find a block's request once (by a warp
+    ballot over up to 32 requests' starts held in lanes; more requests: a
+    search in global memory) and search again past its end: 32 and 33
+    requests (the ballot's last case and the search's first) of 0-9 rows,
+    so blocks cross several requests, empty ones among them, with seq_starts
+    and rows before the first start; on the dispatch grid, on one CTA and on
+    three. Rows before the first start stay poisoned."""
+    from kvgen.families.dequant_gather import op as ops
+
+    for i, entry in enumerate(_direct_packed_rows()):
+        bs = entry.config["block_size"]
+        for num_reqs in (32, 33):
+            lens = [(3, 0, 9, 1, 5, 0, 0, 7, 2)[(j + i) % 9] for j in range(num_reqs)]
+            case = make_packed_case(seq_lens=lens, block_size=bs, format=entry.config["format"],
+                                    seq_starts=[(j * 5) % 11 for j in range(num_reqs)], workspace_gap=3,
+                                    rows=3 + sum(lens) + 6, seed=i, row_pad=8)
+            expected = clone_strided(case.out)
+            dequantize_and_gather_packed_torch(*case.reference_args(out=expected))
+            for grid in (None, (1, 1, 1), (1, 3, 1)):
+                args = case.args("cuda")
+                ops.launch_packed(entry, *args, grid=grid, pdl=entry.pdl)
+                torch.cuda.synchronize()
+                assert mismatches(args[1].cpu(), expected) == 0, (entry.name, num_reqs, grid)
+
+
+def test_direct_packed_rows_with_decreasing_starts():
+    """Unchecked starts that decrease (docs/semantics.md): a direct packed row
+    ends, leaves rows before the first start poisoned, and gives every other
+    row some request whose start is at or below it (the ballot's highest lane
+    at or below, then the same request until the next start)."""
+    from kvgen.families.dequant_gather import op as ops
+
+    rows = 240
+    for i, entry in enumerate(_direct_packed_rows()):
+        bs = entry.config["block_size"]
+        # Each request has pages for rows positions, so every row any request may be given reads mapped pages.
+        case = make_packed_case(seq_lens=[rows] * 4, block_size=bs, format=entry.config["format"], seed=i,
+                                rows=4 * rows)
+        starts = torch.tensor([3, 150, 40, 170], dtype=torch.int32)
+        poisoned = clone_strided(case.out)[:rows]
+        candidates = {}
+        for r in range(4):  # each request's reading of every row at or after its start
+            one = clone_strided(case.out)[:rows]
+            dequantize_and_gather_packed_torch(one, case.k_cache, case.block_table[r:r + 1],
+                                               starts[r:r + 1], 1, None, bs)
+            candidates[r] = one
+        k_cache, out, block_table, _, num_reqs, _ = case.args("cuda")
+        out = out[:rows]
+        ops.launch_packed(entry, k_cache, out, block_table, starts.cuda(), num_reqs, None, pdl=entry.pdl)
+        torch.cuda.synchronize()
+        got = out.cpu()
+        assert mismatches(got[:3], poisoned[:3]) == 0, entry.name
+        for t in range(3, rows):
+            assert any(mismatches(got[t:t + 1], one[t:t + 1]) == 0
+                       for r, one in candidates.items() if int(starts[r]) <= t), (entry.name, t)
+
+
 def _ballot_slot_patterns(num_slots: int, cache_slots: int, chunk: int) -> dict[str, torch.Tensor]:
     """Slot patterns the chunking of a warp's `chunk` slots must get right:
     nothing valid, everything valid, only the last (partial) chunk, whole empty

@@ -240,6 +240,18 @@ def test_tune_writes_a_rule_only_past_the_margin():
     assert rules == [] and "s4w8c" not in groups[0]["relative_time"]
 
 
+def test_tune_writes_a_rule_faster_on_every_shape_and_past_the_margin_on_one():
+    """Inside the margin on the geometric mean, a variant faster on every shape of its group and past the
+    margin on one is a rule (log 48's indexer packed rows: 0.994 and 0.967); past the margin on one shape but
+    slower on another, it is not."""
+    measured = [_measured("a", "long", {"s4w4s": 100.0, "s4w8c": 99.4, "s2w4s": 103.0}),
+                _measured("b", "long", {"s4w4s": 50.0, "s4w8c": 48.35, "s2w4s": 48.0})]
+    rules, groups = tune.choose_rules(measured, margin=0.02)
+    assert groups[0]["relative_time"]["s4w8c"] > 0.98 and [g["rule"] for g in groups] == ["s4w8c"]
+    measured[0]["us"]["s4w8c"] = 100.5  # now slower on shape a
+    assert tune.choose_rules(measured, margin=0.02)[0] == []
+
+
 def test_tune_keeps_a_held_rule_while_it_still_wins():
     """Hysteresis: a rule the device's entry holds stays while its variant is still the best and beats the
     default at all; inside the margin a variant that is not held, or a held one no longer best or no longer
@@ -434,12 +446,12 @@ def _check_tuned_entry(table: dict) -> None:
 
 def test_the_raw_gathers_rules_steer_only_raw_calls():
     """The shipped table's rules for the raw packed gather (page_run rows) match
-    on output: the bf16 packed gather of the same format keeps its own (its
-    short calls the direct schedule, its long ones the default)."""
+    on output: the bf16 packed gather of the same format keeps its own (the
+    direct schedule, short and long, since log 48)."""
     from kvgen.families.dequant_gather.op import PACKED_FIELDS
 
     rules = dispatch.read_tuned_table(generated_dir()).rules_for(TUNED_ON)
-    for size_class, bf16_schedule in (("short", "direct"), ("long", None)):
+    for size_class, bf16_schedule in (("short", "direct"), ("long", "direct")):
         raw = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["raw"], (9, 0), size_class)
         assert dispatch.preference_for(raw, rules)["schedule"] == "page_run"
         bf16 = CallKey("dqgk", "indexer_132", 64, PACKED_FIELDS["bf16"], (9, 0), size_class)

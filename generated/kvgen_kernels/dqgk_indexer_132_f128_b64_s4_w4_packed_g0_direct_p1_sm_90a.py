@@ -19,7 +19,7 @@ Config (every generator parameter):
     run_tokens   = 0
 
 A lane group of 16 lanes gathers a record straight into registers, each group holding 4 records
-in flight; no shared memory but packed calls' staged starts; worker = blockIdx.y over the row range (direct schedule).
+in flight; no shared memory; worker = blockIdx.y over the row range (direct schedule).
 The ABI is flat -- raw pointers and integers only (PARAMS) -- so the cubin is
 launched directly from the CUDA driver API, with no CuteDSL at run time.
 """
@@ -97,11 +97,11 @@ STAGE_BYTES = 144  # one staged record, 16-byte aligned
 NUM_STAGES = 4
 NUM_WARPS = 4
 THREADS = 128
-SMEM_BYTES = 4096  # dynamic shared memory per CTA
+SMEM_BYTES = 0  # dynamic shared memory per CTA
 # Lane l copies pieces l, l + 32, ... of the record; lane SCALE_LANE, the first
 # with the fewest pieces, copies a scale row smaller than 16 bytes.
 SCALE_LANE = SRC_PIECES % 8
-STAGED_REQS = 512  # requests whose starts a CTA stages in shared memory
+STAGED_REQS = 0  # requests whose starts a CTA stages in shared memory
 # A warp moves TOKENS_PER_STEP records a step: its lanes form groups of
 # LANES_PER_TOKEN, group g taking token u * TOKENS_PER_STEP + g of step unit u;
 # "lane" below is a lane's place in its group.
@@ -122,9 +122,8 @@ LANES_PER_TOKEN = 8
 
 
 
-# The direct schedule: no shared memory but a packed call's staged request
-# starts (BENCHMARKS.md, log 46). A record is
-# DIRECT_LANES lanes' work, lane l of its group taking output chunks l,
+# The direct schedule: no shared memory (BENCHMARKS.md, logs 46, 48). A
+# record is DIRECT_LANES lanes' work, lane l of its group taking output chunks l,
 # l + DIRECT_LANES, ... (8 values, 16 bytes each); a warp moves DIRECT_GROUPS
 # records a pass. A warp's block is NUM_STAGES rounds: its lane groups locate
 # their NUM_STAGES records (slot, block-table or request-search loads), then load all their
@@ -181,10 +180,6 @@ def kernel(
     values = cute.make_rmem_tensor((VALUE_WORDS, DIRECT_PASSES, NUM_STAGES), Uint32)
     scales = cute.make_rmem_tensor((DIRECT_PASSES, NUM_STAGES), Uint32)
     regs = cute.make_rmem_tensor(4, Uint32)
-    smem = cutlass.memory.SmemAllocator()
-    # The requests' starts and seq_starts, when at most STAGED_REQS: staged below.
-    s_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
-    s_seq_starts = smem.allocate_tensor(Int32, cute.make_layout(STAGED_REQS), byte_alignment=16)
     # One 1-D range of rows; grid = (1, workers). Rows before starts[0] belong
     # to no request, rows from starts[num_reqs] on to none when bounded.
     first_start = cute.make_tensor(starts, cute.make_layout(1))[0]
@@ -195,46 +190,81 @@ def kernel(
     top_step = Int32(1)  # the largest power of two <= num_reqs
     while top_step * 2 <= num_reqs:
         top_step = top_step * 2
-    # Stage the requests' starts (and seq_starts) in shared memory once per CTA
-    # when they fit: every row's search then reads shared memory, and the ring's
-    # first loads wait on the block table alone, not on a global round trip per
-    # search step (BENCHMARKS.md, log 23). More requests: searched in global memory.
-    staged = num_reqs <= STAGED_REQS
-    if staged:
-        i = Int32(tid)
-        while i < num_reqs:
-            s_starts[i] = cute.make_tensor(starts + i, cute.make_layout(1))[0]
-            if has_seq_starts != 0:
-                s_seq_starts[i] = cute.make_tensor(seq_starts + i, cute.make_layout(1))[0]
-            i = i + THREADS
-    cute.arch.barrier()
+    # Up to 32 requests: lane l holds request l's start and seq_start, and a
+    # row's request is the highest lane whose start is at or below it (one
+    # ballot, no memory). More requests: searched in global memory.
+    lane_in_warp = tid % 32
+    warp_held = num_reqs <= 32
+    held_start = Int32(0)
+    held_seq_start = Int32(0)
+    if warp_held and lane_in_warp < num_reqs:
+        held_start = cute.make_tensor(starts + lane_in_warp, cute.make_layout(1))[0]
+        if has_seq_starts != 0:
+            held_seq_start = cute.make_tensor(seq_starts + lane_in_warp, cute.make_layout(1))[0]
     num_blocks = (rows - row_begin + BLOCK_ROWS - 1) // BLOCK_ROWS
     for block in cutlass.range(worker * NUM_WARPS + warp, num_blocks, num_workers * NUM_WARPS):
+        # The block's rows are consecutive, so mostly one request's: its first
+        # row's request is found once (no CTA stages the starts behind a
+        # barrier), a round's row searched again only past that request's end.
+        # Searched every round, or staged, the searches cost 2-5% at 65536
+        # rows (BENCHMARKS.md, log 48).
+        r = Int32(0)  # this group's request, where it starts, its seq_start, where it ends
+        r_start = first_start
+        seq_start = Int32(0)
+        next_start = rows
+        packed_row = Int32(0)  # the search's
+        step_r = Int32(0)
+        if warp_held:  # warp-uniform: every lane votes
+            held = Int32(0)  # the lanes (requests) whose start is at or below this group's first row
+            for g in cutlass.range_constexpr(DIRECT_GROUPS):
+                votes = cute.arch.vote_ballot_sync(
+                    lane_in_warp < num_reqs and held_start <= row_begin + block * BLOCK_ROWS + g)
+                if grp == g:
+                    held = votes
+            # Lane 0 always voted (the first row is at or past starts[0]): r is the last request starting
+            # at or before the row, as the search finds, whether or not the starts ever decrease.
+            r = Int32(31) - Int32(cute.arch.clz(Uint32(held)))
+            r_start = cute.arch.shuffle_sync(held_start, r)
+            seq_start = cute.arch.shuffle_sync(held_seq_start, r)
+            following = cute.arch.shuffle_sync(held_start, cutlass.min(r + 1, Int32(31)))
+            if r + 1 < num_reqs:
+                next_start = following
+        else:
+            # Row row_begin + block * BLOCK_ROWS + grp belongs to the last request r with starts[r] <= it (every row
+            # here is >= starts[0]): binary lifting over the requests, a search per lane group,
+            # in shared memory when the CTA staged them.
+            packed_row = row_begin + block * BLOCK_ROWS + grp
+            r = Int32(0)
+            r_start = first_start
+            seq_start = Int32(0)
+            step_r = top_step
+            while step_r > 0:
+                cand = r + step_r
+                if cand < num_reqs:
+                    cand_start = cute.make_tensor(starts + cand, cute.make_layout(1))[0]
+                    if cand_start <= packed_row:
+                        r = cand
+                        r_start = cand_start
+                step_r = step_r >> 1
+            if has_seq_starts != 0:
+                seq_start = cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
+            next_start = rows
+            if r + 1 < num_reqs:
+                next_start = cute.make_tensor(starts + r + 1, cute.make_layout(1))[0]
         # The group's records located, all of them first.
         for s in cutlass.range_constexpr(NUM_STAGES):
             t = row_begin + block * BLOCK_ROWS + s * DIRECT_GROUPS + grp
             pages[s] = Int32(-1)
             if t < rows:
-                # Row t belongs to the last request r with starts[r] <= it (every row
-                # here is >= starts[0]): binary lifting over the requests, a search per lane group,
-                # in shared memory when the CTA staged them.
-                packed_row = t
-                r = Int32(0)
-                r_start = first_start
-                seq_start = Int32(0)
-                step_r = top_step
-                if staged:
-                    while step_r > 0:
-                        cand = r + step_r
-                        if cand < num_reqs:
-                            cand_start = s_starts[cand]
-                            if cand_start <= packed_row:
-                                r = cand
-                                r_start = cand_start
-                        step_r = step_r >> 1
-                    if has_seq_starts != 0:
-                        seq_start = s_seq_starts[r]
-                else:
+                if t >= next_start:  # past request r: searched again
+                    # Row t belongs to the last request r with starts[r] <= it (every row
+                    # here is >= starts[0]): binary lifting over the requests, a search per lane group,
+                    # in shared memory when the CTA staged them.
+                    packed_row = t
+                    r = Int32(0)
+                    r_start = first_start
+                    seq_start = Int32(0)
+                    step_r = top_step
                     while step_r > 0:
                         cand = r + step_r
                         if cand < num_reqs:
@@ -245,7 +275,10 @@ def kernel(
                         step_r = step_r >> 1
                     if has_seq_starts != 0:
                         seq_start = cute.make_tensor(seq_starts + r, cute.make_layout(1))[0]
-                pos = packed_row - r_start + seq_start
+                    next_start = rows
+                    if r + 1 < num_reqs:
+                        next_start = cute.make_tensor(starts + r + 1, cute.make_layout(1))[0]
+                pos = t - r_start + seq_start
                 page = cute.make_tensor(block_table + (Int64(r) * block_table_stride + Int64(pos // BLOCK_SIZE)), cute.make_layout(1))[0]
                 row = pos % BLOCK_SIZE
                 pages[s] = page

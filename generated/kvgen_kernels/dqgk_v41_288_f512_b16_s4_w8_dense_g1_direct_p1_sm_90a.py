@@ -19,7 +19,7 @@ Config (every generator parameter):
     run_tokens   = 0
 
 A lane group of 32 lanes gathers a record straight into registers, each group holding 4 records
-in flight; no shared memory but packed calls' staged starts; request = blockIdx.x, worker = blockIdx.y (direct schedule).
+in flight; no shared memory; request = blockIdx.x, worker = blockIdx.y (direct schedule).
 The ABI is flat -- raw pointers and integers only (PARAMS) -- so the cubin is
 launched directly from the CUDA driver API, with no CuteDSL at run time.
 """
@@ -115,9 +115,8 @@ SCALE_LANE = SRC_PIECES % 32
 
 
 
-# The direct schedule: no shared memory but a packed call's staged request
-# starts (BENCHMARKS.md, log 46). A record is
-# DIRECT_LANES lanes' work, lane l of its group taking output chunks l,
+# The direct schedule: no shared memory (BENCHMARKS.md, logs 46, 48). A
+# record is DIRECT_LANES lanes' work, lane l of its group taking output chunks l,
 # l + DIRECT_LANES, ... (8 values, 16 bytes each); a warp moves DIRECT_GROUPS
 # records a pass. A warp's block is NUM_STAGES rounds: its lane groups locate
 # their NUM_STAGES records (slot, block-table or request-search loads), then load all their

@@ -38,12 +38,12 @@ from ...formats import Format
 #               each finds its row's page, a warp's rows split into runs of one
 #               request inside one page, one bulk copy a run, each thread its row's
 #               scale bytes; then all threads store the chunk (logs 33, 36)
-#   direct:     bf16 gathers of formats without a bf16 tail, no shared memory (but a
-#               packed call's staged starts). A record is direct_lanes(format) lanes'
-#               work, a lane an output chunk of 8 values (16 bytes) a pass; a lane group
-#               locates its num_stages records (slot, block-table or request-search
-#               loads), then loads their value words and scales straight into registers,
-#               then decodes and stores them all, so num_stages records a lane group are
+#   direct:     bf16 gathers of formats without a bf16 tail, no shared memory. A
+#               record is direct_lanes(format) lanes' work, a lane an output chunk of
+#               8 values (16 bytes) a pass; a lane group locates its num_stages records
+#               (slot or block-table loads; packed: a request search a block), then
+#               loads their value words and scales straight into registers, then
+#               decodes and stores them all, so num_stages records a lane group are
 #               in flight. Warps stride over blocks of num_stages records a group: a
 #               request's warps (dense), or the whole grid's (sparse, packed)
 #               (BENCHMARKS.md, log 46)
@@ -194,8 +194,8 @@ class DequantGatherConfig(FamilyConfig):
             return self.run_tokens * self.format.data_bytes + 16 + 8 * self.staged_reqs
         if self.schedule == "page_run":  # the run's data rows, its scale rows, one 8-byte mbarrier
             return self.run_tokens * self.format.data_bytes + self.run_scale_bytes + 8
-        if self.schedule == "direct":  # registers only, but a packed call's staged starts
-            return 8 * self.staged_reqs
+        if self.schedule == "direct":  # registers only
+            return 0
         ring = self.stage_bytes * self.tokens_per_step * self.num_stages * self.num_warps
         staged_rows = 4 * self.num_stages * self.num_warps if self.schedule == "ballot" else 0  # int32 per stage
         return ring + staged_rows + self.compact_bytes + 8 * self.staged_reqs
@@ -209,8 +209,9 @@ class DequantGatherConfig(FamilyConfig):
 
     @property
     def staged_reqs(self) -> int:
-        """Requests whose starts and seq_starts a CTA stages in shared memory (packed only)."""
-        return STAGED_REQS if self.indexing == "packed" else 0
+        """Requests whose starts and seq_starts a CTA stages in shared memory (packed
+        only; not direct, whose lane groups search global memory once a block)."""
+        return STAGED_REQS if self.indexing == "packed" and self.schedule != "direct" else 0
 
     @classmethod
     def from_product(cls, point: dict[str, Any]):
