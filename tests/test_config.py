@@ -94,7 +94,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 450
+    assert len(configs) == 490
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -146,8 +146,8 @@ def test_shipped_names_are_unique_and_cover_every_family():
      "built for dense bf16 gathers and raw packed ones, not packed indexing with output='bf16'"),
     (dict(schedule="page_run", num_stages=1, run_tokens=32, arch="sm_80"), "needs cp.async.bulk"),
     (dict(schedule="page_run", num_stages=1, block_size=1024, run_tokens=512), "run_tokens=512 needs"),
-    (dict(schedule="direct"), "schedule='direct' is built for bf16 gathers of formats without a bf16 tail"),
-    (dict(schedule="direct", indexing="sparse", gather_lens=False), "format dsv4_584 \\(tail 64\\)"),
+    (dict(schedule="direct", output="raw", indexing="packed", gather_lens=False),
+     "schedule='direct' is built for bf16 gathers, not output='raw'"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -311,9 +311,9 @@ def test_the_compact_schedule_keeps_a_list_of_its_chunk():
 
 
 def test_the_direct_schedule_holds_its_records_in_registers():
-    """No shared memory; a record is one lane a 16-byte output chunk, at most the
-    warp's 32 lanes (a packed call's request starts staged as the ring's are);
-    only bf16 gathers of formats without a bf16 tail."""
+    """No shared memory (a packed call's requests found by the warp, not staged);
+    a record is one lane a 16-byte output chunk, at most the warp's 32 lanes;
+    only bf16 gathers, of any format (a bf16 tail copied)."""
     from kvgen.testing import as_format
 
     indexer = dataclasses.replace(SEED, format=as_format("indexer_132"), indexing="sparse", gather_lens=False,
@@ -325,9 +325,10 @@ def test_the_direct_schedule_holds_its_records_in_registers():
     assert dataclasses.replace(indexer, indexing="dense", gather_lens=True).smem_bytes == 0
     packed = dataclasses.replace(indexer, indexing="packed")
     assert packed.smem_bytes == 0 == packed.staged_reqs  # a search a block, in global memory: nothing staged
-    for bad in (dict(indexing="packed", output="raw"), dict(format=as_format("v32_656"))):
-        with pytest.raises(ConfigError, match="schedule='direct' is built for bf16 gathers of formats without"):
-            dataclasses.replace(indexer, **bad)
+    with pytest.raises(ConfigError, match="schedule='direct' is built for bf16 gathers, not output='raw'"):
+        dataclasses.replace(indexer, indexing="packed", output="raw")
+    for tailed in ("v32_656", "dsv4_584"):  # inline and page-split tails
+        assert dataclasses.replace(indexer, format=as_format(tailed)).smem_bytes == 0
 
 
 @pytest.mark.parametrize("fmt", [
@@ -337,11 +338,16 @@ def test_the_direct_schedule_holds_its_records_in_registers():
     Format("e96", values=96, scale_group=16, value_kind="e2m1", scale_kind="e4m3", placement="inline"),
     Format("u768", values=768, scale_group=128),  # three passes
     Format("u16", values=16, scale_group=8),
+    Format("t448", values=448, tail=64, scale_group=64),  # DSv4's: the second pass part values, part tail
+    Format("t48", values=48, tail=16, scale_group=16),  # values and tail inside one pass of 8 lanes
+    Format("t512", values=512, tail=64, scale_group=128, scale_kind="f32", placement="inline"),  # V3.2's: 3 passes
+    Format("t256", values=256, tail=256, scale_group=32),  # whole passes of tail
 ])
 @pytest.mark.parametrize("indexing", ["dense", "sparse", "packed"])
-def test_the_direct_schedule_renders_for_any_tail_less_format(fmt, indexing):
+def test_the_direct_schedule_renders_for_any_format(fmt, indexing):
     """What the config accepts, the template writes as valid Python: chunk
-    counts that are not a multiple of a record's lanes guard the lanes past them."""
+    counts that are not a multiple of a record's lanes guard the lanes past them,
+    and a format with a bf16 tail copies it."""
     import ast
 
     from kvgen.build.render import render_kernel
@@ -351,6 +357,7 @@ def test_the_direct_schedule_renders_for_any_tail_less_format(fmt, indexing):
     source = render_kernel(config)
     ast.parse(source)
     assert ("if chunk < OUT_CHUNKS:" in source) == bool(fmt.head_dim // 8 % config.direct_lanes)
+    assert ("tails[None, p, s]" in source) == bool(fmt.tail)
 
 
 def test_a_page_run_stages_one_run_of_rows_and_scale_rows():
