@@ -70,9 +70,9 @@ def probe(b: Bench, l2_bytes: int) -> dict:
         if e.config["schedule"] != "direct":
             variants[name] = [_launcher(b, e, a, None) for a in args]
             continue
-        rows_a_warp = e.config["num_warps"] * ops.direct_block_rows(e.format, e.config["num_stages"])
+        cta_rows = e.config["num_warps"] * ops.direct_block_rows(e.format, e.config["num_stages"])  # at K = 1
         for k in BLOCKS_A_WARP:
-            grid = (1, max(1, -(-b.tokens // (rows_a_warp * k))), 1)
+            grid = (1, max(1, -(-b.tokens // (cta_rows * k))), 1)
             variants[f"{name} k{k}"] = [_launcher(b, e, a, grid) for a in args]
     seconds = _checked_times(b, cases, expected, variants)
     us = {n: t * 1e6 for n, t in seconds.items()}

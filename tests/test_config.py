@@ -358,6 +358,9 @@ def test_the_direct_schedule_renders_for_any_format(fmt, indexing):
     ast.parse(source)
     assert ("if chunk < OUT_CHUNKS:" in source) == bool(fmt.head_dim // 8 % config.direct_lanes)
     assert ("tails[None, p, s]" in source) == bool(fmt.tail)
+    if fmt.tail:  # where the tail lies: Format.regions, the one statement of the placements
+        base, row_stride, _ = fmt.regions(config.block_size)["tail"]
+        assert f"TAIL_BASE = {base}\n" in source and f"TAIL_ROW = {row_stride}\n" in source
 
 
 def test_a_page_run_stages_one_run_of_rows_and_scale_rows():

@@ -379,33 +379,36 @@ def test_direct_packed_rows_find_each_blocks_request():
 def test_direct_packed_rows_with_decreasing_starts():
     """Unchecked starts that decrease (docs/semantics.md): a direct packed row
     ends, leaves rows before the first start poisoned, and gives every other
-    row some request whose start is at or below it (the ballot's highest lane
-    at or below, then the same request until the next start)."""
+    row some request whose start is at or below it -- with 4 requests (the
+    warp's ballot) and with 36 (the search in global memory; the last 32
+    start past every row)."""
     from kvgen.families.dequant_gather import op as ops
 
     rows = 240
     for i, entry in enumerate(_direct_packed_rows()):
         bs = entry.config["block_size"]
-        # Each request has pages for rows positions, so every row any request may be given reads mapped pages.
-        case = make_packed_case(seq_lens=[rows] * 4, block_size=bs, format=entry.config["format"], seed=i,
-                                rows=4 * rows)
-        starts = torch.tensor([3, 150, 40, 170], dtype=torch.int32)
-        poisoned = clone_strided(case.out)[:rows]
-        candidates = {}
-        for r in range(4):  # each request's reading of every row at or after its start
-            one = clone_strided(case.out)[:rows]
-            dequantize_and_gather_packed_torch(one, case.k_cache, case.block_table[r:r + 1],
-                                               starts[r:r + 1], 1, None, bs)
-            candidates[r] = one
-        k_cache, out, block_table, _, num_reqs, _ = case.args("cuda")
-        out = out[:rows]
-        ops.launch_packed(entry, k_cache, out, block_table, starts.cuda(), num_reqs, None, pdl=entry.pdl)
-        torch.cuda.synchronize()
-        got = out.cpu()
-        assert mismatches(got[:3], poisoned[:3]) == 0, entry.name
-        for t in range(3, rows):
-            assert any(mismatches(got[t:t + 1], one[t:t + 1]) == 0
-                       for r, one in candidates.items() if int(starts[r]) <= t), (entry.name, t)
+        for idle in (0, 32):
+            # The first four requests have pages for `rows` positions each, so every row any of them may be
+            # given reads mapped pages; the idle ones own no row.
+            case = make_packed_case(seq_lens=[rows] * 4 + [0] * idle, block_size=bs, format=entry.config["format"],
+                                    seed=i, rows=4 * rows)
+            starts = torch.tensor([3, 150, 40, 170] + [rows] * idle, dtype=torch.int32)
+            poisoned = clone_strided(case.out)[:rows]
+            candidates = {}
+            for r in range(4):  # each request's reading of every row at or after its start
+                one = clone_strided(case.out)[:rows]
+                dequantize_and_gather_packed_torch(one, case.k_cache, case.block_table[r:r + 1],
+                                                   starts[r:r + 1], 1, None, bs)
+                candidates[r] = one
+            k_cache, out, block_table, _, num_reqs, _ = case.args("cuda")
+            out = out[:rows]
+            ops.launch_packed(entry, k_cache, out, block_table, starts.cuda(), num_reqs, None, pdl=entry.pdl)
+            torch.cuda.synchronize()
+            got = out.cpu()
+            assert mismatches(got[:3], poisoned[:3]) == 0, (entry.name, idle)
+            for t in range(3, rows):
+                assert any(mismatches(got[t:t + 1], one[t:t + 1]) == 0
+                           for r, one in candidates.items() if int(starts[r]) <= t), (entry.name, idle, t)
 
 
 def _ballot_slot_patterns(num_slots: int, cache_slots: int, chunk: int) -> dict[str, torch.Tensor]:

@@ -217,7 +217,8 @@ def kernel(
                 if grp == g:
                     held = votes
             # Lane 0 always voted (the first row is at or past starts[0]): r is the last request starting
-            # at or before the row, as the search finds, whether or not the starts ever decrease.
+            # at or before the row -- the search's answer where the starts do not decrease; where they
+            # do (unchecked), still a request starting at or before it (docs/semantics.md).
             r = Int32(31) - Int32(cute.arch.clz(Uint32(held)))
             r_start = cute.arch.shuffle_sync(held_start, r)
             seq_start = cute.arch.shuffle_sync(held_seq_start, r)
@@ -227,7 +228,7 @@ def kernel(
         else:
             # Row row_begin + block * BLOCK_ROWS + grp belongs to the last request r with starts[r] <= it (every row
             # here is >= starts[0]): binary lifting over the requests, warp-uniform,
-            # in shared memory when the CTA staged them.
+            # in global memory.
             packed_row = row_begin + block * BLOCK_ROWS + grp
             r = Int32(0)
             r_start = first_start
@@ -254,7 +255,7 @@ def kernel(
                 if t >= next_start:  # past request r: searched again
                     # Row t belongs to the last request r with starts[r] <= it (every row
                     # here is >= starts[0]): binary lifting over the requests, warp-uniform,
-                    # in shared memory when the CTA staged them.
+                    # in global memory.
                     packed_row = t
                     r = Int32(0)
                     r_start = first_start

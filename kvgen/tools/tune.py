@@ -8,7 +8,9 @@ indexing, output and shape class (dispatch.SHAPE_CLASSES) -- and a variant becom
 rule only where it beats the untuned default on the geometric mean of its
 group's shapes by more than `margin` (run-to-run noise is about 2%), or is
 faster on every one of them and by more than `margin` on one (BENCHMARKS.md,
-log 48: a row 3.3% faster on one shape and 0.6% on the other is no noise). A rule
+log 48: a row 3.3% faster on one shape, 0.6% on the other, in every run; a
+shape's lead inside the noise may be noise, so such a rule can trade a
+fraction of a percent there for the clear gain). A rule
 this device's entry already holds stays while its variant is still the
 group's best and beats the default at all: a rule is added past the margin
 and dropped only when it stops winning, so a retune does not drop a rule

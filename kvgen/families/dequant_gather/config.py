@@ -46,7 +46,7 @@ from ...formats import Format
 #               decodes and stores them all, so num_stages records a lane group are
 #               in flight. Warps stride over blocks of num_stages records a group: a
 #               request's warps (dense), or the whole grid's (sparse, packed)
-#               (BENCHMARKS.md, log 46)
+#               (BENCHMARKS.md, logs 46, 48, 49)
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run", "direct")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
@@ -210,7 +210,8 @@ class DequantGatherConfig(FamilyConfig):
     @property
     def staged_reqs(self) -> int:
         """Requests whose starts and seq_starts a CTA stages in shared memory (packed
-        only; not direct, whose lane groups search global memory once a block)."""
+        only; not direct, whose warps hold up to 32 requests' starts in lanes and
+        search global memory past that, once a block)."""
         return STAGED_REQS if self.indexing == "packed" and self.schedule != "direct" else 0
 
     @classmethod

@@ -439,8 +439,11 @@ def decide_packed(dst, checked: CheckedPacked, output: str, aligned: bool,
 def launch_packed(entry: KernelEntry, src_cache, dst, block_table, workspace_starts, batch_size, seq_starts=None,
                   checked: Optional[CheckedPacked] = None, pdl: bool = False,
                   grid: tuple[int, int, int] | None = None) -> None:
-    """Launch one packed (bf16) manifest row on cp_gather_and_upconvert_fp8_kv_cache's arguments."""
+    """Launch one packed (bf16) manifest row on cp_gather_and_upconvert_fp8_kv_cache's arguments
+    (nothing to launch, as for the op, without requests or rows)."""
     checked = checked or validate_packed(src_cache, dst, block_table, workspace_starts, batch_size, seq_starts)
+    if checked.num_reqs == 0 or checked.num_rows == 0:
+        return
     _launch_packed(entry, pdl, checked, dst, src_cache, block_table, workspace_starts, batch_size, seq_starts, None,
                    grid)
 
@@ -448,9 +451,12 @@ def launch_packed(entry: KernelEntry, src_cache, dst, block_table, workspace_sta
 def launch_raw(entry: KernelEntry, kv_cache, dst_k, dst_scale, block_table, cu_seq_lens,
                checked: Optional[CheckedPacked] = None, pdl: bool = False,
                grid: tuple[int, int, int] | None = None) -> None:
-    """Launch one raw packed manifest row on cp_gather_indexer_k_quant_cache's arguments."""
+    """Launch one raw packed manifest row on cp_gather_indexer_k_quant_cache's arguments
+    (nothing to launch, as for the op, without requests or rows)."""
     dst_k, dst_scale = byte_rows("dst_k", dst_k), byte_rows("dst_scale", dst_scale)
     checked = checked or validate_raw(kv_cache, dst_k, dst_scale, block_table, cu_seq_lens)
+    if checked.num_reqs == 0 or checked.num_rows == 0:
+        return
     _launch_raw(entry, pdl, checked, dst_k, dst_scale, kv_cache, block_table, cu_seq_lens, None, grid)
 
 
