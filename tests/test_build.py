@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import os
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from kvgen.build.tree import shipped_configs
 from kvgen.families import FAMILIES
 from kvgen.runtime.manifest import read_manifest, read_tree
-from kvgen.paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir
+from kvgen.paths import KERNELS_PACKAGE, MANIFEST_NAME, generated_dir, helpers_file
 
 pytest.importorskip("jinja2")
 pytest.importorskip("cutlass")
@@ -17,17 +18,28 @@ pytest.importorskip("cutlass")
 COMMITTED = generated_dir()
 SEED = next(c for c in shipped_configs() if c.name == "dqgk_dsv4_584_f448_b64_s4_w4_dense_g1_strided_p0_sm_90a")
 
+# The config fields each family's template branches on (its `if`s on `c.`),
+# beside the format and arch: the rebuild sample takes one config of each
+# combination that the spec has.
+TEMPLATE_BRANCHES = {
+    "dqgk": ("schedule", "indexing", "output", "gather_lens", "pdl"),
+    "qik": ("pdl", "pow2_scale", "tokens_per_warp", "occupancy_warps"),
+}
 
-def test_rendering_is_deterministic(tmp_path):
-    from kvgen.build.tree import generate
-    from kvgen.build.render import render_kernel
 
-    assert render_kernel(SEED) == render_kernel(SEED)
-    generate(out_dir=tmp_path)
-    assert generate(out_dir=tmp_path) == []
+def test_rendering_is_deterministic():
+    """In one process (across processes: the next test)."""
+    from kvgen.build.render import render_helpers, render_kernel
+    from kvgen.config import FLAVOURS
+
+    assert render_kernel(SEED) == render_kernel(SEED) == (COMMITTED / KERNELS_PACKAGE / SEED.filename).read_text()
+    assert all(render_helpers(flavour) == render_helpers(flavour) for flavour in FLAVOURS)
 
 
 def test_committed_sources_are_what_generate_writes(tmp_path):
+    """The whole tree, rendered here, is the committed one, which another process
+    rendered: fails on stale sources and on output that varies between processes
+    (hash order, addresses, dates). A second generate writes nothing."""
     from kvgen.build.tree import generate
 
     generate(out_dir=tmp_path)
@@ -36,23 +48,69 @@ def test_committed_sources_are_what_generate_writes(tmp_path):
     assert fresh == committed
     for rel in fresh:
         assert (tmp_path / rel).read_text() == (COMMITTED / rel).read_text(), f"{rel}: run `make generate`"
+    assert generate(out_dir=tmp_path) == []
 
 
-def test_every_module_compiles_and_reproduces_the_committed_cubins(tmp_path):
-    """A full rebuild from the committed sources gives the committed cubins, bit for bit."""
+def _rebuild_sample():
+    """The first config by name of each family, arch, format and choice of its
+    TEMPLATE_BRANCHES fields, and of each family, arch and value of any of its
+    fields: every template path on every arch and format, every parameter value
+    on every arch. Every shipped config with KVGEN_FULL_REBUILD=1."""
+    configs = sorted(shipped_configs(), key=lambda c: c.name)
+    if os.environ.get("KVGEN_FULL_REBUILD") == "1":
+        return configs
+    first = {}
+    for config in configs:
+        values = {**config.to_dict(), "format": config.format.name}
+        branches = tuple(values[field] for field in TEMPLATE_BRANCHES[config.family])
+        first.setdefault(("branches", config.family, config.arch, config.format.name, branches), config.name)
+        for field, value in values.items():
+            first.setdefault(("value", config.family, config.arch, field, value), config.name)
+    chosen = set(first.values())
+    return [c for c in configs if c.name in chosen]
+
+
+def test_modules_compile_and_reproduce_the_committed_cubins(tmp_path):
+    """A rebuild from the committed sources gives the committed cubins and
+    manifest rows, bit for bit: of _rebuild_sample() (every template path on
+    every arch and format; ~35 s on 2 cores), or of every cubin with
+    KVGEN_FULL_REBUILD=1 (~2.5 minutes). Every row's hashes against its files:
+    test_manifest_matches_the_files; every row up to date: the next test."""
     from kvgen.build.tree import build
+    from kvgen.config import FLAVOURS
 
-    shutil.copytree(COMMITTED / KERNELS_PACKAGE, tmp_path / KERNELS_PACKAGE)
-    result = build(out_dir=tmp_path, progress=False, jobs=2)
-    assert result["built"] == len(list(shipped_configs()))
+    sample = _rebuild_sample()
+    needed = {"__init__.py", *(helpers_file(f) for f in FLAVOURS), *(c.filename for c in sample)}
+    shutil.copytree(COMMITTED / KERNELS_PACKAGE, tmp_path / KERNELS_PACKAGE,
+                    ignore=lambda folder, names: [n for n in names if n not in needed])
+    result = build(sample, out_dir=tmp_path, progress=False, jobs=2)
+    assert result == {"built": len(sample), "skipped": 0}
     fresh = {row["name"]: row for row in read_manifest(tmp_path / MANIFEST_NAME)["kernels"]}
     committed = {row["name"]: row for row in read_manifest(COMMITTED / MANIFEST_NAME)["kernels"]}
-    assert fresh.keys() == committed.keys()
-    for name, row in committed.items():
-        for key in ("cubin_sha256", "source_sha256", "symbol", "registers", "spill_bytes", "smem_bytes", "build_key"):
-            assert fresh[name][key] == row[key], (name, key)
+    assert sorted(fresh) == [c.name for c in sample]
+    for name, row in fresh.items():
+        assert row == committed[name], (name, sorted(k for k in row.keys() | committed[name].keys()
+                                                     if row.get(k) != committed[name].get(k)))
     # Unchanged inputs: nothing is rebuilt.
-    assert build(out_dir=tmp_path, progress=False)["built"] == 0
+    assert build(sample, out_dir=tmp_path, progress=False) == {"built": 0, "skipped": len(sample)}
+
+
+def test_every_committed_row_is_up_to_date():
+    """Every row's build key is the one `build` computes now (its committed
+    source, its flavour's helpers, its arch, this toolchain): `build` would skip
+    it -- the rows the rebuild above does not sample included."""
+    from kvgen.build.link import toolchain_versions
+    from kvgen.build.tree import build_key
+    from kvgen.config import ARCHS, FLAVOURS
+    from kvgen.runtime.manifest import sha256_file
+
+    toolchain = toolchain_versions()
+    helpers = {f: sha256_file(COMMITTED / KERNELS_PACKAGE / helpers_file(f)) for f in FLAVOURS}
+    for row in read_manifest(COMMITTED / MANIFEST_NAME)["kernels"]:
+        flavour_helpers = helpers[ARCHS[row["arch"]].flavour]
+        assert row["toolchain"] == toolchain and row["helpers_sha256"] == flavour_helpers, row["name"]
+        source = sha256_file(COMMITTED / row["source"])
+        assert row["build_key"] == build_key(source, flavour_helpers, row["arch"], toolchain), row["name"]
 
 
 def test_manifest_matches_the_files():

@@ -181,13 +181,29 @@ def test_second_device_if_present(monkeypatch):
     assert mismatches(out, reference(case)) == 0
 
 
-def test_every_shipped_kernel_bit_exact():
-    """Each cubin in the manifest, launched directly (not only the rows dispatch picks)."""
-    from kvgen.families.dequant_gather import op as ops
+def _rows_here(**wanted):
+    """The reader rows (cubins, and PTX the driver JIT-compiles) that run on
+    this GPU and whose config holds each wanted value (a tuple: one of its
+    values); there must be some."""
     from kvgen.runtime.loader import registry
 
     here = torch.cuda.get_device_capability()
-    runs_here = [e for e in registry().entries if e.family == "dqgk" and ARCHS[e.arch].serves(here)]
+
+    def holds(config, field, value):
+        got = config.get(field, "bf16" if field == "output" else None)
+        return got in value if isinstance(value, tuple) else got == value
+
+    rows = [e for e in registry().entries if e.family == "dqgk" and ARCHS[e.arch].serves(here)
+            and all(holds(e.config, f, v) for f, v in wanted.items())]
+    assert rows, wanted
+    return rows
+
+
+def test_every_shipped_kernel_bit_exact():
+    """Each cubin in the manifest, launched directly (not only the rows dispatch picks)."""
+    from kvgen.families.dequant_gather import op as ops
+
+    runs_here = _rows_here()
     assert {ARCHS[e.arch].ptx for e in runs_here} == {False, True}  # cubins, and PTX the driver JIT-compiles
     for i, entry in enumerate(runs_here):  # the readers that run on this GPU
         c = entry.config
@@ -249,13 +265,8 @@ def test_page_run_rows_with_empty_and_unaligned_windows():
     one token, or ends the cache's last page early: only the addressed rows
     change (a window of 0 at an unaligned start gives the kernel a run of no rows)."""
     from kvgen.families.dequant_gather import op as ops
-    from kvgen.runtime.loader import registry
 
-    here = torch.cuda.get_device_capability()
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "page_run"
-            and e.config["gather_lens"] and ARCHS[e.arch].serves(here)]
-    assert rows
-    for i, entry in enumerate(rows):
+    for i, entry in enumerate(_rows_here(schedule="page_run", gather_lens=True)):
         bs = entry.config["block_size"]
         case = make_case(seq_lens=[bs + 5, 7, 2 * bs + 1, 0, 3], gather_lens=[0, 0, 1, 0, 3], block_size=bs,
                          format=entry.config["format"], offset=1, seed=i)
@@ -270,13 +281,7 @@ def test_page_run_rows_with_empty_and_unaligned_windows():
 
 
 def _raw_page_run_rows():
-    from kvgen.runtime.loader import registry
-
-    here = torch.cuda.get_device_capability()
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "page_run"
-            and e.config.get("output") == "raw" and ARCHS[e.arch].serves(here)]
-    assert rows
-    return rows
+    return _rows_here(schedule="page_run", output="raw")
 
 
 def _strided_rows(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -341,13 +346,7 @@ def test_raw_page_run_rows_with_decreasing_starts():
 
 
 def _direct_packed_rows():
-    from kvgen.runtime.loader import registry
-
-    here = torch.cuda.get_device_capability()
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] == "direct"
-            and e.config["indexing"] == "packed" and ARCHS[e.arch].serves(here)]
-    assert rows
-    return rows
+    return _rows_here(schedule="direct", indexing="packed")
 
 
 def test_direct_packed_rows_find_each_blocks_request():
@@ -442,13 +441,8 @@ def test_ballot_rows_slot_patterns():
     whose second warp's chunk is partial too); rows of -1 (or any negative)
     slot stay poisoned."""
     from kvgen.families.dequant_gather import op as ops
-    from kvgen.runtime.loader import registry
 
-    here = torch.cuda.get_device_capability()
-    rows = [e for e in registry().entries if e.family == "dqgk" and e.config["schedule"] in CHUNKED_SCHEDULES
-            and ARCHS[e.arch].serves(here)]
-    assert rows
-    for i, entry in enumerate(rows):
+    for i, entry in enumerate(_rows_here(schedule=CHUNKED_SCHEDULES)):
         c = entry.config
         bs = c["block_size"]
         chunk = c["ballot_chunk"]

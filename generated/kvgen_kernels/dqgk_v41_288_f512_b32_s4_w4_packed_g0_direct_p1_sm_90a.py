@@ -201,7 +201,7 @@ def kernel(
         # The block's rows are consecutive, so mostly one request's: its first
         # row's request is found once (no CTA stages the starts behind a
         # barrier), a round's row searched again only past that request's end.
-        # Searched every round, or staged, the searches cost 2-5% at 65536
+        # Searched every round, or staged, the searches cost 1-5% at 65536
         # rows (BENCHMARKS.md, log 48).
         r = Int32(0)  # this group's request, where it starts, its seq_start, where it ends
         r_start = first_start

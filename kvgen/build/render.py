@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pprint
 
@@ -28,6 +29,7 @@ def _header(template: str) -> str:
             f"# template or the spec and run `make generate` (or `kvgen generate --spec`).")
 
 
+@functools.cache  # compiling a template is nearly all of a render's time (~70 ms): once a process
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
