@@ -20,6 +20,10 @@
 //            resident warps (the next chunk taken, and its slots loaded, before
 //            the current one is moved); the last warp to finish zeroes the
 //            counter for the next call.
+//   cs / wt: the same with the output stored with the streaming (evict-first) or
+//            write-through cache policy (BENCHMARKS.md, log 52).
+// --once runs each kernel once at 100% valid, checked and not timed, for ncu
+// (results/sparse_queue_ncu_h100.txt, results/sparse_queue_hints_h100.txt).
 // Each kernel's output is checked against the blocks kernel's (poisoned first),
 // then each is timed over input sets rotated past L2 (CUDA events around 50
 // calls a set round; median of 15), beside a device copy of the valid bytes.
@@ -28,6 +32,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { \
@@ -64,7 +69,9 @@ __device__ __forceinline__ void load(Held<STAGES>& h, int s, const uint8_t* __re
   }
 }
 
-template <int STAGES>
+// HINT: the output stores' cache policy: 0 default (write-back), 1 streaming (st.global.cs, evict
+// first), 2 write-through (st.global.wt).
+template <int STAGES, int HINT = 0>
 __device__ __forceinline__ void store(const Held<STAGES>& h, int s, uint8_t* __restrict__ out, int lane) {
   uint8_t* row = out + (size_t)h.row[s] * OUT;
 #pragma unroll
@@ -79,11 +86,14 @@ __device__ __forceinline__ void store(const Held<STAGES>& h, int s, uint8_t* __r
     } else {
       w = make_uint4(h.v[s][p].x, h.v[s][p].y, h.t[s][p].x, h.t[s][p].y);
     }
-    *reinterpret_cast<uint4*>(row + chunk * 16) = w;
+    uint4* to = reinterpret_cast<uint4*>(row + chunk * 16);
+    if (HINT == 1) __stcs(to, w);
+    else if (HINT == 2) __stwt(to, w);
+    else *to = w;
   }
 }
 
-template <int STAGES>
+template <int STAGES, int HINT = 0>
 __global__ void __launch_bounds__(WARPS * 32) blocks(const uint8_t* __restrict__ cache, const int* __restrict__ slots,
                                                       uint8_t* __restrict__ out, int n, int scatter = 1) {
   // scatter (odd, the grid a power of two): CTA b takes block b * scatter mod grid, so CTAs that run
@@ -103,11 +113,11 @@ __global__ void __launch_bounds__(WARPS * 32) blocks(const uint8_t* __restrict__
     if (slot[s] >= 0) load(h, s, cache, slot[s], lane);
 #pragma unroll
   for (int s = 0; s < STAGES; ++s)
-    if (slot[s] >= 0) store(h, s, out, lane);
+    if (slot[s] >= 0) store<STAGES, HINT>(h, s, out, lane);
 }
 
 // One chunk of CHUNK slots: a lane's slot `mine`, then the valid ones in rounds of STAGES.
-template <int STAGES, int CHUNK>
+template <int STAGES, int CHUNK, int HINT = 0>
 __device__ __forceinline__ void move_chunk(const uint8_t* __restrict__ cache, uint8_t* __restrict__ out, int chunk,
                                            int mine, int lane) {
   unsigned pending = __ballot_sync(0xffffffffu, mine >= 0);
@@ -125,11 +135,11 @@ __device__ __forceinline__ void move_chunk(const uint8_t* __restrict__ cache, ui
     }
 #pragma unroll
     for (int s = 0; s < STAGES; ++s)
-      if (picked[s] >= 0) store(h, s, out, lane);
+      if (picked[s] >= 0) store<STAGES, HINT>(h, s, out, lane);
   }
 }
 
-template <int STAGES, int CHUNK>
+template <int STAGES, int CHUNK, int HINT = 0>
 __global__ void __launch_bounds__(WARPS * 32) chunks(const uint8_t* __restrict__ cache, const int* __restrict__ slots,
                                                       uint8_t* __restrict__ out, int n, int stagger_ns = 0) {
   int lane = threadIdx.x % 32;
@@ -137,7 +147,7 @@ __global__ void __launch_bounds__(WARPS * 32) chunks(const uint8_t* __restrict__
   if (stagger_ns) __nanosleep((chunk % 8) * stagger_ns);  // warps out of step from the start
   int i = chunk * CHUNK + lane;
   int mine = lane < CHUNK && i < n ? __ldg(slots + i) : -1;
-  move_chunk<STAGES, CHUNK>(cache, out, chunk, mine, lane);
+  move_chunk<STAGES, CHUNK, HINT>(cache, out, chunk, mine, lane);
 }
 
 // chunks, its lanes' slots interleaved over the call: lane l of chunk c holds slot c + l * num_chunks,
@@ -207,7 +217,9 @@ struct Set {
   int* slots;
 };
 
-int main() {
+int main(int argc, char** argv) {
+  // --once: 100% valid only, each kernel checked (one call) and not timed -- for ncu.
+  const bool once = argc > 1 && std::string(argv[1]) == "--once";
   const int n = 65536, pages = n / BS + 3;
   int sms, dev = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -229,6 +241,7 @@ int main() {
   CHECK(cudaEventCreate(&b));
   std::mt19937 rng(1);
   for (double valid : {0.03, 0.25, 1.0}) {
+    if (once && valid < 1.0) continue;
     std::vector<Set> sets(num_sets);
     int valid_slots = 0;
     for (int k = 0; k < num_sets; ++k) {
@@ -278,6 +291,7 @@ int main() {
       CHECK(cudaMemcpy((first ? expected : got).data(), sets[0].out, got.size(), cudaMemcpyDeviceToHost));
       if (!first && got != expected) { printf("  %s: output differs from blocks s2\n", name); exit(1); }
       first = false;
+      if (once) return;
       double us = time(call);
       printf("  %-22s %8.2f us  %.3f of copy\n", name, us, copy_us / us);
     };
@@ -291,6 +305,14 @@ int main() {
       interleaved<2, 32><<<n / (WARPS * 32), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
     report("interleaved s4 c32", [&](Set& s, int) {
       interleaved<4, 32><<<n / (WARPS * 32), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
+    report("blocks s2 cs", [&](Set& s, int) {
+      blocks<2, 1><<<(n + WARPS * 2 - 1) / (WARPS * 2), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
+    report("chunks s2 c16 cs", [&](Set& s, int) {
+      chunks<2, 16, 1><<<(n + WARPS * 16 - 1) / (WARPS * 16), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
+    report("chunks s2 c16 wt", [&](Set& s, int) {
+      chunks<2, 16, 2><<<(n + WARPS * 16 - 1) / (WARPS * 16), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
+    report("chunks s4 c32 cs", [&](Set& s, int) {
+      chunks<4, 32, 1><<<(n + WARPS * 32 - 1) / (WARPS * 32), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
     report("blocks s4", [&](Set& s, int) {
       blocks<4><<<(n + WARPS * 4 - 1) / (WARPS * 4), WARPS * 32, 0, stream>>>(s.cache, s.slots, s.out, n); });
     report("chunks s2 c4", [&](Set& s, int) {

@@ -71,6 +71,7 @@ def _alternatives():
         "output": [dict(output="raw", indexing="packed", gather_lens=False)],
         "ballot_chunk": [dict(schedule="ballot", ballot_chunk=8, indexing="sparse", gather_lens=False)],
         "run_tokens": [dict(schedule="page_run", run_tokens=32, num_stages=1)],
+        "evict_first": [dict(evict_first=True)],
     }
 
 
@@ -94,7 +95,7 @@ def test_changing_any_field_changes_name_and_source(monkeypatch):
 def test_shipped_names_are_unique_and_cover_every_family():
     assert len({c.name for c in shipped_configs()}) == len(shipped_configs())
     configs = [c for c in shipped_configs() if c.family == "dqgk" and c.arch == "sm_90a"]
-    assert len(configs) == 490
+    assert len(configs) == 710
     assert {c.block_size for c in configs} == {16, 32, 64, 128, 256}
     assert {c.gather_lens for c in configs} == {False, True}
     families = {(c.format.name, c.indexing, c.output) for c in configs}
@@ -148,6 +149,9 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(schedule="page_run", num_stages=1, block_size=1024, run_tokens=512), "run_tokens=512 needs"),
     (dict(schedule="direct", output="raw", indexing="packed", gather_lens=False),
      "schedule='direct' is built for bf16 gathers, not output='raw'"),
+    (dict(evict_first=True, output="raw", indexing="packed", gather_lens=False),
+     "evict_first applies to bf16 output rows, not output='raw'"),
+    (dict(evict_first=1), "evict_first must be bool"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -329,6 +333,41 @@ def test_the_direct_schedule_holds_its_records_in_registers():
         dataclasses.replace(indexer, indexing="packed", output="raw")
     for tailed in ("v32_656", "dsv4_584"):  # inline and page-split tails
         assert dataclasses.replace(indexer, format=as_format(tailed)).smem_bytes == 0
+
+
+@pytest.mark.parametrize("change", [
+    dict(),  # the ring, one record a warp step
+    dict(format=Format("i128", values=128, scale_group=128, scale_kind="f32")),  # the ring, lane groups
+    dict(indexing="sparse", gather_lens=False, schedule="compact", ballot_chunk=16, num_stages=8),
+    dict(schedule="page_run", num_stages=1, run_tokens=32, num_warps=8),
+    dict(indexing="sparse", gather_lens=False, schedule="direct"),  # values and DSv4's bf16 tail
+])
+def test_evict_first_stores_every_output_chunk_with_the_streaming_policy(change):
+    """evict_first=True: every 16-byte output store of the kernel is the helpers'
+    st.global.cs, none the default one; False renders no trace of it. Named only
+    where set (the kernels shipped before it keep their names)."""
+    import ast
+
+    from kvgen.build.render import render_helpers, render_kernel
+
+    plain = dataclasses.replace(SEED, **change)
+    streaming = dataclasses.replace(plain, evict_first=True)
+    assert streaming.name == plain.name + "_e1" and "_e" not in plain.name.removeprefix(SEED.family)
+    before, after = render_kernel(plain), render_kernel(streaming)
+    ast.parse(after)
+    assert "store_evict_first_x4" not in before and "cute.copy(st_global" in before
+    assert "cute.copy(st_global" not in after
+    assert after.count("store_evict_first_x4(") == before.count("cute.copy(st_global")
+    for flavour in cfg.FLAVOURS:
+        assert "st.global.cs.v4.b32" in render_helpers(flavour)
+
+
+def test_variant_names_tell_evict_first_rows_apart():
+    from kvgen.tools.variants import variant_of
+
+    config = {"num_stages": 8, "num_warps": 4, "schedule": "compact", "ballot_chunk": 16}
+    assert variant_of(config) == "s8w4k16" == variant_of({**config, "evict_first": False})
+    assert variant_of({**config, "evict_first": True}) == "s8w4k16e"
 
 
 @pytest.mark.parametrize("fmt", [

@@ -17,6 +17,7 @@ Config (every generator parameter):
     output       = bf16
     ballot_chunk = 4
     run_tokens   = 0
+    evict_first  = False
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the slot range (compact schedule).
@@ -49,7 +50,8 @@ CONFIG = {'format': {'name': 'dsv4_584',
  'arch': 'sm_90a',
  'output': 'bf16',
  'ballot_chunk': 4,
- 'run_tokens': 0}
+ 'run_tokens': 0,
+ 'evict_first': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

@@ -17,6 +17,7 @@ Config (every generator parameter):
     output       = raw
     ballot_chunk = 32
     run_tokens   = 0
+    evict_first  = False
 
 One warp gathers 8 tokens (lane groups of 4) per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the row range (strided schedule).
@@ -48,7 +49,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'arch': 'compute_80',
  'output': 'raw',
  'ballot_chunk': 32,
- 'run_tokens': 0}
+ 'run_tokens': 0,
+ 'evict_first': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

@@ -17,6 +17,7 @@ Config (every generator parameter):
     output       = raw
     ballot_chunk = 32
     run_tokens   = 128
+    evict_first  = False
 
 A CTA gathers chunks of 128 consecutive rows, each run of a request's positions inside one page
 through one bulk copy into shared memory; worker = blockIdx.y over the row range (page_run schedule).
@@ -49,7 +50,8 @@ CONFIG = {'format': {'name': 'indexer_132',
  'arch': 'sm_90a',
  'output': 'raw',
  'ballot_chunk': 32,
- 'run_tokens': 128}
+ 'run_tokens': 128,
+ 'evict_first': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

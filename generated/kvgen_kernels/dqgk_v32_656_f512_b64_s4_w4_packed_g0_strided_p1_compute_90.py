@@ -17,6 +17,7 @@ Config (every generator parameter):
     output       = bf16
     ballot_chunk = 32
     run_tokens   = 0
+    evict_first  = False
 
 One warp gathers one token per stage through a 4-deep cp.async ring
 in shared memory; worker = blockIdx.y over the row range (strided schedule).
@@ -49,7 +50,8 @@ CONFIG = {'format': {'name': 'v32_656',
  'arch': 'compute_90',
  'output': 'bf16',
  'ballot_chunk': 32,
- 'run_tokens': 0}
+ 'run_tokens': 0,
+ 'evict_first': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

@@ -17,6 +17,7 @@ Config (every generator parameter):
     output       = bf16
     ballot_chunk = 32
     run_tokens   = 0
+    evict_first  = False
 
 A lane group of 32 lanes gathers a record straight into registers, each group holding 4 records
 in flight; no shared memory; request = blockIdx.x, worker = blockIdx.y (direct schedule).
@@ -49,7 +50,8 @@ CONFIG = {'format': {'name': 'v41_288',
  'arch': 'sm_90a',
  'output': 'bf16',
  'ballot_chunk': 32,
- 'run_tokens': 0}
+ 'run_tokens': 0,
+ 'evict_first': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

@@ -17,6 +17,7 @@ Config (every generator parameter):
     output       = bf16
     ballot_chunk = 32
     run_tokens   = 16
+    evict_first  = False
 
 A CTA gathers runs of 16 consecutive tokens of one page, each through two bulk copies
 into shared memory; grid = (requests, workers), CTAs numbered request-major (page_run schedule).
@@ -50,7 +51,8 @@ CONFIG = {'format': {'name': 'v41_528',
  'arch': 'sm_90a',
  'output': 'bf16',
  'ballot_chunk': 32,
- 'run_tokens': 16}
+ 'run_tokens': 16,
+ 'evict_first': False}
 
 # Kernel ABI, in order: (name, C type). The runtime packs arguments from this
 # list, read back from the manifest; pointers carry their assumed alignment.

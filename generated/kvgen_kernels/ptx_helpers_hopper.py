@@ -189,6 +189,19 @@ dequant_e2m1_f32_x8 = _dequant_op("e2m1", "f32")
 # ---- moving bytes ------------------------------------------------------------
 
 @dsl_user_op
+def store_evict_first_x4(address, w0, w1, w2, w3, *, loc=None, ip=None):
+    """Store four 32-bit words (16 bytes, `address` 16-byte aligned) to global
+    memory with the streaming cache policy, st.global.cs: the lines are the
+    first L2 evicts, so an output larger than L2 is written back as it goes
+    rather than at the expense of the next call's reads (BENCHMARKS.md, log 52)."""
+    llvm.inline_asm(
+        None,
+        [Int64(address).ir_value(loc=loc, ip=ip), *(Uint32(w).ir_value(loc=loc, ip=ip) for w in (w0, w1, w2, w3))],
+        "st.global.cs.v4.b32 [$0], {$1, $2, $3, $4};",
+        "l,r,r,r,r,~{memory}", has_side_effects=True, is_align_stack=False, loc=loc, ip=ip)
+
+
+@dsl_user_op
 def bulk_copy_g2s(dst, src, size, barrier, *, loc=None, ip=None):
     """Copy `size` bytes (a multiple of 16, both addresses 16-byte aligned) from
     global address `src` to shared address `dst` with one cp.async.bulk; their

@@ -6,7 +6,7 @@ Each helper is one `asm` block, so the instruction sequence that decides the
 output bits is written here once, in PTX, and reviewed here once.
 """
 
-from cutlass import Uint32
+from cutlass import Int64, Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -199,6 +199,20 @@ dequant_e2m1_ue8m0_x8 = _dequant_op("e2m1", "ue8m0")
 dequant_e2m1_e4m3_x8 = _dequant_op("e2m1", "e4m3")
 dequant_e2m1_f32_x8 = _dequant_op("e2m1", "f32")
 
+
+# ---- moving bytes ------------------------------------------------------------
+
+@dsl_user_op
+def store_evict_first_x4(address, w0, w1, w2, w3, *, loc=None, ip=None):
+    """Store four 32-bit words (16 bytes, `address` 16-byte aligned) to global
+    memory with the streaming cache policy, st.global.cs: the lines are the
+    first L2 evicts, so an output larger than L2 is written back as it goes
+    rather than at the expense of the next call's reads (BENCHMARKS.md, log 52)."""
+    llvm.inline_asm(
+        None,
+        [Int64(address).ir_value(loc=loc, ip=ip), *(Uint32(w).ir_value(loc=loc, ip=ip) for w in (w0, w1, w2, w3))],
+        "st.global.cs.v4.b32 [$0], {$1, $2, $3, $4};",
+        "l,r,r,r,r,~{memory}", has_side_effects=True, is_align_stack=False, loc=loc, ip=ip)
 
 # ---- the packing side (writers) ---------------------------------------------
 @dsl_user_op

@@ -31,7 +31,8 @@ PDL_ENV = "KVGEN_PDL"
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
 # Fields a family does not have match no row of it, so one table serves every family.
-DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "tokens_per_warp": 2, "pdl": True}
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "evict_first": False,
+                      "tokens_per_warp": 2, "pdl": True}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of

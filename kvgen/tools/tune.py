@@ -40,7 +40,7 @@ FORMAT = 2  # the table's layout: format 2 holds an entry per device (format 1, 
 MARGIN = 0.02
 # The fields a rule may prefer. PDL is not among them: KVGEN_PDL decides it.
 # Each family's rows have some of them.
-TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "run_tokens", "tokens_per_warp")
+TUNED_FIELDS = ("num_stages", "num_warps", "schedule", "ballot_chunk", "run_tokens", "evict_first", "tokens_per_warp")
 # CallKey fields a rule matches (output: the raw packed gather's rules must not steer the bf16 one's calls).
 MATCH_FIELDS = ("family", "format", "indexing", "output", "slot_dtype", "shape_class")
 

@@ -18,8 +18,10 @@ SCHEDULE_LETTERS = {"strided": ("s", None), "contiguous": ("c", None), "ballot":
 def variant_of(config: dict) -> str:
     """A row's tuned fields as a short name: s4w8c (a reader), s4w4b16 (a reader
     under the ballot schedule, with its chunk; k16 under compact), s1w8p32 (under
-    page_run, with its run), s4w8d (under direct), t2w4 (a writer)."""
+    page_run, with its run), s4w8d (under direct), s4w4se (evict-first stores), t2w4 (a
+    writer)."""
     if "tokens_per_warp" in config:
         return f"t{config['tokens_per_warp']}w{config['num_warps']}"
     letter, sized_by = SCHEDULE_LETTERS[config["schedule"]]
-    return f"s{config['num_stages']}w{config['num_warps']}{letter}{config[sized_by] if sized_by else ''}"
+    evict_first = "e" if config.get("evict_first") else ""
+    return f"s{config['num_stages']}w{config['num_warps']}{letter}{config[sized_by] if sized_by else ''}{evict_first}"

@@ -143,6 +143,9 @@ class DequantGatherConfig(FamilyConfig):
     run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two (dense: "
                                  "one that divides block_size; raw packed: at most num_warps * 32); other "
                                  "schedules: 0", default=0, named_at_default=False)
+    evict_first: bool = param("e", "bf16 output rows stored with the streaming cache policy (st.global.cs), their "
+                                   "lines the first L2 evicts (BENCHMARKS.md, log 52); default: write-back stores",
+                              default=False, named_at_default=False)
 
     family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
     spec_table = "dequant_gather"  # its table in a spec file,
@@ -231,7 +234,7 @@ def _round_up(x: int, m: int) -> int:
 def _check(c: DequantGatherConfig) -> None:
     check_types(c, {"block_size": int, "num_stages": int, "num_warps": int, "indexing": str, "gather_lens": bool,
                     "schedule": str, "pdl": bool, "arch": str, "output": str, "ballot_chunk": int,
-                    "run_tokens": int})
+                    "run_tokens": int, "evict_first": bool})
     check_choice("arch", c.arch, ARCHS)
     check_choice("schedule", c.schedule, SCHEDULES)
     check_choice("indexing", c.indexing, INDEXING)
@@ -251,6 +254,8 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"schedule={c.schedule!r} is built for sparse gathers of one record a warp step (records "
                           f"of 288 bytes or more), not {c.indexing} indexing of format {f.name} "
                           f"({c.tokens_per_step} records a step)")
+    if c.evict_first and c.output != "bf16":
+        raise ConfigError(f"evict_first applies to bf16 output rows, not output={c.output!r}")
     if c.run_tokens and c.schedule != "page_run":
         raise ConfigError(f"run_tokens={c.run_tokens} applies to the page_run schedule only, not {c.schedule}")
     if f.scale_group % 8 or f.tail % 8:
