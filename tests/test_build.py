@@ -22,9 +22,25 @@ SEED = next(c for c in shipped_configs() if c.name == "dqgk_dsv4_584_f448_b64_s4
 # beside the format and arch: the rebuild sample takes one config of each
 # combination that the spec has.
 TEMPLATE_BRANCHES = {
-    "dqgk": ("schedule", "indexing", "output", "gather_lens", "pdl"),
+    "dqgk": ("schedule", "indexing", "output", "gather_lens", "pdl", "evict_first"),
     "qik": ("pdl", "pow2_scale", "tokens_per_warp", "occupancy_warps"),
 }
+
+
+def test_the_rebuild_sample_knows_every_template_branch():
+    """Each config field a family's template branches on (`{% if %}` / `{% elif %}`
+    on `c.<field>`) is one of its TEMPLATE_BRANCHES, so the sample covers it."""
+    import re
+
+    from kvgen.paths import templates_dir
+
+    assert set(TEMPLATE_BRANCHES) == set(FAMILIES)
+    for family, cls in FAMILIES.items():
+        text = (templates_dir() / cls.template).read_text()
+        used = {field for tag in re.findall(r"\{%-?\s*(?:if|elif)\b(.*?)-?%\}", text, re.S)
+                for field in re.findall(r"\bc\.(\w+)", tag)}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert used & fields <= set(TEMPLATE_BRANCHES[family]), (family, sorted(used & fields))
 
 
 def test_rendering_is_deterministic():

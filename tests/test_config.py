@@ -71,7 +71,7 @@ def _alternatives():
         "output": [dict(output="raw", indexing="packed", gather_lens=False)],
         "ballot_chunk": [dict(schedule="ballot", ballot_chunk=8, indexing="sparse", gather_lens=False)],
         "run_tokens": [dict(schedule="page_run", run_tokens=32, num_stages=1)],
-        "evict_first": [dict(evict_first=True)],
+        "evict_first": [dict(evict_first=True, schedule="compact", indexing="sparse", gather_lens=False)],
     }
 
 
@@ -149,8 +149,11 @@ def test_shipped_names_are_unique_and_cover_every_family():
     (dict(schedule="page_run", num_stages=1, block_size=1024, run_tokens=512), "run_tokens=512 needs"),
     (dict(schedule="direct", output="raw", indexing="packed", gather_lens=False),
      "schedule='direct' is built for bf16 gathers, not output='raw'"),
-    (dict(evict_first=True, output="raw", indexing="packed", gather_lens=False),
-     "evict_first applies to bf16 output rows, not output='raw'"),
+    (dict(evict_first=True, schedule="direct", output="raw", indexing="packed", gather_lens=False),
+     "evict_first applies to bf16 output rows of the compact and direct schedules, not output='raw' under direct"),
+    (dict(evict_first=True), "evict_first applies .* not output='bf16' under strided"),
+    (dict(evict_first=True, schedule="page_run", num_stages=1, run_tokens=32),
+     "evict_first applies .* under page_run"),
     (dict(evict_first=1), "evict_first must be bool"),
 ])
 def test_unservable_configs_are_refused_when_made(change, message):
@@ -336,16 +339,16 @@ def test_the_direct_schedule_holds_its_records_in_registers():
 
 
 @pytest.mark.parametrize("change", [
-    dict(),  # the ring, one record a warp step
-    dict(format=Format("i128", values=128, scale_group=128, scale_kind="f32")),  # the ring, lane groups
-    dict(indexing="sparse", gather_lens=False, schedule="compact", ballot_chunk=16, num_stages=8),
-    dict(schedule="page_run", num_stages=1, run_tokens=32, num_warps=8),
+    dict(indexing="sparse", gather_lens=False, schedule="compact", ballot_chunk=16, num_stages=8),  # the ring
     dict(indexing="sparse", gather_lens=False, schedule="direct"),  # values and DSv4's bf16 tail
+    dict(indexing="packed", gather_lens=False, schedule="direct", format=Format(
+        "i128", values=128, scale_group=128, scale_kind="f32")),  # lane groups of 16
 ])
 def test_evict_first_stores_every_output_chunk_with_the_streaming_policy(change):
-    """evict_first=True: every 16-byte output store of the kernel is the helpers'
-    st.global.cs, none the default one; False renders no trace of it. Named only
-    where set (the kernels shipped before it keep their names)."""
+    """evict_first=True (the compact and direct schedules): every 16-byte output
+    store of the kernel is the helpers' st.global.cs, none the default one;
+    False renders no trace of it. Named only where set (the kernels shipped
+    before it keep their names)."""
     import ast
 
     from kvgen.build.render import render_helpers, render_kernel

@@ -153,7 +153,7 @@ def test_a_direct_row_gives_each_warp_a_block_of_its_lane_groups_records():
 
     rows = {(e.format.name, e.config["num_stages"], e.config["num_warps"]): e for e in registry().entries
             if e.config.get("schedule") == "direct" and e.config["block_size"] == 64
-            and e.config["indexing"] == "sparse"}
+            and e.config["indexing"] == "sparse" and not e.config.get("evict_first")}
     assert ops.grid_for(rows[("indexer_132", 4, 4)], 1, 262144) == (1, 262144 // (4 * 2 * 4), 1)
     assert ops.grid_for(rows[("indexer_132", 2, 8)], 1, 65537) == (1, -(-65537 // (8 * 2 * 2)), 1)
     assert ops.grid_for(rows[("v41_288", 4, 4)], 1, 262144) == (1, 262144 // (4 * 1 * 4), 1)
@@ -336,6 +336,24 @@ LONG_RULE = {"match": {"format": "dsv4_584", "indexing": "dense", "shape_class":
              "prefer": {"num_stages": 4, "num_warps": 8, "schedule": "contiguous"}}
 
 
+def test_a_rule_or_row_older_than_a_parameter_means_its_default():
+    """choose_row: a preference that does not name a parameter added after the
+    kernels shipped (named_at_default=False: evict_first) prefers its default,
+    and a row built before it has it -- so a rule tuned before evict_first
+    existed keeps its plain row whatever the names sort to."""
+    from types import SimpleNamespace as Row
+
+    plain = Row(name="z_plain", config={"schedule": "compact", "num_stages": 8, "evict_first": False})
+    streaming = Row(name="a_streaming", config={"schedule": "compact", "num_stages": 8, "evict_first": True})
+    older = Row(name="b_older", config={"schedule": "compact", "num_stages": 8})
+    rule = {"schedule": "compact", "num_stages": 8}
+    assert dispatch.UNNAMED_DEFAULTS["evict_first"] is False
+    assert choose_row([streaming, plain], rule) is plain
+    assert choose_row([streaming, older], rule) is older
+    assert choose_row([plain, streaming], {**rule, "evict_first": True}) is streaming
+    assert choose_row([streaming, plain]) is plain  # the untuned default
+
+
 def test_tuned_rules_choose_the_row_for_their_class(fake_gpu, monkeypatch):
     fake_gpu((9, 0))
     registry().entries  # load the trees, then give them one tuned rule
@@ -420,9 +438,15 @@ def test_committed_dispatch_table_is_well_formed():
         _check_tuned_entry(device_entry)
 
 
+# The config fields a call fixes (CallKey.fields of the families' ops), beside format, block size and arch.
+CALL_FIELDS = ("indexing", "gather_lens", "output", "slot_dtype", "pow2_scale")
+
+
 def _check_tuned_entry(table: dict) -> None:
     """One device's entry: rules that match call fields, prefer shipped rows, and follow from its measurements."""
     import dataclasses
+
+    import collections
 
     from kvgen.families import FAMILIES
 
@@ -435,10 +459,20 @@ def _check_tuned_entry(table: dict) -> None:
         assert set(rule["match"]) <= key_fields | config_fields, rule
         assert set(rule["prefer"]) <= set(tune.TUNED_FIELDS) & config_fields - {"pdl"}, rule
         assert rule["match"].get("shape_class", "long") in classes
-        # Every rule prefers a row that is shipped for its format and indexing.
-        assert any(e.family == rule["match"]["family"]
-                   and all(e.config[k] == v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields)
-                   for e in entries), rule
+        # Every rule prefers a row that is shipped for its format and indexing, and one
+        # only of each block size, gather_lens, pdl and arch: where several match what
+        # it names, one of them has the defaults of what it does not name
+        # (dispatch.UNNAMED_DEFAULTS: evict_first=False for a rule older than it).
+        named = {k: v for k, v in {**rule["prefer"], **rule["match"]}.items() if k in config_fields}
+        groups = collections.defaultdict(list)  # the rows one call may choose among
+        for e in entries:
+            if e.family == rule["match"]["family"] and all(e.config.get(k) == v for k, v in named.items()):
+                groups[e.config["block_size"], e.pdl, e.arch, *(e.config.get(k) for k in CALL_FIELDS)].append(e)
+        assert groups, rule
+        for group in groups.values():
+            defaults = [e for e in group if all(e.config.get(k, v) == v for k, v in dispatch.UNNAMED_DEFAULTS.items()
+                                                if k not in named)]
+            assert len(group) == 1 or len(defaults) == 1, (rule, [e.name for e in group])
     assert tune.choose_rules(table["measured"], table["margin"], tune.held_rules([table], table["tuned_on"]["device"]))[0] \
         == table["rules"]
 
@@ -579,6 +613,24 @@ def test_pdl_is_decided_per_call_and_can_be_turned_off(fake_gpu, monkeypatch):
     fake_gpu((8, 0))
     backend.clear_dispatch_cache()  # decisions are cached per device, and this one changed capability
     assert ops.decide_dense(*good_args()).pdl is False  # Triton: nothing to launch with PDL
+
+
+def test_evict_first_rows_follow_the_rules_and_can_be_turned_off(fake_gpu, monkeypatch):
+    """The committed H100 rules send a long DSv4 sparse call to an evict-first
+    compact row; KVGEN_EVICT_FIRST=0 takes its plain twin (same schedule,
+    stages, warps, chunk), and a bad value is refused."""
+    from kvgen.testing import make_sparse_case
+
+    fake_gpu((9, 0))
+    case = make_sparse_case(num_slots=20000, valid=0.25, block_size=64, format="dsv4_584")
+    streaming = ops.decide_sparse(*case.args()).entry
+    assert streaming.config["evict_first"] is True and streaming.config["schedule"] == "compact"
+    monkeypatch.setenv("KVGEN_EVICT_FIRST", "0")
+    plain = ops.decide_sparse(*case.args()).entry
+    assert plain.config == {**streaming.config, "evict_first": False}
+    monkeypatch.setenv("KVGEN_EVICT_FIRST", "sometimes")
+    with pytest.raises(ValueError, match="KVGEN_EVICT_FIRST"):
+        ops.decide_sparse(*case.args())
 
 
 # A PTX instruction's opcode (after an optional predicate guard), at the start of a line.
@@ -934,7 +986,7 @@ def test_cases_are_reproducible_in_isolation():
     assert torch.equal(first.block_table, second.block_table)
 
 
-@pytest.mark.parametrize("variable", ["KVGEN_PDL", "KVGEN_CHECK", "KVGEN_BACKEND"])
+@pytest.mark.parametrize("variable", ["KVGEN_PDL", "KVGEN_CHECK", "KVGEN_BACKEND", "KVGEN_EVICT_FIRST"])
 def test_a_bad_switch_is_refused_whichever_backend_serves(variable, monkeypatch):
     """On CPU tensors too (the torch path), not only where the switch matters."""
     monkeypatch.setenv(variable, "2")

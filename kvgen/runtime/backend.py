@@ -23,8 +23,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import switches
-from .dispatch import (BACKEND_ENV, PTX_ENV, CallKey, candidate_rows, choose_row, forced_backend, pdl_requested,
-                       preference_with_pdl, ptx_allowed, shape_class, split_by_image)
+from .dispatch import (BACKEND_ENV, PTX_ENV, CallKey, candidate_rows, choose_row, evict_first_allowed, forced_backend,
+                       pdl_requested, preference_with_pdl, ptx_allowed, shape_class, split_by_image)
 from .driver import driver
 from .loader import KvgenLoadError, registry
 from .manifest import KernelEntry
@@ -102,6 +102,7 @@ def _decide(key: CallKey, device: torch.device, aligned: bool, forced: Optional[
     key = dataclasses.replace(key, capability=capability)
     pdl = pdl_requested()  # read (and checked) whichever backend serves
     ptx_on = ptx_allowed()  # likewise
+    evict_first_allowed()  # likewise (a row's preference reads it)
     if forced == "ptx" and not ptx_on:
         raise BackendUnavailable(f"{BACKEND_ENV}=ptx contradicts {PTX_ENV}=0")
     images, why_not = {}, "not asked for"

@@ -6,6 +6,7 @@ strides, the device's compute capability): no device synchronisation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 from ..config import ARCHS
 from ..env import env_flag
 from ..errors import UsageError
+from ..families import FAMILIES
 from .manifest import KernelEntry
 
 BACKENDS = ("cubin", "ptx", "triton", "torch")  # in dispatch order
@@ -27,12 +29,24 @@ BACKEND_ENV = "KVGEN_BACKEND"
 # on griddepcontrol is launched so that its grid is scheduled while the
 # previous kernel in the stream drains, and lets the next kernel do the same.
 PDL_ENV = "KVGEN_PDL"
+# Evict-first output stores (on unless KVGEN_EVICT_FIRST=0): rows built with
+# evict_first store their output rows with the streaming cache policy, the
+# lines L2 evicts first (BENCHMARKS.md, log 52). With it off, the plain twin of
+# the row a rule prefers is taken: for a stack whose next kernel reads the
+# gathered rows from L2, which the benchmark does not measure.
+EVICT_FIRST_ENV = "KVGEN_EVICT_FIRST"
 
 # Without a tuned dispatch table, prefer the rows closest to the seed design.
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
 # Fields a family does not have match no row of it, so one table serves every family.
-DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "evict_first": False,
-                      "tokens_per_warp": 2, "pdl": True}
+DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "tokens_per_warp": 2, "pdl": True}
+# The parameters a family added after its kernels shipped, at the default that
+# leaves them out of names (kvgen.config.param, named_at_default=False). A rule
+# that names none of them (written before one existed) and a manifest row that
+# lacks one (built before it existed) mean its default, so such a rule keeps
+# choosing the row it chose, whatever the names sort to.
+UNNAMED_DEFAULTS = {f.name: f.metadata["default"] for cls in FAMILIES.values()
+                    for f in dataclasses.fields(cls) if not f.metadata["named_at_default"]}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
@@ -163,8 +177,12 @@ def preference_for(key: CallKey, rules: Sequence[dict] = ()) -> dict | None:
 
 def preference_with_pdl(key: CallKey, rules: Sequence[dict] = ()) -> dict:
     """The call's preference, with pdl as KVGEN_PDL asks: with it off, a row
-    built without the griddepcontrol instructions is taken where one is shipped."""
-    return {**(preference_for(key, rules) or DEFAULT_PREFERENCE), "pdl": pdl_requested()}
+    built without the griddepcontrol instructions is taken where one is shipped;
+    and with KVGEN_EVICT_FIRST=0, a row that stores with the default policy."""
+    preference = {**(preference_for(key, rules) or DEFAULT_PREFERENCE), "pdl": pdl_requested()}
+    if not evict_first_allowed():
+        preference["evict_first"] = False
+    return preference
 
 
 def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> KernelEntry | None:
@@ -173,11 +191,14 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
     griddepcontrol is taken wherever one is shipped, whatever a tuned rule prefers."""
     if not rows:
         return None
-    preference = preference if preference is not None else DEFAULT_PREFERENCE
+    preference = {**UNNAMED_DEFAULTS, **(preference if preference is not None else DEFAULT_PREFERENCE)}
 
     def score(e: KernelEntry):
-        pdl_match = "pdl" in preference and e.config.get("pdl") == preference["pdl"]
-        return (-pdl_match, -sum(e.config.get(k) == v for k, v in preference.items()), e.name)
+        def has(field, value):
+            return e.config.get(field, UNNAMED_DEFAULTS.get(field)) == value
+
+        pdl_match = "pdl" in preference and has("pdl", preference["pdl"])
+        return (-pdl_match, -sum(has(k, v) for k, v in preference.items()), e.name)
 
     return min(rows, key=score)
 
@@ -244,3 +265,7 @@ def split_by_image(rows: list[KernelEntry]) -> tuple[list[KernelEntry], list[Ker
 
 def pdl_requested() -> bool:
     return env_flag(PDL_ENV, default=True)
+
+
+def evict_first_allowed() -> bool:
+    return env_flag(EVICT_FIRST_ENV, default=True)

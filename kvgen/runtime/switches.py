@@ -11,15 +11,15 @@ message, at the same point of the call, as when each was read on its own.
 from __future__ import annotations
 
 from ..env import flag, reader
-from .dispatch import BACKEND_ENV, PDL_ENV, PTX_ENV
+from .dispatch import BACKEND_ENV, EVICT_FIRST_ENV, PDL_ENV, PTX_ENV
 
 CHECK_ENV = "KVGEN_CHECK"  # kvgen.runtime.index_check
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"  # Triton on CPU tensors
 
 # The snapshot's order. The dispatch cache is keyed by the whole snapshot, so
 # a decision is made afresh (and a bad value refused) whenever one changes.
-NAMES = (BACKEND_ENV, PDL_ENV, PTX_ENV, TRITON_INTERPRET_ENV, CHECK_ENV)
-BACKEND, PDL, PTX, TRITON_INTERPRET, CHECK = range(len(NAMES))
+NAMES = (BACKEND_ENV, PDL_ENV, PTX_ENV, TRITON_INTERPRET_ENV, CHECK_ENV, EVICT_FIRST_ENV)
+BACKEND, PDL, PTX, TRITON_INTERPRET, CHECK, EVICT_FIRST = range(len(NAMES))
 
 read = reader(NAMES)
 

@@ -50,6 +50,10 @@ from ...formats import Format
 SCHEDULES = ("strided", "contiguous", "ballot", "compact", "page_run", "direct")
 BALLOT_CHUNKS = (4, 8, 16, 32)
 CHUNKED_SCHEDULES = ("ballot", "compact")  # the schedules whose warps read ballot_chunk slots at once
+# The schedules whose rows may store with the streaming policy (evict_first):
+# the ones the sparse gathers' rules choose among, measured, shipped and tested
+# on the GPU (the dense rows of the ring and page runs gained nothing; log 52).
+EVICT_FIRST_SCHEDULES = ("compact", "direct")
 
 # Which tokens a call gathers.
 #   dense:  request r's last gather_len tokens through its block-table row -> out[r, offset + t]
@@ -143,8 +147,9 @@ class DequantGatherConfig(FamilyConfig):
     run_tokens: int = param("r", "the page_run schedule's run: tokens a CTA moves at once, a power of two (dense: "
                                  "one that divides block_size; raw packed: at most num_warps * 32); other "
                                  "schedules: 0", default=0, named_at_default=False)
-    evict_first: bool = param("e", "bf16 output rows stored with the streaming cache policy (st.global.cs), their "
-                                   "lines the first L2 evicts (BENCHMARKS.md, log 52); default: write-back stores",
+    evict_first: bool = param("e", f"bf16 output rows stored with the streaming cache policy (st.global.cs), their "
+                                   f"lines the first L2 evicts (BENCHMARKS.md, log 52); the schedules "
+                                   f"{', '.join(EVICT_FIRST_SCHEDULES)} only; default: write-back stores",
                               default=False, named_at_default=False)
 
     family = "dqgk"  # class attributes, not fields: the kernel family's name prefix,
@@ -254,8 +259,9 @@ def _check(c: DequantGatherConfig) -> None:
         raise ConfigError(f"schedule={c.schedule!r} is built for sparse gathers of one record a warp step (records "
                           f"of 288 bytes or more), not {c.indexing} indexing of format {f.name} "
                           f"({c.tokens_per_step} records a step)")
-    if c.evict_first and c.output != "bf16":
-        raise ConfigError(f"evict_first applies to bf16 output rows, not output={c.output!r}")
+    if c.evict_first and (c.output != "bf16" or c.schedule not in EVICT_FIRST_SCHEDULES):
+        raise ConfigError(f"evict_first applies to bf16 output rows of the {' and '.join(EVICT_FIRST_SCHEDULES)} "
+                          f"schedules, not output={c.output!r} under {c.schedule}")
     if c.run_tokens and c.schedule != "page_run":
         raise ConfigError(f"run_tokens={c.run_tokens} applies to the page_run schedule only, not {c.schedule}")
     if f.scale_group % 8 or f.tail % 8:
