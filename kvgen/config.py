@@ -106,6 +106,13 @@ def parameters(config_class) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_class)}
 
 
+def unnamed_defaults(config_class) -> dict[str, Any]:
+    """The parameters added after a family's kernels shipped (named_at_default=False),
+    each at its default: what a manifest row or tuned rule older than one means."""
+    return {f.name: f.metadata["default"] for f in dataclasses.fields(config_class)
+            if not f.metadata["named_at_default"]}
+
+
 def lane_groups(lanes_needed: int) -> int:
     """How many groups a warp's 32 lanes split into when each group needs
     `lanes_needed` lanes, rounded up to a power of two (1: the whole warp, for

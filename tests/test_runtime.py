@@ -343,11 +343,12 @@ def test_a_rule_or_row_older_than_a_parameter_means_its_default():
     existed keeps its plain row whatever the names sort to."""
     from types import SimpleNamespace as Row
 
-    plain = Row(name="z_plain", config={"schedule": "compact", "num_stages": 8, "evict_first": False})
-    streaming = Row(name="a_streaming", config={"schedule": "compact", "num_stages": 8, "evict_first": True})
-    older = Row(name="b_older", config={"schedule": "compact", "num_stages": 8})
+    plain = Row(name="z_plain", family="dqgk", config={"schedule": "compact", "num_stages": 8, "evict_first": False})
+    streaming = Row(name="a_streaming", family="dqgk", config={"schedule": "compact", "num_stages": 8,
+                                                               "evict_first": True})
+    older = Row(name="b_older", family="dqgk", config={"schedule": "compact", "num_stages": 8})
     rule = {"schedule": "compact", "num_stages": 8}
-    assert dispatch.UNNAMED_DEFAULTS["evict_first"] is False
+    assert dispatch.UNNAMED_DEFAULTS["dqgk"]["evict_first"] is False  # entered by the family's op module
     assert choose_row([streaming, plain], rule) is plain
     assert choose_row([streaming, older], rule) is older
     assert choose_row([plain, streaming], {**rule, "evict_first": True}) is streaming
@@ -470,7 +471,8 @@ def _check_tuned_entry(table: dict) -> None:
                 groups[e.config["block_size"], e.pdl, e.arch, *(e.config.get(k) for k in CALL_FIELDS)].append(e)
         assert groups, rule
         for group in groups.values():
-            defaults = [e for e in group if all(e.config.get(k, v) == v for k, v in dispatch.UNNAMED_DEFAULTS.items()
+            defaults = [e for e in group if all(e.config.get(k, v) == v
+                                                for k, v in dispatch.UNNAMED_DEFAULTS[e.family].items()
                                                 if k not in named)]
             assert len(group) == 1 or len(defaults) == 1, (rule, [e.name for e in group])
     assert tune.choose_rules(table["measured"], table["margin"], tune.held_rules([table], table["tuned_on"]["device"]))[0] \

@@ -6,7 +6,6 @@ strides, the device's compute capability): no device synchronisation.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -17,7 +16,6 @@ from typing import Any, Sequence
 from ..config import ARCHS
 from ..env import env_flag
 from ..errors import UsageError
-from ..families import FAMILIES
 from .manifest import KernelEntry
 
 BACKENDS = ("cubin", "ptx", "triton", "torch")  # in dispatch order
@@ -40,13 +38,13 @@ EVICT_FIRST_ENV = "KVGEN_EVICT_FIRST"
 # The PDL field follows KVGEN_PDL (preference_with_pdl).
 # Fields a family does not have match no row of it, so one table serves every family.
 DEFAULT_PREFERENCE = {"num_stages": 4, "num_warps": 4, "schedule": "strided", "tokens_per_warp": 2, "pdl": True}
-# The parameters a family added after its kernels shipped, at the default that
-# leaves them out of names (kvgen.config.param, named_at_default=False). A rule
-# that names none of them (written before one existed) and a manifest row that
-# lacks one (built before it existed) mean its default, so such a rule keeps
-# choosing the row it chose, whatever the names sort to.
-UNNAMED_DEFAULTS = {f.name: f.metadata["default"] for cls in FAMILIES.values()
-                    for f in dataclasses.fields(cls) if not f.metadata["named_at_default"]}
+# Each family's parameters added after its kernels shipped, at the default that
+# leaves them out of names (kvgen.config.unnamed_defaults), by family name; a
+# family's op module enters its own (the runtime imports no family). A rule that
+# does not name one (written before it existed) and a manifest row that lacks
+# one (built before it existed) mean its default, so such a rule keeps choosing
+# the row it chose, whatever the names sort to.
+UNNAMED_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 # Launch shape: the whole grid is held near this many CTAs (a request's CTAs
 # grid-stride over its tokens). Measured on the H100 (BENCHMARKS.md, sweep of
@@ -191,11 +189,12 @@ def choose_row(rows: list[KernelEntry], preference: dict | None = None) -> Kerne
     griddepcontrol is taken wherever one is shipped, whatever a tuned rule prefers."""
     if not rows:
         return None
-    preference = {**UNNAMED_DEFAULTS, **(preference if preference is not None else DEFAULT_PREFERENCE)}
+    defaults = UNNAMED_DEFAULTS.get(rows[0].family, {})  # the rows of one call are one family's
+    preference = {**defaults, **(preference if preference is not None else DEFAULT_PREFERENCE)}
 
     def score(e: KernelEntry):
         def has(field, value):
-            return e.config.get(field, UNNAMED_DEFAULTS.get(field)) == value
+            return e.config.get(field, defaults.get(field)) == value
 
         pdl_match = "pdl" in preference and has("pdl", preference["pdl"])
         return (-pdl_match, -sum(has(k, v) for k, v in preference.items()), e.name)

@@ -22,7 +22,8 @@ import torch
 from ...formats import Format
 from ...runtime import switches
 from ...runtime.backend import Decision, Paths, decide, fallback, record_no_launch, serve
-from ...runtime.dispatch import TARGET_CTAS, launch_grid, run_grid
+from ...config import unnamed_defaults
+from ...runtime.dispatch import TARGET_CTAS, UNNAMED_DEFAULTS, launch_grid, run_grid
 from ...runtime.index_check import check_dense, check_packed, check_slots
 from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
@@ -32,6 +33,7 @@ from ...runtime.validate import check_cache, check_one_device, meta
 from .config import CHUNKED_SCHEDULES, KERNEL_PARAMS, DequantGatherConfig, direct_block_rows, tokens_per_step
 
 FAMILY = DequantGatherConfig.family
+UNNAMED_DEFAULTS[FAMILY] = unnamed_defaults(DequantGatherConfig)  # dispatch's, for rows and rules older than one
 # The family fields a row must have, per indexing mode (made once: a tuple per call is a key per call).
 DENSE_FIELDS = {gl: (("indexing", "dense"), ("gather_lens", gl)) for gl in (False, True)}
 SPARSE_FIELDS = (("indexing", "sparse"), ("gather_lens", False))

@@ -18,9 +18,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ...config import unnamed_defaults
 from ...formats import Format
 from ...runtime import switches
 from ...runtime.backend import Decision, Paths, decide, record_no_launch, serve
+from ...runtime.dispatch import UNNAMED_DEFAULTS
 from ...runtime.index_check import check_write_slots
 from ...runtime.launch import launch, memoised_grid
 from ...runtime.manifest import KernelEntry
@@ -30,6 +32,7 @@ from ...runtime.validate import check_one_device, format_named, meta
 from .config import KERNEL_PARAMS, QuantizeInsertConfig, tokens_per_step
 
 FAMILY = QuantizeInsertConfig.family
+UNNAMED_DEFAULTS[FAMILY] = unnamed_defaults(QuantizeInsertConfig)  # dispatch's, for rows and rules older than one
 DEFAULT_RECORD_BYTES = 584  # the DeepSeek-V4 record, as vLLM's byte-view callers assume
 SLOT_DTYPES = {torch.int32: "int32", torch.int64: "int64"}
 MAX_WORKERS = 65535  # CTAs; warps grid-stride over the tokens past them
