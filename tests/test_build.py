@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +110,16 @@ def test_modules_compile_and_reproduce_the_committed_cubins(tmp_path):
                                                      if row.get(k) != committed[name].get(k)))
     # Unchanged inputs: nothing is rebuilt.
     assert build(sample, out_dir=tmp_path, progress=False) == {"built": 0, "skipped": len(sample)}
+
+
+def test_the_toolchain_includes_kvgens_compile_and_link_steps():
+    """An edit to kvgen/build/compile.py or link.py changes every build key (so
+    `build` rebuilds every kernel, and the next test fails until it has)."""
+    from kvgen.build import link
+    from kvgen.build.link import toolchain_versions
+
+    steps = [Path(link.__file__).with_name(step).read_bytes() for step in ("compile.py", "link.py")]
+    assert toolchain_versions()["kvgen-compile-link"] == hashlib.sha256(b"".join(steps)).hexdigest()[:16]
 
 
 def test_every_committed_row_is_up_to_date():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -47,4 +49,9 @@ def toolchain_versions() -> dict[str, str]:
 
     major, minor = nvjitlink.version()
     versions["nvjitlink-library"] = f"{major}.{minor}"
+    # kvgen's own compile and link steps are part of the toolchain: a change to
+    # either changes every build key, so `build` rebuilds every kernel and the
+    # committed rows' keys stop matching until it has.
+    steps = b"".join((Path(__file__).with_name(step)).read_bytes() for step in ("compile.py", "link.py"))
+    versions["kvgen-compile-link"] = hashlib.sha256(steps).hexdigest()[:16]
     return versions
