@@ -439,17 +439,18 @@ def test_committed_dispatch_table_is_well_formed():
         _check_tuned_entry(device_entry)
 
 
-# The config fields a call fixes (CallKey.fields of the families' ops), beside format, block size and arch.
-CALL_FIELDS = ("indexing", "gather_lens", "output", "slot_dtype", "pow2_scale")
-
-
 def _check_tuned_entry(table: dict) -> None:
     """One device's entry: rules that match call fields, prefer shipped rows, and follow from its measurements."""
+    import collections
     import dataclasses
 
-    import collections
-
     from kvgen.families import FAMILIES
+    from kvgen.families.quantize_insert import op as writer_ops
+
+    # The config fields a call fixes (the CallKey fields the families' ops pass), beside format, block size and arch.
+    call_fields = sorted({name for fields in (*ops.DENSE_FIELDS.values(), ops.SPARSE_FIELDS,
+                                              *ops.PACKED_FIELDS.values(), *writer_ops.WRITE_FIELDS.values())
+                         for name, _ in fields})
 
     key_fields = {f.name for f in dataclasses.fields(CallKey)} | set(tune.MATCH_FIELDS)
     classes = {c.name for c in dispatch.SHAPE_CLASSES}
@@ -468,7 +469,7 @@ def _check_tuned_entry(table: dict) -> None:
         groups = collections.defaultdict(list)  # the rows one call may choose among
         for e in entries:
             if e.family == rule["match"]["family"] and all(e.config.get(k) == v for k, v in named.items()):
-                groups[e.config["block_size"], e.pdl, e.arch, *(e.config.get(k) for k in CALL_FIELDS)].append(e)
+                groups[e.config["block_size"], e.pdl, e.arch, *(e.config.get(k) for k in call_fields)].append(e)
         assert groups, rule
         for group in groups.values():
             defaults = [e for e in group if all(e.config.get(k, v) == v

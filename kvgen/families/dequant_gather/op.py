@@ -19,10 +19,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ...config import unnamed_defaults
 from ...formats import Format
 from ...runtime import switches
 from ...runtime.backend import Decision, Paths, decide, fallback, record_no_launch, serve
-from ...config import unnamed_defaults
 from ...runtime.dispatch import TARGET_CTAS, UNNAMED_DEFAULTS, launch_grid, run_grid
 from ...runtime.index_check import check_dense, check_packed, check_slots
 from ...runtime.launch import launch, memoised_grid
